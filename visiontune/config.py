@@ -1,0 +1,310 @@
+"""The one typed configuration of visiontune.
+
+Every setting of the pipeline lives here, once: its type, its default and its documentation (the
+``help`` metadata of each field). ``params.yaml`` maps onto :class:`PipelineConfig` section by section,
+the CLI's ``--set section.key=value`` overrides map onto the same fields, and no other module reads a
+default from anywhere else. Unknown keys are errors (a typo in ``params.yaml`` must not be silently
+ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with a default and its documentation."""
+    if isinstance(default, (list, dict, tuple)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    """Raw data, validation and normalization (the data stage)."""
+
+    raw_dir: str = _f("data/raw", "Folder of raw images plus an annotation file; read-only to the pipeline.")
+    annotations: str = _f(
+        "annotations.jsonl",
+        "Annotation file inside raw_dir (JSONL, CSV or Parquet), or a `datasets` dataset saved to disk there.",
+    )
+    image_column: str = _f("image", "Column holding the image path (relative to raw_dir) or image bytes.")
+    text_column: str = _f("text", "Column holding the target text (caption, transcription, answer).")
+    question_column: Optional[str] = _f(None, "Optional column holding a per-row question (QA data).")
+    extra_images_column: Optional[str] = _f(None, "Optional column holding a list of extra image paths per row.")
+    work_dir: str = _f("data", "Folder where the stages write their outputs (validated/, normalized/, dataset/).")
+    min_px: int = _f(300, "Smallest allowed image side after normalization, in pixels.")
+    max_px: int = _f(1000, "Largest allowed image side after normalization, in pixels.")
+    accept_min_px: int = _f(8, "Images whose shorter side is below this are rejected (too small to upscale meaningfully).")
+    accept_max_px: int = _f(20000, "Images whose longer side is above this are rejected.")
+    max_pixels: int = _f(40_000_000, "Images with more pixels than this are rejected as decompression bombs.")
+    max_aspect_ratio: float = _f(8.0, "Largest allowed long side / short side.")
+    allowed_modes: list = _f(["RGB", "RGBA", "L", "LA", "P", "CMYK", "I;16", "I", "1"], "PIL modes accepted (all are converted to RGB).")
+    min_text_chars: int = _f(1, "Shortest allowed target text, in characters (after stripping).")
+    max_text_chars: int = _f(4000, "Longest allowed target text, in characters.")
+    max_failure_ratio: float = _f(0.2, "The validate stage fails when more than this share of records is quarantined.")
+    uniform_size: Optional[list] = _f(None, "If set, [width, height]: every image is padded/resized to exactly this size.")
+    snap_to_patch: int = _f(0, "If > 0, image sides are rounded to a multiple of this (e.g. 28 for Qwen2-VL).")
+    instruction: str = _f("Transcribe the handwritten digits in this image.", "User instruction placed before the image(s) in each conversation.")
+    split_ratios: list = _f([0.8, 0.1, 0.1], "Train / validation / test shares; split by a hash of each record, stable when rows are added.")
+    seed: int = _f(3407, "Seed of the hash-based split and of the demo data generator.")
+    demo_samples: int = _f(600, "Number of samples the demo data generator writes.")
+
+
+@dataclass
+class ModelConfig:
+    """The base model and how it is loaded."""
+
+    name_or_path: str = _f(
+        "models/tiny-qwen2.5-vl",
+        "Hub id or local directory of the base model. The demo uses a tiny random-weight model built offline "
+        "(`visiontune tiny-model`); point this at e.g. Qwen/Qwen2.5-VL-7B-Instruct for real work.",
+    )
+    tiny_architecture: str = _f("qwen2_5_vl", "Architecture of the tiny demo model built when name_or_path does not exist yet and starts with models/tiny-.")
+    max_seq_length: int = _f(1024, "Longest sequence (text + image tokens) a sample may have.")
+    dtype: Optional[str] = _f(None, "torch dtype name; None picks bfloat16 on GPUs that support it, float32 otherwise.")
+    load_in_4bit: bool = _f(False, "Load the frozen base in 4-bit NF4 (bitsandbytes, CUDA only).")
+    use_gradient_checkpointing: Union[bool, str] = _f(False, "True, False or 'offload' (checkpoint and keep saved inputs on the CPU).")
+    use_fused_kernels: bool = _f(True, "Patch in visiontune's Triton kernels where CUDA is present (ignored on CPU).")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter settings (names as in Unsloth's get_peft_model)."""
+
+    finetune_vision_layers: bool = _f(True, "Put LoRA on the vision tower's blocks.")
+    finetune_language_layers: bool = _f(True, "Put LoRA on the language model's blocks.")
+    finetune_attention_modules: bool = _f(True, "Put LoRA on attention projections.")
+    finetune_mlp_modules: bool = _f(True, "Put LoRA on MLP projections.")
+    r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(16, "LoRA scaling numerator (scale = lora_alpha / r, or / sqrt(r) with use_rslora).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
+    use_rslora: bool = _f(False, "Rank-stabilized LoRA scaling.")
+    target_modules: Optional[Union[str, list]] = _f(None, "Explicit list or regex of module names; overrides the four flags when set.")
+    modules_to_save: Optional[list] = _f(None, "Modules trained in full and saved with the adapter, e.g. [lm_head, embed_tokens].")
+
+
+@dataclass
+class CollatorConfig:
+    """How conversations become batches (VisionDataCollator arguments)."""
+
+    resize: Optional[Union[str, list]] = _f("min", "'min'/'max' (model default image size), [w, h], or null to keep images as they are.")
+    resize_dimension: Union[int, str] = _f(0, "Which side drives the aspect-preserving resize: 0 (width), 1 (height), 'max' or 'min'.")
+    snap_to_patch_size: bool = _f(True, "Round image sides to the vision patch size (times merge size where the model merges).")
+    train_on_responses_only: bool = _f(True, "Compute the loss only on assistant answers, found by the chat template's markers.")
+    completion_only_loss: bool = _f(True, "Mask everything that is not an assistant answer (by the template's own structure).")
+    pad_to_multiple_of: Optional[int] = _f(None, "Pad each batch's length to a multiple of this.")
+
+
+@dataclass
+class TrainConfig:
+    """The training run."""
+
+    output_dir: str = _f("outputs/train", "Folder for checkpoints and the final adapter.")
+    learning_rate: float = _f(2e-3, "Peak learning rate (linear decay after warmup).")
+    warmup_steps: int = _f(5, "Linear warmup steps.")
+    max_steps: int = _f(150, "Optimizer steps; > 0 overrides num_train_epochs.")
+    num_train_epochs: float = _f(1.0, "Epochs, used when max_steps <= 0.")
+    per_device_train_batch_size: int = _f(8, "Samples per device per micro-batch.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    save_steps: int = _f(25, "Checkpoint every this many steps (a killed run resumes from the last one).")
+    logging_steps: int = _f(5, "Log metrics every this many steps.")
+    seed: int = _f(3407, "Seed of data order, dropout and LoRA init.")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on the held-out split."""
+
+    split: str = _f("test", "Which split to evaluate on.")
+    max_samples: int = _f(40, "Evaluate at most this many samples (0 = all).")
+    max_new_tokens: int = _f(12, "Generation length limit.")
+    batch_size: int = _f(8, "Generation batch size.")
+    primary_metric: str = _f("cer", "Metric that decides promotion: cer (lower is better), exact_match, bleu or rougeL.")
+    metrics_file: str = _f("outputs/eval/metrics.json", "DVC metrics file written by the evaluate stage.")
+
+
+@dataclass
+class RegisterConfig:
+    """MLflow tracking and registry promotion."""
+
+    tracking_uri: Optional[str] = _f(None, "MLflow tracking URI; None uses $MLFLOW_TRACKING_URI or the embedded sqlite:///mlflow/mlflow.db.")
+    experiment: str = _f("visiontune", "MLflow experiment name.")
+    model_name: str = _f("visiontune-demo", "Registered model name.")
+    promotion_margin: float = _f(0.0, "The new version becomes champion only if it beats the champion's primary metric by more than this.")
+
+
+@dataclass
+class PipelineConfig:
+    """All settings of one pipeline run; params.yaml holds exactly these sections."""
+
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": DataConfig.__doc__})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": ModelConfig.__doc__})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": LoraConfig.__doc__})
+    collator: CollatorConfig = field(default_factory=CollatorConfig, metadata={"help": CollatorConfig.__doc__})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": TrainConfig.__doc__})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": EvalConfig.__doc__})
+    register: RegisterConfig = field(default_factory=RegisterConfig, metadata={"help": RegisterConfig.__doc__})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"section.key": value}`` for every field (what MLflow logs as params)."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+    def get(self, dotted: str) -> Any:
+        section, key = dotted.split(".", 1)
+        return getattr(getattr(self, section), key)
+
+
+class ConfigError(ValueError):
+    """A params file or override that does not match :class:`PipelineConfig`."""
+
+
+def _check_type(where: str, value: Any, tp: Any) -> Any:
+    """Validate (and lightly coerce: int -> float) ``value`` against the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _check_type(where, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} matches none of {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (list, dict):
+        if isinstance(value, tp):
+            return value
+        if tp is list and isinstance(value, tuple):
+            return list(value)
+        raise ConfigError(f"{where}: expected a {tp.__name__}, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _section_types(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def from_dict(raw: dict, source: str = "<dict>") -> PipelineConfig:
+    """Build a :class:`PipelineConfig` from nested dicts, rejecting unknown sections and keys."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    sections = {f.name: f.type for f in dataclasses.fields(PipelineConfig)}
+    hints = typing.get_type_hints(PipelineConfig)
+    unknown = set(raw) - set(sections)
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; valid sections are {sorted(sections)}")
+    built = {}
+    for name in sections:
+        cls = hints[name]
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{name}' must be a mapping, got {values!r}")
+        types_ = _section_types(cls)
+        bad = set(values) - set(types_)
+        if bad:
+            raise ConfigError(
+                f"{source}: unknown key(s) {sorted(bad)} in section '{name}'; valid keys are {sorted(types_)} "
+                f"(see `visiontune config` for their meaning)"
+            )
+        kwargs = {k: _check_type(f"{source}: {name}.{k}", v, types_[k]) for k, v in values.items()}
+        built[name] = cls(**kwargs)
+    return PipelineConfig(**built)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Optional[list[str]] = None) -> PipelineConfig:
+    """Read ``params.yaml`` (missing keys take the dataclass defaults) and apply ``section.key=value`` overrides."""
+    path = Path(path)
+    raw: dict = {}
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e}); fix the file or regenerate it with `visiontune config --write`") from e
+    elif overrides is None and str(path) != "params.yaml":
+        raise ConfigError(f"{path}: params file not found; pass an existing file or create one with `visiontune config --write {path}`")
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.max_steps=20")
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        raw.setdefault(section, {})
+        raw[section][name] = yaml.safe_load(value)
+    return from_dict(raw, source=str(path))
+
+
+def describe() -> str:
+    """Every field with its type, default and documentation (``visiontune config``)."""
+    lines = []
+    hints = typing.get_type_hints(PipelineConfig)
+    for sec in dataclasses.fields(PipelineConfig):
+        cls = hints[sec.name]
+        lines.append(f"{sec.name}:  # {cls.__doc__}")
+        types_ = _section_types(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            tname = getattr(types_[f.name], "__name__", str(types_[f.name]).replace("typing.", ""))
+            lines.append(f"  {f.name}: {default!r}  [{tname}]  {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def to_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+class _SectionView:
+    """Read-only view of one config section that records which keys are read."""
+
+    def __init__(self, name: str, section: Any, log: set):
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_section", section)
+        object.__setattr__(self, "_log", log)
+
+    def __getattr__(self, key: str) -> Any:
+        value = getattr(self._section, key)
+        self._log.add(f"{self._name}.{key}")
+        return value
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("config sections are read-only inside a stage")
+
+
+class RecordingConfig:
+    """Wraps a :class:`PipelineConfig` and records every ``section.key`` a stage reads.
+
+    Tests run each stage through this and compare ``accessed`` with the stage's ``params`` list in
+    ``dvc.yaml``, so DVC re-runs a stage exactly when a setting it uses changes.
+    """
+
+    def __init__(self, cfg: PipelineConfig):
+        self._cfg = cfg
+        self.accessed: set[str] = set()
+
+    def __getattr__(self, section: str) -> Any:
+        if section in {f.name for f in dataclasses.fields(PipelineConfig)}:
+            return _SectionView(section, getattr(self._cfg, section), self.accessed)
+        return getattr(self._cfg, section)

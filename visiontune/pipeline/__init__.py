@@ -1,0 +1,1 @@
+"""Model stages of the pipeline: train, evaluate, register."""
