@@ -1,0 +1,407 @@
+"""``VisionDataCollator``: conversations with images -> model-ready batches with correct labels.
+
+Call-compatible with Unsloth's ``UnslothVisionDataCollator``. The batch itself is made by the model's own
+processor (so ``input_ids`` and ``pixel_values`` are exactly what the processor makes for the same
+conversation); this class adds what the processor does not do:
+
+* images from PIL objects, paths, bytes or Arrow's ``{"bytes", "path"}`` dicts, any number per sample,
+  resized (``resize``, ``resize_dimension``) and snapped to the vision patch grid;
+* labels in which padding, image placeholder tokens and everything that is not an assistant answer are
+  ``ignore_index`` (found from the chat template itself, or by ``instruction_part``/``response_part``);
+* a token budget: a sample longer than ``max_seq_length`` is cut only after its last image token; if
+  the cut would go through image tokens (the classic "image features and image tokens do not match"
+  crash) the sample is dropped with a warning, and an error is raised if nothing is left.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from PIL import Image, ImageOps
+
+from visiontune.models.archs import ArchSpec, get_spec, image_size_bounds
+
+log = logging.getLogger(__name__)
+
+# Tokens that stand for image content or image structure; never a training target.
+_IMAGE_TOKEN_ATTRS = ("image_token", "video_token", "boi_token", "eoi_token", "image_break_token", "image_end_token",
+                      "vision_bos_token", "vision_eos_token")
+_IMAGE_TOKEN_STRINGS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|image|>",
+                        "<start_of_image>", "<end_of_image>", "<image_soft_token>", "[IMG]", "[IMG_BREAK]", "[IMG_END]")
+
+
+class SampleTooLongError(ValueError):
+    """Every sample of a batch needed more than ``max_seq_length`` tokens before its last image ended."""
+
+
+def load_image(value: Any, base_dir: Optional[Path] = None) -> Image.Image:
+    """A PIL RGB image from a PIL image, a path, raw bytes or an Arrow ``{"bytes", "path"}`` dict.
+
+    EXIF orientation is applied (phone photos are stored rotated).
+    """
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, Image.Image):
+        img = value
+    elif isinstance(value, (bytes, bytearray)):
+        img = Image.open(io.BytesIO(value))
+    elif isinstance(value, (str, Path)):
+        path = Path(value)
+        if not path.is_absolute() and base_dir is not None and not path.exists():
+            path = base_dir / path
+        if not path.exists():
+            raise FileNotFoundError(f"image {str(value)!r} not found (looked in {path.parent}); fix the path in your data")
+        img = Image.open(path)
+    else:
+        raise TypeError(f"unsupported image value of type {type(value).__name__}: expected a PIL image, path, bytes or dict")
+    img = ImageOps.exif_transpose(img) if hasattr(img, "getexif") else img
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def target_size(w: int, h: int, resize: Any, resize_dimension: Union[int, str], bounds: tuple[int, int],
+                multiple: Optional[int]) -> tuple[int, int]:
+    """The (width, height) an image of size ``(w, h)`` is resized to. Pure function (tested directly)."""
+    if resize is None:
+        nw, nh = w, h
+    elif isinstance(resize, (tuple, list)):
+        if len(resize) != 2 or not all(isinstance(x, int) and x > 0 for x in resize):
+            raise ValueError(f"resize={resize!r}: a size must be two positive integers (width, height)")
+        nw, nh = int(resize[0]), int(resize[1])
+    elif resize in ("min", "max"):
+        side = bounds[0] if resize == "min" else bounds[1]
+        if resize_dimension == 0:
+            drive = w
+        elif resize_dimension == 1:
+            drive = h
+        elif resize_dimension == "max":
+            drive = max(w, h)
+        elif resize_dimension == "min":
+            drive = min(w, h)
+        else:
+            raise ValueError(f"resize_dimension={resize_dimension!r}: expected 0, 1, 'max' or 'min'")
+        scale = side / drive
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    else:
+        raise ValueError(f"resize={resize!r}: expected 'min', 'max', a (width, height) tuple or None")
+    if multiple:
+        nw = max(multiple, round(nw / multiple) * multiple)
+        nh = max(multiple, round(nh / multiple) * multiple)
+    return nw, nh
+
+
+def _image_parts(messages: list[dict]) -> list[Any]:
+    return [p.get("image") for m in messages if isinstance(m.get("content"), list) for p in m["content"]
+            if isinstance(p, dict) and p.get("type") == "image"]
+
+
+def _clean_messages(messages: list[dict]) -> list[dict]:
+    """Messages for the chat template: image parts become ``{"type": "image"}`` and Arrow's None keys go."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for p in content:
+                if p.get("type") == "image":
+                    parts.append({"type": "image"})
+                elif p.get("type") == "text":
+                    parts.append({"type": "text", "text": p.get("text") or ""})
+            content = parts
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _find(seq: list[int], pattern: list[int], start: int = 0) -> int:
+    n = len(pattern)
+    if n == 0:
+        return -1
+    first = pattern[0]
+    for i in range(start, len(seq) - n + 1):
+        if seq[i] == first and seq[i:i + n] == pattern:
+            return i
+    return -1
+
+
+class VisionDataCollator:
+    """Collate conversation samples into a batch for a vision-language model (Unsloth-compatible)."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        max_seq_length: Optional[int] = None,
+        formatting_func: Optional[Callable[[dict], dict]] = None,
+        resize: Union[str, tuple, list, None] = "min",
+        ignore_index: int = -100,
+        train_on_responses_only: bool = False,
+        instruction_part: Optional[str] = None,
+        response_part: Optional[str] = None,
+        force_match: bool = True,
+        num_proc: Optional[int] = None,
+        completion_only_loss: bool = True,
+        pad_to_multiple_of: Optional[int] = None,
+        resize_dimension: Union[int, str] = 0,
+        snap_to_patch_size: bool = False,
+        image_root: Optional[Union[str, Path]] = None,
+    ):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.config = getattr(model, "config", model)
+        base_cfg = getattr(model, "get_base_model", lambda: model)().config if hasattr(model, "get_base_model") else self.config
+        self.config = base_cfg
+        self.spec: Optional[ArchSpec]
+        try:
+            self.spec = get_spec(base_cfg)
+        except ValueError:
+            self.spec = None
+        self.max_seq_length = max_seq_length if max_seq_length is not None else getattr(model, "max_seq_length", None)
+        self.formatting_func = formatting_func
+        if resize_dimension not in (0, 1, "max", "min"):
+            raise ValueError(f"resize_dimension={resize_dimension!r}: expected 0, 1, 'max' or 'min'")
+        if isinstance(resize, list):
+            resize = tuple(resize)
+        target_size(64, 32, resize, resize_dimension, (64, 64), None)  # validates `resize` early
+        self.resize = resize
+        self.resize_dimension = resize_dimension
+        self.ignore_index = ignore_index
+        self.train_on_responses_only = train_on_responses_only or bool(instruction_part or response_part)
+        self.force_match = force_match
+        self.num_proc = num_proc
+        self.completion_only_loss = completion_only_loss
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.snap_to_patch_size = snap_to_patch_size
+        self.image_root = Path(image_root) if image_root else None
+        self.bounds = image_size_bounds(self.spec, base_cfg, processor) if self.spec else (448, 1024)
+        self.patch_multiple = self.spec.patch_multiple(base_cfg) if (self.spec and snap_to_patch_size) else None
+        self.image_token_ids = self._image_token_ids()
+        self.pad_token_id = self.tokenizer.pad_token_id
+        self.dropped = 0  # samples dropped because their image tokens did not fit
+        self.truncated = 0
+        if self.train_on_responses_only:
+            if not (instruction_part and response_part):
+                auto_instr, auto_resp = self.detect_parts()
+                instruction_part = instruction_part or auto_instr
+                response_part = response_part or auto_resp
+            self.instruction_part, self.response_part = instruction_part, response_part
+            self._instr_ids = self._marker_ids(instruction_part)
+            self._resp_ids = self._marker_ids(response_part)
+        else:
+            self.instruction_part = self.response_part = None
+
+    # ---------------------------------------------------------------------------------------- helpers
+    def _image_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for holder in (self.processor, self.tokenizer):
+            for attr in _IMAGE_TOKEN_ATTRS:
+                tok = getattr(holder, attr, None)
+                if isinstance(tok, str):
+                    tid = self.tokenizer.convert_tokens_to_ids(tok)
+                    if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+                        ids.add(tid)
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[t] for t in _IMAGE_TOKEN_STRINGS if t in vocab)
+        for attr in ("image_token_id", "image_token_index", "video_token_id", "boi_token_index", "eoi_token_index",
+                     "vision_start_token_id", "vision_end_token_id"):
+            v = getattr(self.config, attr, None)
+            if isinstance(v, int):
+                ids.add(v)
+        return ids
+
+    def _marker_ids(self, marker: str) -> list[int]:
+        ids = self.tokenizer(marker, add_special_tokens=False)["input_ids"]
+        if not self.force_match and marker.endswith("\n") and len(ids) > 1:
+            # Tokenizers may merge the marker's trailing newline into the next word; match without it.
+            ids = self.tokenizer(marker.rstrip("\n"), add_special_tokens=False)["input_ids"]
+        return ids
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def detect_parts(self) -> tuple[str, str]:
+        """Instruction and response markers read off the chat template (e.g. Qwen's
+        ``"<|im_start|>user\\n"`` and ``"<|im_start|>assistant\\n"``)."""
+        s1, s2, a1 = "\x00vtA\x00", "\x00vtB\x00", "\x00vtC\x00"
+
+        def text(t: str) -> list[dict]:
+            return [{"type": "text", "text": t}]
+
+        u1 = [{"role": "user", "content": text(s1)}]
+        with_prompt = self._render(u1, add_generation_prompt=True)
+        without = self._render(u1)
+        if not with_prompt.startswith(without):
+            raise ValueError("cannot detect response_part: the chat template is not prefix-consistent; pass response_part")
+        response = with_prompt[len(without):]
+        if not response.strip():
+            # Templates like Mistral's close the user turn with the marker ("...[/INST]") and add no
+            # generation prompt: the response marker is what follows the user's text.
+            response = without[without.index(s1) + len(s1):]
+        conv = u1 + [{"role": "assistant", "content": text(a1)}]
+        first = self._render(conv)
+        second = self._render(conv + [{"role": "user", "content": text(s2)}])
+        instruction = second[len(first):second.index(s2)] if second.startswith(first) else ""
+        if not response.strip() or not instruction.strip():
+            raise ValueError(
+                f"could not detect instruction/response markers from the chat template (got {instruction!r}, "
+                f"{response!r}); pass instruction_part= and response_part= explicitly"
+            )
+        return instruction, response
+
+    def _answer_strings(self, messages: list[dict]) -> list[str]:
+        """Each assistant turn's rendered text (answer + end-of-turn tokens), in order."""
+        answers = []
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = self._render(messages[:k], add_generation_prompt=True)
+            through = self._render(messages[: k + 1])
+            if not through.startswith(prompt):
+                raise ValueError(
+                    "completion_only_loss: the chat template renders turns inconsistently (a conversation prefix "
+                    "is not a prefix of the full text); use train_on_responses_only=True with instruction_part/"
+                    "response_part instead"
+                )
+            answers.append(through[len(prompt):])
+        return answers
+
+    def _load_images(self, values: list[Any]) -> list[Image.Image]:
+        def one(v: Any) -> Image.Image:
+            img = load_image(v, self.image_root)
+            size = target_size(img.width, img.height, self.resize, self.resize_dimension, self.bounds, self.patch_multiple)
+            return img if size == img.size else img.resize(size, Image.Resampling.BICUBIC)
+
+        if self.num_proc and self.num_proc > 1 and len(values) > 1:
+            with ThreadPoolExecutor(self.num_proc) as pool:
+                return list(pool.map(one, values))
+        return [one(v) for v in values]
+
+    # ----------------------------------------------------------------------------------------- labels
+    def _labels(self, ids: list[int], attention: list[int], messages: list[dict]) -> list[int]:
+        ignore = self.ignore_index
+        labels = [t if a else ignore for t, a in zip(ids, attention)]
+        if self.train_on_responses_only:
+            keep = [False] * len(ids)
+            pos = 0
+            while True:
+                r = _find(ids, self._resp_ids, pos)
+                if r < 0:
+                    break
+                start = r + len(self._resp_ids)
+                nxt = _find(ids, self._instr_ids, start)
+                end = nxt if nxt >= 0 else len(ids)
+                for i in range(start, end):
+                    keep[i] = True
+                pos = end
+            labels = [l if k else ignore for l, k in zip(labels, keep)]
+        elif self.completion_only_loss:
+            keep = [False] * len(ids)
+            pos = 0
+            for answer in self._answer_strings(messages):
+                a_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+                at = _find(ids, a_ids, pos)
+                if at < 0 and len(a_ids) > 1:  # first token merged with the prompt's last character
+                    at = _find(ids, a_ids[1:], pos)
+                    a_ids = a_ids[1:]
+                if at < 0:
+                    # The answer was cut by truncation (or never tokenised the same): train on what remains
+                    # after the generation prompt's position, if any.
+                    break
+                for i in range(at, at + len(a_ids)):
+                    keep[i] = True
+                pos = at + len(a_ids)
+            labels = [l if k else ignore for l, k in zip(labels, keep)]
+        return [ignore if t in self.image_token_ids else l for t, l in zip(ids, labels)]
+
+    # ---------------------------------------------------------------------------------------- collate
+    def _encode(self, texts: list[str], images: list[list[Image.Image]]) -> Any:
+        kwargs: dict[str, Any] = dict(text=texts, return_tensors="pt", padding=True)
+        if any(images):
+            kwargs["images"] = images if all(images) else images  # nested: one list per sample
+        if self.pad_to_multiple_of:
+            kwargs["pad_to_multiple_of"] = self.pad_to_multiple_of
+        old_side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "right"
+        try:
+            return self.processor(**kwargs)
+        finally:
+            self.tokenizer.padding_side = old_side
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("VisionDataCollator got an empty batch")
+        convs, texts, images = [], [], []
+        for ex in examples:
+            if self.formatting_func is not None:
+                ex = self.formatting_func(ex)
+            messages = ex["messages"] if isinstance(ex, dict) and "messages" in ex else ex
+            if not isinstance(messages, list):
+                raise ValueError(
+                    f"expected a sample with a 'messages' list (conversation format), got keys "
+                    f"{list(ex) if isinstance(ex, dict) else type(ex).__name__}; convert with "
+                    "visiontune.data.to_conversation or pass formatting_func"
+                )
+            clean = _clean_messages(messages)
+            convs.append(clean)
+            texts.append(self._render(clean))
+            images.append(self._load_images(_image_parts(messages)))
+
+        batch = self._encode(texts, images)
+        limit = self.max_seq_length
+        if limit:
+            lengths = batch["attention_mask"].sum(dim=1).tolist()
+            if max(lengths) > limit:
+                keep_rows = []
+                for i, ids in enumerate(batch["input_ids"].tolist()):
+                    img_pos = [j for j, t in enumerate(ids[: lengths[i]]) if t in self.image_token_ids]
+                    last_img = img_pos[-1] if img_pos else -1
+                    if last_img >= limit:
+                        self.dropped += 1
+                        warnings.warn(
+                            f"VisionDataCollator: dropped a sample needing {lengths[i]} tokens whose image tokens end "
+                            f"at position {last_img + 1} > max_seq_length={limit}; truncating would cut through the "
+                            "image. Raise max_seq_length or use smaller images (resize='min').",
+                            stacklevel=2,
+                        )
+                    else:
+                        keep_rows.append(i)
+                        if lengths[i] > limit:
+                            self.truncated += 1
+                if not keep_rows:
+                    raise SampleTooLongError(
+                        f"every sample in the batch needs more than max_seq_length={limit} tokens before its last "
+                        f"image token ends (lengths {lengths}); raise max_seq_length or resize images smaller"
+                    )
+                if len(keep_rows) < len(examples):
+                    convs = [convs[i] for i in keep_rows]
+                    texts = [texts[i] for i in keep_rows]
+                    images = [images[i] for i in keep_rows]
+                    batch = self._encode(texts, images)
+                seq_len = batch["input_ids"].shape[1]
+                if seq_len > limit:
+                    new_len = limit
+                    if self.pad_to_multiple_of:
+                        new_len = limit // self.pad_to_multiple_of * self.pad_to_multiple_of or limit
+                    for key, value in list(batch.items()):
+                        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == seq_len \
+                                and key not in ("pixel_values", "image_grid_thw"):
+                            batch[key] = value[:, :new_len]
+        ids_rows = batch["input_ids"].tolist()
+        att_rows = batch["attention_mask"].tolist()
+        labels = [self._labels(ids, att, conv) for ids, att, conv in zip(ids_rows, att_rows, convs)]
+        batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        return dict(batch)
+
+    def token_counts(self, examples: list[dict]) -> list[int]:
+        """Tokens (text + image) each sample needs, without truncation: for budgeting before training."""
+        counts = []
+        for ex in examples:
+            messages = ex["messages"] if "messages" in ex else ex
+            batch = self._encode([self._render(_clean_messages(messages))], [self._load_images(_image_parts(messages))])
+            counts.append(int(batch["attention_mask"].sum()))
+        return counts

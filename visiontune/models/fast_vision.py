@@ -1,0 +1,266 @@
+"""``FastVisionModel``: loading, LoRA and mode switching, call-compatible with Unsloth's vision API.
+
+Switching from Unsloth is a one-line change (``from visiontune import FastVisionModel``). The LoRA target
+selection goes through the per-architecture module maps in :mod:`visiontune.models.archs`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from visiontune.models.archs import get_spec
+
+log = logging.getLogger(__name__)
+
+
+def _resolve_dtype(dtype: Optional[Union[str, torch.dtype]]) -> torch.dtype:
+    """bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
+    if dtype is not None:
+        if isinstance(dtype, str):
+            if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+                raise ValueError(f"dtype {dtype!r} is not a torch dtype name; use 'bfloat16', 'float16' or 'float32'")
+            return getattr(torch, dtype)
+        return dtype
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _offload_forward(model: torch.nn.Module) -> None:
+    """Keep the tensors autograd saves on the CPU (pinned) instead of the GPU: memory of checkpointing
+    without its 50% recompute cost for LoRA (see NOTES: LoRA forward 2N + backward 2N FLOPs/token)."""
+    if getattr(model, "_vt_offload", False):
+        return
+    inner = model.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled() and model.training and torch.cuda.is_available():
+            with torch.autograd.graph.save_on_cpu(pin_memory=True):
+                return inner(*args, **kwargs)
+        return inner(*args, **kwargs)
+
+    model.forward = forward
+    model._vt_offload = True
+
+
+class FastVisionModel:
+    """Namespace of static methods, as in Unsloth (``FastVisionModel.from_pretrained(...)``)."""
+
+    @staticmethod
+    def from_pretrained(
+        model_name: Union[str, os.PathLike],
+        max_seq_length: int = 2048,
+        dtype: Optional[Union[str, torch.dtype]] = None,
+        load_in_4bit: bool = False,
+        use_gradient_checkpointing: Union[bool, str] = True,
+        full_finetuning: bool = False,
+        attn_implementation: Optional[str] = None,
+        local_files_only: bool = False,
+        use_fused_kernels: bool = True,
+        device_map: Optional[Any] = None,
+        **kwargs: Any,
+    ) -> tuple[torch.nn.Module, Any]:
+        """Load a vision-language model and its processor from a hub id or a local directory.
+
+        Returns ``(model, processor)``. ``use_gradient_checkpointing`` is True, False or ``"offload"``
+        (saved activations go to pinned CPU memory; on CPU machines it is the same as False).
+        ``use_fused_kernels`` patches visiontune's Triton kernels in when the model is on CUDA.
+        """
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        name = str(model_name)
+        looks_local = name.startswith((".", "/", "~")) or os.sep in name and Path(name).parts[0] in {"models", "outputs"}
+        if looks_local and not Path(name).expanduser().exists():
+            raise FileNotFoundError(
+                f"model directory {name!r} does not exist. Pass a hub id (e.g. 'Qwen/Qwen2.5-VL-7B-Instruct') "
+                "or a folder saved with save_pretrained; for the offline demo model run `visiontune tiny-model`."
+            )
+        if use_gradient_checkpointing not in (True, False, "offload", "unsloth"):
+            raise ValueError(f"use_gradient_checkpointing={use_gradient_checkpointing!r}: expected True, False or 'offload'")
+        torch_dtype = _resolve_dtype(dtype)
+        load_kwargs: dict[str, Any] = dict(dtype=torch_dtype, local_files_only=local_files_only, **kwargs)
+        if attn_implementation:
+            load_kwargs["attn_implementation"] = attn_implementation
+        if load_in_4bit:
+            if not torch.cuda.is_available():
+                raise RuntimeError(
+                    "load_in_4bit=True needs a CUDA GPU (bitsandbytes 4-bit kernels); none is visible. "
+                    "Set load_in_4bit=False (model.load_in_4bit: false in params.yaml) on CPU machines."
+                )
+            from transformers import BitsAndBytesConfig
+
+            load_kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch_dtype,
+                # Keep the vision-to-text projector and lm_head in full precision (small, sensitive).
+                llm_int8_skip_modules=["lm_head", "multi_modal_projector", "merger"],
+            )
+        if device_map is None and torch.cuda.is_available():
+            device_map = {"": torch.cuda.current_device()}
+        if device_map is not None:
+            load_kwargs["device_map"] = device_map
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(name, **load_kwargs)
+        except OSError as e:
+            raise OSError(
+                f"could not load model {name!r}: {e}\nIf you are offline, pass a local directory (or set "
+                "local_files_only=True with a filled Hugging Face cache)."
+            ) from e
+        processor = AutoProcessor.from_pretrained(name, local_files_only=local_files_only)
+        tokenizer = getattr(processor, "tokenizer", processor)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"
+
+        model.max_seq_length = max_seq_length
+        model.vt_processor = processor
+        model.vt_gradient_checkpointing = use_gradient_checkpointing
+        if full_finetuning:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(False)
+        FastVisionModel._set_checkpointing(model, use_gradient_checkpointing)
+        if use_fused_kernels:
+            model.vt_kernel_handle = _patch_kernels(model)
+        return model, processor
+
+    @staticmethod
+    def _set_checkpointing(model: torch.nn.Module, mode: Union[bool, str]) -> None:
+        if mode in (True, "unsloth"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        elif mode == "offload":
+            _offload_forward(model)
+            model.config.use_cache = False
+
+    @staticmethod
+    def get_peft_model(
+        model: torch.nn.Module,
+        finetune_vision_layers: bool = True,
+        finetune_language_layers: bool = True,
+        finetune_attention_modules: bool = True,
+        finetune_mlp_modules: bool = True,
+        r: int = 16,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        bias: str = "none",
+        random_state: int = 3407,
+        use_rslora: bool = False,
+        loftq_config: Optional[Any] = None,
+        target_modules: Union[str, list[str], None] = "all-linear",
+        modules_to_save: Optional[list[str]] = None,
+        use_gradient_checkpointing: Optional[Union[bool, str]] = None,
+        **kwargs: Any,
+    ) -> torch.nn.Module:
+        """Wrap ``model`` with LoRA adapters.
+
+        The four ``finetune_*`` flags choose targets through the architecture's module map (vision tower
+        vs language model, attention vs MLP). The projector/merger and lm_head are never targets unless
+        named in ``target_modules`` or ``modules_to_save``. An explicit ``target_modules`` list or regex
+        (anything but the default ``"all-linear"``) overrides the flags. ``random_state`` seeds the LoRA
+        initialisation, so the same seed gives the same adapter.
+        """
+        from peft import LoraConfig, get_peft_model
+
+        if r <= 0:
+            raise ValueError(f"r={r}: LoRA rank must be a positive integer")
+        if target_modules in (None, "all-linear"):
+            spec = get_spec(model)  # clear error for unsupported architectures
+            targets: Union[str, list[str]] = spec.pattern(
+                finetune_vision_layers, finetune_language_layers, finetune_attention_modules, finetune_mlp_modules
+            )
+        else:
+            targets = target_modules
+            if isinstance(targets, str):
+                try:
+                    re.compile(targets)
+                except re.error as e:
+                    raise ValueError(f"target_modules regex {targets!r} does not compile: {e}") from e
+        config = LoraConfig(
+            r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias, target_modules=targets,
+            use_rslora=use_rslora, modules_to_save=modules_to_save, init_lora_weights=True if loftq_config is None else "loftq",
+            loftq_config=loftq_config or {}, task_type=None, **kwargs,
+        )
+        torch.manual_seed(random_state)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(random_state)
+        ckpt = model.vt_gradient_checkpointing if use_gradient_checkpointing is None else use_gradient_checkpointing
+        processor = getattr(model, "vt_processor", None)
+        max_len = getattr(model, "max_seq_length", None)
+        try:
+            peft_model = get_peft_model(model, config)
+        except ValueError as e:
+            raise ValueError(f"get_peft_model: {e}. Check target_modules={targets!r} against model.named_modules().") from e
+        if ckpt in (True, "unsloth"):
+            # The frozen embedding output has no grad; checkpointed blocks need an input that requires one.
+            peft_model.enable_input_require_grads()
+        peft_model.vt_processor = processor
+        peft_model.max_seq_length = max_len
+        peft_model.vt_gradient_checkpointing = ckpt
+        return peft_model
+
+    @staticmethod
+    def for_inference(model: torch.nn.Module) -> torch.nn.Module:
+        """Eval mode, KV cache on, checkpointing off, left padding (batched ``generate`` needs it)."""
+        model.eval()
+        base = _base(model)
+        if getattr(base, "is_gradient_checkpointing", False):
+            base.gradient_checkpointing_disable()
+        _set_use_cache(model, True)
+        processor = getattr(model, "vt_processor", None)
+        if processor is not None:
+            getattr(processor, "tokenizer", processor).padding_side = "left"
+        return model
+
+    @staticmethod
+    def for_training(model: torch.nn.Module, use_gradient_checkpointing: Optional[Union[bool, str]] = None) -> torch.nn.Module:
+        """Train mode, KV cache off, checkpointing as configured, right padding."""
+        model.train()
+        mode = getattr(model, "vt_gradient_checkpointing", False) if use_gradient_checkpointing is None else use_gradient_checkpointing
+        base = _base(model)
+        if mode in (True, "unsloth") and not getattr(base, "is_gradient_checkpointing", False):
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+        _set_use_cache(model, False)
+        processor = getattr(model, "vt_processor", None)
+        if processor is not None:
+            getattr(processor, "tokenizer", processor).padding_side = "right"
+        return model
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _set_use_cache(model: torch.nn.Module, value: bool) -> None:
+    cfg = _base(model).config
+    cfg.use_cache = value
+    text_cfg = getattr(cfg, "text_config", None)
+    if text_cfg is not None:
+        text_cfg.use_cache = value
+    gen = getattr(_base(model), "generation_config", None)
+    if gen is not None:
+        gen.use_cache = value
+
+
+def _patch_kernels(model: torch.nn.Module) -> Any:
+    """Patch visiontune's fused kernels in (a no-op on CPU). Returns the handle, or None."""
+    try:
+        from visiontune.kernels import patch_model
+    except ImportError:  # engine not built in this install
+        return None
+    with contextlib.suppress(NotImplementedError):
+        return patch_model(model)
+    return None
