@@ -1,0 +1,153 @@
+"""The bundled demo: real handwritten digits composed into small "handwriting to text" images, offline.
+
+scikit-learn ships the UCI optical-recognition digits (1,797 real 8x8 handwritten digits) inside the
+wheel, so nothing is downloaded. Each demo image holds 2-5 digits drawn side by side at a random scale,
+with jitter, ink contrast and paper noise; its text is the plain digit string (``"307"``), which makes
+exact match and character error rate meaningful.
+
+Sizes are mixed on purpose so the later stages have work: most images are within the 300-1000 px range,
+some are too small (long side < 300), some too large (> 1000) and some are long strips (aspect 4-7,
+still under ``data.max_aspect_ratio``). A few deliberately bad records (an empty caption, a missing
+file, a duplicated image, a truncated PNG) give validation something to quarantine while staying far
+below ``data.max_failure_ratio``.
+
+Deterministic: one seeded generator, PNGs written without timestamps or metadata, so the bytes (and the
+hash in ``data.dvc``) are identical run to run on the same Pillow/zlib.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from visiontune.config import PipelineConfig
+from visiontune.data.io import write_if_changed
+
+MARKER = "DEMO.md"
+ANNOTATIONS = "annotations.jsonl"
+
+
+def _png_bytes(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def _render(digits_img: np.ndarray, idx: list[int], size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    """Draw the digits ``idx`` (rows of the 8x8 digit array) left to right onto a ``size`` canvas."""
+    w, h = size
+    paper = rng.uniform(225, 250)
+    canvas = np.full((h, w), paper, dtype=np.float32)
+    n = len(idx)
+    cell_w = w / (n + 0.6)
+    x = cell_w * 0.3
+    for i in idx:
+        s = int(max(4, min(h * rng.uniform(0.55, 0.85), cell_w * rng.uniform(0.8, 1.0))))
+        glyph = Image.fromarray((digits_img[i] * (255.0 / 16.0)).astype(np.uint8)).resize((s, s), Image.BICUBIC)
+        g = np.asarray(glyph, dtype=np.float32) / 255.0
+        ink = rng.uniform(10, 60)
+        gx0 = int(np.clip(x + rng.uniform(-0.08, 0.08) * cell_w + (cell_w - s) / 2, 0, max(0, w - s)))
+        gy0 = int(np.clip((h - s) / 2 + rng.uniform(-0.12, 0.12) * h, 0, max(0, h - s)))
+        region = canvas[gy0:gy0 + s, gx0:gx0 + s]
+        gg = g[: region.shape[0], : region.shape[1]]
+        region[:] = region * (1 - gg) + ink * gg
+        x += cell_w
+    # Paper texture: low-frequency noise (smooth, so the PNGs stay small), then a few ink specks.
+    tex = rng.normal(0, 5, size=(max(2, h // 32), max(2, w // 32))).astype(np.float32)
+    canvas += np.asarray(Image.fromarray(tex, "F").resize((w, h), Image.BILINEAR))
+    n_specks = int(w * h / 4000)
+    canvas[rng.integers(0, h, n_specks), rng.integers(0, w, n_specks)] -= rng.uniform(40, 120, n_specks).astype(np.float32)
+    gray = (np.clip(canvas, 0, 255) / 4).round().astype(np.uint8) * 4  # 64 grey levels, like a cheap scanner
+    if rng.random() < 0.5:  # a blue-ish pen on some pages: keep RGB in the mix
+        tint = np.stack([gray, gray, np.clip(gray.astype(np.int16) + 25, 0, 255).astype(np.uint8)], axis=-1)
+        return Image.fromarray(tint, "RGB")
+    return Image.fromarray(gray, "L")
+
+
+def _size(kind: str, n_digits: int, rng: np.random.Generator) -> tuple[int, int]:
+    if kind == "small":
+        h = int(rng.integers(40, 90))
+        w = min(int(h * rng.uniform(1.2, 0.7 * n_digits + 1.0)), 290)
+    elif kind == "large":
+        h = int(rng.integers(500, 1100))
+        w = int(max(h * rng.uniform(1.1, 0.6 * n_digits + 1.0), 1050))
+    elif kind == "strip":
+        h = int(rng.integers(140, 260))
+        w = int(h * rng.uniform(4.0, 7.0))
+    else:  # in range: both sides within 300..1000
+        h = int(rng.integers(300, 600))
+        w = int(np.clip(h * rng.uniform(1.0, 0.5 * n_digits + 0.8), 300, 1000))
+    return w, h
+
+
+def generate_demo(out_dir: str | Path, n: int = 600, seed: int = 3407) -> dict[str, Any]:
+    """Write ``n`` demo records (images + ``annotations.jsonl`` + ``DEMO.md``) under ``out_dir``.
+
+    Files whose bytes are already there are left untouched (a re-run changes no mtime).
+    """
+    from sklearn.datasets import load_digits
+
+    if n < 10:
+        raise ValueError(f"data.demo_samples = {n}: the demo needs at least 10 samples (it plants 4 bad ones)")
+    digits = load_digits()
+    images, targets = digits.images, digits.target
+    rng = np.random.default_rng(seed)
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    kinds = rng.choice(["in_range", "small", "large", "strip"], size=n, p=[0.76, 0.08, 0.08, 0.08])
+    rows: list[dict] = []
+    written = 0
+    # Deliberately bad records, at fixed positions so the same rows are bad every time.
+    bad = {
+        "empty_caption": n // 7,
+        "missing_file": n // 3,
+        "duplicate_image": n // 2,
+        "truncated_png": (2 * n) // 3,
+    }
+    for k in range(n):
+        n_digits = int(rng.integers(2, 6))
+        idx = [int(i) for i in rng.integers(0, len(images), size=n_digits)]
+        im = _render(images, idx, _size(str(kinds[k]), n_digits, rng), rng)
+        rel = f"images/{k:05d}.png"
+        data = _png_bytes(im)
+        if k == bad["truncated_png"]:
+            data = data[: len(data) // 2]
+        written += write_if_changed(out / rel, data)
+        rows.append({"image": rel, "text": "".join(str(int(targets[i])) for i in idx)})
+    rows[bad["empty_caption"]]["text"] = ""
+    rows[bad["missing_file"]]["image"] = "images/missing_00000.png"
+    dup_src = rows[bad["duplicate_image"] - 1]
+    rows[bad["duplicate_image"]] = {"image": dup_src["image"], "text": dup_src["text"]}
+    stale = {p.name for p in (out / "images").glob("*.png")} - {f"{k:05d}.png" for k in range(n)}
+    for name in stale:  # a previous demo with more samples
+        (out / "images" / name).unlink()
+    written += write_if_changed(out / ANNOTATIONS, "".join(json.dumps(r) + "\n" for r in rows))
+    written += write_if_changed(
+        out / MARKER,
+        "# visiontune demo data\n\nGenerated by `visiontune demo-data` from scikit-learn's bundled handwritten digits "
+        f"(seed {seed}, {n} records). Rows planted as bad on purpose: {json.dumps(bad)}.\n"
+        "Regenerate instead of editing; `dvc add`/`data.dvc` tracks this folder.\n",
+    )
+    sizes = _counts(kinds)
+    return {"raw_dir": str(out), "records": n, "files_written": written, "size_mix": sizes, "planted_bad_rows": bad}
+
+
+def _counts(kinds: np.ndarray) -> dict[str, int]:
+    vals, counts = np.unique(kinds, return_counts=True)
+    return {str(v): int(c) for v, c in zip(vals, counts)}
+
+
+def demo_stage(cfg: PipelineConfig) -> dict[str, Any]:
+    """``visiontune demo-data``: write the demo under ``data.raw_dir`` (refuses to overwrite user data)."""
+    raw = Path(cfg.data.raw_dir)
+    if raw.is_dir() and any(raw.iterdir()) and not (raw / MARKER).exists():
+        raise ValueError(
+            f"{raw} already holds data that is not the visiontune demo (no {MARKER}); refusing to overwrite it. "
+            f"Set data.raw_dir to an empty folder for the demo, e.g. --set data.raw_dir=data/demo_raw"
+        )
+    return generate_demo(raw, n=cfg.data.demo_samples, seed=cfg.data.seed)
