@@ -1,0 +1,109 @@
+"""Packed / variable-length attention for vision windows and padding-free text batches.
+
+``q, k, v`` are packed as (T, H, D) with ``cu_seqlens`` (int32, N+1) marking sequence starts, as
+flash-attention's varlen API expects. Paths, fastest first:
+
+1. CUDA, bf16/fp16, and ``torch.nn.attention.varlen.varlen_attn`` present (PyTorch >= 2.10): the
+   flash-attention varlen kernel: no padding, no mask tensor, GQA without repeating k/v.
+2. otherwise SDPA on one packed row with a block-diagonal (optionally causal) boolean mask built from
+   ``cu_seqlens`` while T <= ``MASK_MAX_TOKENS`` (the mask is T^2 bytes), else one SDPA call per sequence.
+
+This replaces the Qwen2/2.5/3-VL vision towers' stock SDPA path, which splits the packed windows into
+one SDPA call per window (Qwen2.5-VL-7B at 448 px: 16 windows x 32 blocks = 512 small calls per image).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+MASK_MAX_TOKENS = 8192
+
+try:
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    _VARLEN_PARAMS = set(inspect.signature(_varlen_attn).parameters)
+except Exception:  # older torch
+    _varlen_attn = None
+    _VARLEN_PARAMS = set()
+
+#: set to False to forbid the flash varlen path (debugging / A-B comparisons)
+ALLOW_FLASH_VARLEN = True
+
+
+def flash_varlen_available(q: torch.Tensor) -> bool:
+    """Whether :func:`varlen_attention` will take the flash-attention varlen kernel for ``q``."""
+    return (ALLOW_FLASH_VARLEN and _varlen_attn is not None and q.is_cuda
+            and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0)
+
+
+def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x if n == 1 else x.repeat_interleave(n, dim=1)
+
+
+def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                               causal: bool, scale: float | None = None) -> torch.Tensor:
+    """Plain per-sequence attention in fp32 (explicit softmax), the ground truth for the tests."""
+    t, hq, d = q.shape
+    rep = hq // k.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    out = torch.empty_like(q)
+    cu = cu_seqlens.tolist()
+    for s, e in zip(cu[:-1], cu[1:]):
+        if e == s:
+            continue
+        qs = q[s:e].float().transpose(0, 1)
+        ks = _repeat_kv(k[s:e], rep).float().transpose(0, 1)
+        vs = _repeat_kv(v[s:e], rep).float().transpose(0, 1)
+        att = (qs @ ks.transpose(-1, -2)) * scale
+        if causal:
+            n = e - s
+            att = att.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        out[s:e] = (att.softmax(-1) @ vs).transpose(0, 1).to(q.dtype)
+    return out
+
+
+def block_diagonal_mask(cu_seqlens: torch.Tensor, total: int, causal: bool) -> torch.Tensor:
+    """(T, T) boolean mask, True where query i may attend key j (same sequence, and j <= i if causal)."""
+    idx = torch.arange(total, device=cu_seqlens.device)
+    seq = torch.bucketize(idx, cu_seqlens[1:].to(idx.dtype), right=True)
+    mask = seq[:, None] == seq[None, :]
+    if causal:
+        mask &= idx[:, None] >= idx[None, :]
+    return mask
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, causal: bool, scale: float | None = None) -> torch.Tensor:
+    """Attention over packed sequences. q: (T, Hq, D); k, v: (T, Hkv, D); returns (T, Hq, D)."""
+    t, hq, d = q.shape
+    hk = k.shape[1]
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    if flash_varlen_available(q):
+        kw = {"scale": scale}
+        if "window_size" in _VARLEN_PARAMS:
+            kw["window_size"] = (-1, 0) if causal else (-1, -1)
+        else:
+            kw["is_causal"] = causal
+        kk, vv = k, v
+        if hk != hq:
+            if "enable_gqa" in _VARLEN_PARAMS:
+                kw["enable_gqa"] = True
+            else:
+                kk, vv = _repeat_kv(k, hq // hk), _repeat_kv(v, hq // hk)
+        return _varlen_attn(q, kk, vv, cu, cu, int(max_seqlen), int(max_seqlen), **kw)
+    qb, kb, vb = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    gqa = hk != hq
+    if t <= MASK_MAX_TOKENS:
+        mask = block_diagonal_mask(cu, t, causal)
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        return out[0].transpose(0, 1)
+    outs = []
+    bounds = cu.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        o = F.scaled_dot_product_attention(qb[:, :, s:e], kb[:, :, s:e], vb[:, :, s:e], is_causal=causal,
+                                           scale=scale, enable_gqa=gqa)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs, 0)

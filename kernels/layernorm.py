@@ -1,0 +1,121 @@
+"""LayerNorm (vision towers: Qwen2-VL/Qwen3-VL blocks, SigLIP, Mllama): Triton fwd/bwd + reference.
+
+Saves x plus per-row mean and rstd (8 bytes a row); weight and bias gradients are reduced through
+per-program fp32 partial sums.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from visiontune.kernels._common import HAS_TRITON, next_pow2, reduction_programs, row_warps, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _layernorm_fwd(X, W, B, Y, MEAN, RSTD, stride_x, stride_y, N, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / N
+        xc = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * stride_y + cols, (xc * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
+        tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _layernorm_bwd(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, stride_dy, stride_x, stride_dx,
+                       n_rows, N, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        n_prog = tl.num_programs(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for row in range(pid, n_rows, n_prog):
+            r = row + tl.zeros([], dtype=tl.int64)
+            x = tl.load(X + r * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + r)
+            rstd = tl.load(RSTD + r)
+            xh = tl.where(mask, (x - mean) * rstd, 0.0)
+            dyw = dy * w
+            c1 = tl.sum(dyw * xh, axis=0) / N
+            c2 = tl.sum(dyw, axis=0) / N
+            dx = (dyw - (xh * c1 + c2)) * rstd
+            tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dw_acc += dy * xh
+            db_acc += dy
+        tl.store(DW_PART + pid * N + cols, dw_acc, mask=mask)
+        tl.store(DB_PART + pid * N + cols, db_acc, mask=mask)
+
+
+def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                         eps: float) -> torch.Tensor:
+    """Pure-torch LayerNorm over the last dim, computed in fp32 and cast back to x.dtype."""
+    n = x.shape[-1]
+    w = weight.float() if weight is not None else None
+    b = bias.float() if bias is not None else None
+    return torch.nn.functional.layer_norm(x.float(), (n,), w, b, eps).to(x.dtype)
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton LayerNorm; saves x, mean and rstd."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        shape = x.shape
+        n = shape[-1]
+        x2 = x.reshape(-1, n)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        rows = x2.shape[0]
+        y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+        mean = torch.empty(rows, dtype=torch.float32, device=x.device)
+        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+        block = next_pow2(n)
+        if rows:
+            _layernorm_fwd[(rows,)](x2, weight, bias, y, mean, rstd, x2.stride(0), y.stride(0), n, eps,
+                                    BLOCK=block, num_warps=row_warps(block))
+        ctx.save_for_backward(x2, weight, mean, rstd)
+        ctx.meta = (shape, block, bias.dtype)
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2, weight, mean, rstd = ctx.saved_tensors
+        shape, block, bias_dtype = ctx.meta
+        n = shape[-1]
+        dy2 = dy.reshape(-1, n)
+        if dy2.stride(-1) != 1:
+            dy2 = dy2.contiguous()
+        rows = x2.shape[0]
+        dx = torch.empty_like(x2)
+        progs = reduction_programs(rows, x2.device)
+        dw_part = torch.zeros((progs, n), dtype=torch.float32, device=x2.device)
+        db_part = torch.zeros((progs, n), dtype=torch.float32, device=x2.device)
+        if rows:
+            _layernorm_bwd[(progs,)](dy2, x2, weight, mean, rstd, dx, dw_part, db_part, dy2.stride(0),
+                                     x2.stride(0), dx.stride(0), rows, n, BLOCK=block,
+                                     num_warps=row_warps(block))
+        dw = dw_part.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        db = db_part.sum(0).to(bias_dtype) if ctx.needs_input_grad[2] else None
+        return dx.view(shape), dw, db, None
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim; Triton on CUDA (or forced under the interpreter), else reference."""
+    if use_triton(x):
+        n = x.shape[-1]
+        w = weight if weight is not None else torch.ones(n, dtype=x.dtype, device=x.device)
+        b = bias if bias is not None else torch.zeros(n, dtype=w.dtype, device=x.device)
+        return LayerNormFunction.apply(x, w, b, float(eps))
+    return layer_norm_reference(x, weight, bias, eps)
