@@ -34,8 +34,8 @@ def _resolve_dtype(dtype: Optional[Union[str, torch.dtype]]) -> torch.dtype:
 
 
 def _offload_forward(model: torch.nn.Module) -> None:
-    """Keep the tensors autograd saves on the CPU (pinned) instead of the GPU: memory of checkpointing
-    without its 50% recompute cost for LoRA (see NOTES: LoRA forward 2N + backward 2N FLOPs/token)."""
+    """Fallback for transformers without ``activation_checkpointing_enable(offload=True)``: keep the
+    tensors autograd saves in pinned CPU memory instead of on the GPU."""
     if getattr(model, "_vt_offload", False):
         return
     inner = model.forward
@@ -135,11 +135,8 @@ class FastVisionModel:
 
     @staticmethod
     def _set_checkpointing(model: torch.nn.Module, mode: Union[bool, str]) -> None:
-        if mode in (True, "unsloth"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        elif mode == "offload":
-            _offload_forward(model)
+        if mode in (True, "unsloth", "offload"):
+            _checkpointing(model, True, offload=mode == "offload")
             model.config.use_cache = False
 
     @staticmethod
@@ -200,7 +197,7 @@ class FastVisionModel:
             peft_model = get_peft_model(model, config)
         except ValueError as e:
             raise ValueError(f"get_peft_model: {e}. Check target_modules={targets!r} against model.named_modules().") from e
-        if ckpt in (True, "unsloth"):
+        if ckpt in (True, "unsloth", "offload"):
             # The frozen embedding output has no grad; checkpointed blocks need an input that requires one.
             peft_model.enable_input_require_grads()
         peft_model.vt_processor = processor
@@ -213,8 +210,8 @@ class FastVisionModel:
         """Eval mode, KV cache on, checkpointing off, left padding (batched ``generate`` needs it)."""
         model.eval()
         base = _base(model)
-        if getattr(base, "is_gradient_checkpointing", False):
-            base.gradient_checkpointing_disable()
+        if _checkpointing(base):
+            _checkpointing(base, False)
         _set_use_cache(model, True)
         processor = getattr(model, "vt_processor", None)
         if processor is not None:
@@ -227,8 +224,8 @@ class FastVisionModel:
         model.train()
         mode = getattr(model, "vt_gradient_checkpointing", False) if use_gradient_checkpointing is None else use_gradient_checkpointing
         base = _base(model)
-        if mode in (True, "unsloth") and not getattr(base, "is_gradient_checkpointing", False):
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if mode in (True, "unsloth", "offload") and not _checkpointing(base):
+            _checkpointing(base, True, offload=mode == "offload")
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
         _set_use_cache(model, False)
@@ -242,6 +239,28 @@ def _base(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under a PEFT wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def _checkpointing(model: torch.nn.Module, enable: Optional[bool] = None, offload: bool = False) -> bool:
+    """Query (enable=None) or switch activation checkpointing.
+
+    transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_* and added ``offload``
+    (checkpointed layer inputs kept in pinned host memory); use whichever the installed version has, and
+    fall back to our own save-on-CPU wrapper for offload on older versions.
+    """
+    new = hasattr(model, "activation_checkpointing_enable")
+    if enable is None:
+        return bool(getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False))
+    if not enable:
+        (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
+        return False
+    if new:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}, offload=offload)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if offload:
+            _offload_forward(model)
+    return True
 
 
 def _set_use_cache(model: torch.nn.Module, value: bool) -> None:

@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny offline models (built once per session) and quiet logs."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a hub
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A function arch -> directory of a saved tiny random-weight model of that architecture."""
+    from visiontune.testing import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    cache: dict[str, str] = {}
+
+    def get(arch: str) -> str:
+        if arch not in cache:
+            cache[arch] = str(build_tiny_model(arch, root / arch))
+        return cache[arch]
+
+    return get

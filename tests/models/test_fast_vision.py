@@ -1,0 +1,135 @@
+"""FastVisionModel: loading, LoRA targets and counts, seeds, modes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visiontune import FastVisionModel, VisionDataCollator
+from visiontune.testing import ARCHITECTURES
+
+
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _lora_modules(model) -> set[str]:
+    return {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_modules() if n.endswith(".lora_A")}
+
+
+def _conv(seed: int, answer: str = "42") -> dict:
+    rng = np.random.RandomState(seed)
+    img = Image.fromarray((rng.rand(60, 90, 3) * 255).astype("uint8"))
+    return {"messages": [
+        {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Read it."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]}
+
+
+def test_from_pretrained_local_dir_cpu_defaults(tiny_model_dir):
+    model, processor = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), max_seq_length=333)
+    assert next(model.parameters()).dtype == torch.float32  # CPU: fp32
+    assert model.max_seq_length == 333
+    assert _trainable(model) == 0  # frozen until get_peft_model
+    assert processor.tokenizer.padding_side == "right"
+    full, _ = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), full_finetuning=True, dtype="bfloat16")
+    assert _trainable(full) == sum(p.numel() for p in full.parameters())
+    assert next(full.parameters()).dtype == torch.bfloat16
+
+
+def test_from_pretrained_errors(tmp_path, tiny_model_dir):
+    with pytest.raises(FileNotFoundError, match="visiontune tiny-model"):
+        FastVisionModel.from_pretrained(str(tmp_path / "nope"))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+            FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), load_in_4bit=True)
+    with pytest.raises(ValueError, match="use_gradient_checkpointing"):
+        FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), use_gradient_checkpointing="sometimes")
+    with pytest.raises(ValueError, match="not a torch dtype"):
+        FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), dtype="float99")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_flags_change_trainable_counts_additively(tiny_model_dir, arch):
+    counts = {}
+    for flags in [(1, 1, 1, 1), (1, 0, 1, 1), (0, 1, 1, 1), (1, 1, 1, 0), (1, 1, 0, 1)]:
+        model, _ = FastVisionModel.from_pretrained(tiny_model_dir(arch), use_gradient_checkpointing=False)
+        peft = FastVisionModel.get_peft_model(model, *map(bool, flags), r=4, lora_alpha=4)
+        counts[flags] = _trainable(peft)
+        mods = _lora_modules(peft)
+        assert not any("lm_head" in m or "merger" in m or "projector" in m for m in mods)
+        if not flags[0]:
+            assert not any("visual" in m or "vision" in m for m in mods)
+        if not flags[1]:
+            assert not any("language_model" in m for m in mods)
+    assert counts[(1, 0, 1, 1)] + counts[(0, 1, 1, 1)] == counts[(1, 1, 1, 1)] > 0
+    assert counts[(1, 1, 1, 0)] + counts[(1, 1, 0, 1)] == counts[(1, 1, 1, 1)]
+    assert min(counts.values()) > 0
+
+
+def test_all_off_and_unsupported_errors(tiny_model_dir):
+    model, _ = FastVisionModel.from_pretrained(tiny_model_dir("gemma3"))
+    with pytest.raises(ValueError, match="no LoRA targets selected"):
+        FastVisionModel.get_peft_model(model, False, False, False, False)
+
+
+def test_explicit_targets_override_flags_and_modules_to_save(tiny_model_dir):
+    model, _ = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"))
+    peft = FastVisionModel.get_peft_model(model, finetune_vision_layers=False, target_modules=["q_proj", "v_proj"],
+                                          modules_to_save=["lm_head", "embed_tokens"], r=4)
+    mods = _lora_modules(peft)
+    assert mods and all(m.endswith(("q_proj", "v_proj")) for m in mods)
+    trainable = [n for n, p in peft.named_parameters() if p.requires_grad]
+    assert any("lm_head" in n and "modules_to_save" in n for n in trainable)
+    assert any("embed_tokens" in n and "modules_to_save" in n for n in trainable)
+    model, _ = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"))
+    peft = FastVisionModel.get_peft_model(model, target_modules=r".*visual\.blocks\.\d+\.attn\.qkv", r=4)
+    assert _lora_modules(peft) and all(m.endswith("attn.qkv") for m in _lora_modules(peft))
+    model, _ = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"))
+    with pytest.raises(ValueError, match="does not compile"):
+        FastVisionModel.get_peft_model(model, target_modules="(unclosed")
+
+
+def test_random_state_makes_lora_init_reproducible(tiny_model_dir):
+    def lora_a(seed):
+        model, _ = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"))
+        peft = FastVisionModel.get_peft_model(model, r=4, random_state=seed)
+        return torch.cat([p.detach().flatten() for n, p in peft.named_parameters() if "lora_A" in n])
+
+    a1, a2, b = lora_a(1), lora_a(1), lora_a(2)
+    assert torch.equal(a1, a2)
+    assert not torch.equal(a1, b)
+
+
+@pytest.mark.parametrize("checkpointing", [True, False, "offload"])
+def test_train_generate_train_cycle(tiny_model_dir, checkpointing):
+    torch.manual_seed(0)
+    model, processor = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), use_gradient_checkpointing=checkpointing)
+    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8)
+    collator = VisionDataCollator(model, processor)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    FastVisionModel.for_training(model)
+    assert model.training
+    batch = collator([_conv(0), _conv(1, "7")])
+    loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+    FastVisionModel.for_inference(model)
+    assert not model.training and processor.tokenizer.padding_side == "left"
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read it."}]}]
+    text = processor.apply_chat_template(prompt, add_generation_prompt=True)
+    img = _conv(2)["messages"][0]["content"][0]["image"]
+    inputs = processor(text=[text, text], images=[[img], [img]], return_tensors="pt", padding=True)
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[0] == 2 and out.shape[1] > inputs["input_ids"].shape[1]
+
+    FastVisionModel.for_training(model)
+    assert model.training and processor.tokenizer.padding_side == "right"
+    loss2 = model(**collator([_conv(0), _conv(1, "7")])).loss
+    loss2.backward()
+    assert torch.isfinite(loss2)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)

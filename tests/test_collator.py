@@ -1,0 +1,187 @@
+"""VisionDataCollator: same tensors as the model's own processor, exact labels, images, budget."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visiontune import FastVisionModel, VisionDataCollator
+from visiontune.collator import SampleTooLongError, load_image, target_size
+from visiontune.testing import ARCHITECTURES
+
+
+def _img(w: int, h: int, seed: int) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8"))
+
+
+def _multi(seed: int = 0) -> dict:
+    """Two images, two user turns, two assistant answers."""
+    return {"messages": [
+        {"role": "user", "content": [{"type": "image", "image": _img(90, 60, seed)},
+                                     {"type": "image", "image": _img(60, 90, seed + 1)},
+                                     {"type": "text", "text": "Compare the two."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "left 12"}]},
+        {"role": "user", "content": [{"type": "text", "text": "And the second?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "right 7"}]},
+    ]}
+
+
+def _single(seed: int = 5, answer: str = "305") -> dict:
+    return {"messages": [
+        {"role": "user", "content": [{"type": "image", "image": _img(100, 40, seed)}, {"type": "text", "text": "Read."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]}
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def loaded(request, tiny_model_dir):
+    model, processor = FastVisionModel.from_pretrained(tiny_model_dir(request.param), use_gradient_checkpointing=False)
+    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8)
+    return request.param, model, processor
+
+
+def _answers_from_labels(batch, tok, row) -> str:
+    return tok.decode([t for t in batch["labels"][row].tolist() if t != -100])
+
+
+def test_matches_processor_output(loaded):
+    arch, model, processor = loaded
+    collator = VisionDataCollator(model, processor, resize=None)
+    samples = [_multi(), _single()]
+    batch = collator(samples)
+    texts = [processor.apply_chat_template([
+        {"role": m["role"], "content": [{"type": p["type"], **({"text": p["text"]} if p["type"] == "text" else {})}
+                                         for p in m["content"]]} for m in s["messages"]], tokenize=False)
+        for s in samples]
+    images = [[p["image"] for m in s["messages"] for p in m["content"] if p["type"] == "image"] for s in samples]
+    processor.tokenizer.padding_side = "right"
+    ref = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    for key in ref:
+        assert torch.equal(batch[key], ref[key]), f"{arch}: {key} differs from the processor's own output"
+
+
+def test_labels_are_exactly_the_assistant_answers(loaded):
+    arch, model, processor = loaded
+    collator = VisionDataCollator(model, processor, resize="min", snap_to_patch_size=True)
+    batch = collator([_multi(), _single()])
+    tok = processor.tokenizer
+    eot = {"qwen2_vl": "<|im_end|>\n", "qwen2_5_vl": "<|im_end|>\n", "qwen3_vl": "<|im_end|>\n",
+           "mllama": "<|eot_id|>", "gemma3": "<end_of_turn>\n", "mistral3": "</s>"}[arch]
+    assert _answers_from_labels(batch, tok, 0) == f"left 12{eot}right 7{eot}"
+    assert _answers_from_labels(batch, tok, 1) == f"305{eot}"
+    # padding and image tokens are never targets
+    labels, att = batch["labels"], batch["attention_mask"]
+    assert (labels[att == 0] == -100).all()
+    for tid in collator.image_token_ids:
+        assert not (labels == tid).any()
+
+
+def test_train_on_responses_only_auto_and_explicit(loaded):
+    arch, model, processor = loaded
+    auto = VisionDataCollator(model, processor, train_on_responses_only=True, completion_only_loss=False)
+    instr, resp = auto.detect_parts()
+    explicit = VisionDataCollator(model, processor, instruction_part=instr, response_part=resp, completion_only_loss=False)
+    a, b = auto([_multi(), _single()]), explicit([_multi(), _single()])
+    assert torch.equal(a["labels"], b["labels"])
+    text = _answers_from_labels(a, processor.tokenizer, 0)
+    assert "left 12" in text and "right 7" in text and "Compare" not in text and "second" not in text
+    nothing = VisionDataCollator(model, processor, completion_only_loss=False)
+    everything = nothing([_single()])
+    # without masking, prompt text is a target too (only padding and image tokens are masked)
+    assert "Read" in _answers_from_labels(everything, processor.tokenizer, 0)
+
+
+def test_loss_backpropagates_into_lora(loaded):
+    arch, model, processor = loaded
+    collator = VisionDataCollator(model, processor, resize="min", snap_to_patch_size=True)
+    model.train()
+    model.zero_grad()
+    loss = model(**collator([_multi(), _single()])).loss
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    assert torch.isfinite(loss)
+
+
+def test_images_from_paths_bytes_and_arrow_dicts(tmp_path, tiny_model_dir):
+    model, processor = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"))
+    img = _img(70, 50, 3)
+    path = tmp_path / "a.png"
+    img.save(path)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    collator = VisionDataCollator(model, processor, resize=None)
+    variants = [img, str(path), buf.getvalue(), {"bytes": buf.getvalue(), "path": None}, {"bytes": None, "path": str(path)}]
+    batches = [collator([{"messages": [{"role": "user", "content": [{"type": "image", "image": v, "text": None},
+                                                                     {"type": "text", "text": "x", "image": None}]},
+                                        {"role": "assistant", "content": [{"type": "text", "text": "1"}]}]}])
+               for v in variants]
+    for b in batches[1:]:
+        assert torch.equal(b["pixel_values"], batches[0]["pixel_values"])
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        load_image(str(tmp_path / "nope.png"))
+
+
+@pytest.mark.parametrize("resize,dim,expected", [
+    (None, 0, (400, 100)), ((64, 32), 0, (64, 32)), ("min", 0, (224, 56)), ("min", 1, (896, 224)),
+    ("max", "max", (448, 112)), ("max", "min", (1792, 448)),
+])
+def test_target_size(resize, dim, expected):
+    assert target_size(400, 100, resize, dim, (224, 448), None) == expected
+
+
+def test_target_size_snaps_and_validates():
+    assert target_size(400, 100, "min", 0, (224, 448), 28) == (224, 56)
+    assert target_size(401, 99, None, 0, (224, 448), 28) == (392, 112)
+    assert target_size(10, 10, None, 0, (224, 448), 28) == (28, 28)  # never below one patch
+    with pytest.raises(ValueError, match="resize="):
+        target_size(1, 1, "medium", 0, (1, 1), None)
+    with pytest.raises(ValueError, match="resize_dimension"):
+        target_size(1, 1, "min", 2, (1, 1), None)
+
+
+def test_resize_and_snap_reach_the_processor(tiny_model_dir):
+    model, processor = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"))
+    collator = VisionDataCollator(model, processor, resize=(112, 56), snap_to_patch_size=True)
+    batch = collator([_single()])
+    # Qwen grid (t, h, w) in 14-px patches: 56/14 = 4 rows, 112/14 = 8 columns
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 8]]
+
+
+def test_token_budget_truncates_text_and_drops_image_overflow(tiny_model_dir):
+    model, processor = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"))
+    long_answer = " ".join(["12345"] * 60)
+    full = VisionDataCollator(model, processor, resize=(56, 56))([_single(answer=long_answer)])
+    n_full = int(full["attention_mask"].sum())
+    limit = n_full - 10
+    collator = VisionDataCollator(model, processor, resize=(56, 56), max_seq_length=limit)
+    cut = collator([_single(answer=long_answer)])
+    assert cut["input_ids"].shape[1] == limit and collator.truncated == 1
+    # the image survives truncation intact
+    assert torch.equal(cut["pixel_values"], full["pixel_values"])
+    tiny_budget = VisionDataCollator(model, processor, resize=(224, 224), max_seq_length=20)
+    with pytest.warns(UserWarning, match="dropped a sample"):
+        out = tiny_budget([_single(), {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                                                     {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]}])
+    assert out["input_ids"].shape[0] == 1 and tiny_budget.dropped == 1
+    with pytest.raises(SampleTooLongError, match="max_seq_length=20"):
+        with pytest.warns(UserWarning):
+            tiny_budget([_single()])
+
+
+def test_pad_to_multiple_of(tiny_model_dir):
+    model, processor = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"))
+    batch = VisionDataCollator(model, processor, pad_to_multiple_of=64)([_single(), _multi()])
+    assert batch["input_ids"].shape[1] % 64 == 0
+
+
+def test_bad_sample_error_is_clear(tiny_model_dir):
+    model, processor = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"))
+    with pytest.raises(ValueError, match="to_conversation"):
+        VisionDataCollator(model, processor)([{"image": "x.png", "text": "3"}])
