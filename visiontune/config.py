@@ -53,6 +53,7 @@ class DataConfig:
     max_failure_ratio: float = _f(0.2, "The validate stage fails when more than this share of records is quarantined.")
     uniform_size: Optional[list] = _f(None, "If set, [width, height]: every image is padded/resized to exactly this size.")
     snap_to_patch: int = _f(0, "If > 0, image sides are rounded to a multiple of this (e.g. 28 for Qwen2-VL).")
+    image_format: str = _f("png", "Format of normalized images: 'png' (lossless) or 'jpeg' (quality 95; smaller and faster to write).")
     instruction: str = _f("Transcribe the handwritten digits in this image.", "User instruction placed before the image(s) in each conversation.")
     split_ratios: list = _f([0.8, 0.1, 0.1], "Train / validation / test shares; split by a hash of each record, stable when rows are added.")
     seed: int = _f(3407, "Seed of the hash-based split and of the demo data generator.")
