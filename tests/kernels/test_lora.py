@@ -1,0 +1,98 @@
+import pytest
+import torch
+from conftest import record_gpu_error, rel_err
+
+from visiontune.kernels.lora import (
+    gated_mlp,
+    gated_mlp_reference,
+    lora_linear,
+    lora_linear_reference,
+    plain_mlp,
+    plain_mlp_reference,
+)
+
+
+def _params(n_in, n_out, r, bias, lora=True, device="cpu", dtype=torch.float32, lora_dtype=None):
+    lora_dtype = lora_dtype or dtype
+    w = (torch.randn(n_out, n_in, device=device) / n_in**0.5).to(dtype)
+    b = (torch.randn(n_out, device=device) * 0.1).to(dtype) if bias else None
+    if not lora:
+        return [w, b, None, None, 1.0]
+    a = (torch.randn(r, n_in, device=device) / n_in**0.5).to(lora_dtype).requires_grad_()
+    bm = (torch.randn(n_out, r, device=device) * 0.1).to(lora_dtype).requires_grad_()
+    return [w, b.requires_grad_() if bias else None, a, bm, 2.0]
+
+
+def _trainables(p):
+    return [t for t in p[:4] if t is not None and t.requires_grad]
+
+
+def _check(fn, ref, x, params, dy, atol, rtol):
+    leaves = [t for p in params for t in _trainables(p)]
+    outs = []
+    for f in (fn, ref):
+        xx = x.detach().clone().requires_grad_()
+        y = f(xx, *params)
+        outs.append((y.detach(), *torch.autograd.grad(y, [xx, *leaves], dy)))
+    assert len(outs[0]) == 2 + len(leaves)
+    for got, want in zip(*outs):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("shape,n_out,bias,lora", [((1, 9), 5, False, True), ((2, 3, 24), 17, True, True),
+                                                  ((4, 8), 6, True, False)])
+def test_lora_linear_cpu(triton_cpu, shape, n_out, bias, lora):
+    p = _params(shape[-1], n_out, 4, bias, lora)
+    x, dy = torch.randn(shape), torch.randn(*shape[:-1], n_out)
+    _check(lambda x, p: lora_linear(x, *p), lambda x, p: lora_linear_reference(x, *p), x, [p], dy, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("rows,hid,inter,bias", [(1, 8, 12, False), (13, 20, 36, True)])
+def test_gated_mlp_cpu(triton_cpu, act, rows, hid, inter, bias):
+    ps = [_params(hid, inter, 3, bias), _params(hid, inter, 3, bias), _params(inter, hid, 3, bias)]
+    x, dy = torch.randn(rows, hid), torch.randn(rows, hid)
+    _check(lambda x, *p: gated_mlp(x, *p, act=act), lambda x, *p: gated_mlp_reference(x, *p, act=act),
+           x, ps, dy, 1e-5, 1e-4)
+
+
+@pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "quick_gelu", "silu"])
+def test_plain_mlp_cpu(triton_cpu, act):
+    ps = [_params(24, 40, 4, True), _params(40, 24, 4, True)]
+    x, dy = torch.randn(2, 7, 24), torch.randn(2, 7, 24)
+    _check(lambda x, *p: plain_mlp(x, *p, act=act), lambda x, *p: plain_mlp_reference(x, *p, act=act),
+           x, ps, dy, 1e-5, 1e-4)
+
+
+def test_gated_mlp_cpu_partial_lora(triton_cpu):
+    """Only some projections carry LoRA (e.g. target_modules without down_proj)."""
+    ps = [_params(16, 24, 2, False), _params(16, 24, 2, False, lora=False), _params(24, 16, 2, False, lora=False)]
+    x, dy = torch.randn(5, 16), torch.randn(5, 16)
+    _check(lambda x, *p: gated_mlp(x, *p, act="silu"), lambda x, *p: gated_mlp_reference(x, *p, act="silu"),
+           x, ps, dy, 1e-5, 1e-4)
+
+
+@pytest.mark.gpu
+def test_lora_gated_mlp_gpu_bf16(cuda_device):
+    """Qwen2.5-VL-7B MLP shapes, bf16 base, fp32 adapters (PEFT's autocast_adapter_dtype)."""
+    rows, hid, inter = 4096, 3584, 18944
+    ps = [_params(hid, inter, 16, False, device=cuda_device, dtype=torch.bfloat16, lora_dtype=torch.float32),
+          _params(hid, inter, 16, False, device=cuda_device, dtype=torch.bfloat16, lora_dtype=torch.float32),
+          _params(inter, hid, 16, False, device=cuda_device, dtype=torch.bfloat16, lora_dtype=torch.float32)]
+    x = torch.randn(rows, hid, device=cuda_device).bfloat16()
+    dy = torch.randn(rows, hid, device=cuda_device).bfloat16()
+    leaves = [t for p in ps for t in _trainables(p)]
+    xx = x.clone().requires_grad_()
+    y = gated_mlp(xx, *ps, act="silu")
+    got = (y.detach(), *torch.autograd.grad(y, [xx, *leaves], dy))
+    ps32 = [[t.float() if torch.is_tensor(t) else t for t in p] for p in ps]
+    leaves32 = [t for p in ps32 for t in p[2:4]]
+    xr = x.float().requires_grad_()
+    yr = gated_mlp_reference(xr, *ps32, act="silu")
+    want = (yr.detach(), *torch.autograd.grad(yr, [xr, *leaves32], dy.float()))
+    names = ["out", "dx", "dA_gate", "dB_gate", "dA_up", "dB_up", "dA_down", "dB_down"]
+    for name, g, w in zip(names, got, want):
+        err = rel_err(g, w)
+        record_gpu_error("lora_gated_mlp", name, err, 2e-2)
+        assert torch.isfinite(g).all() and err < 2e-2, (name, err)
