@@ -133,6 +133,10 @@ class EvalConfig:
     batch_size: int = _f(8, "Generation batch size.")
     primary_metric: str = _f("cer", "Metric that decides promotion: cer (lower is better), exact_match, bleu or rougeL.")
     metrics_file: str = _f("outputs/eval/metrics.json", "DVC metrics file written by the evaluate stage.")
+    predictions_file: str = _f("outputs/eval/predictions.csv", "Per-sample CSV (reference, base and fine-tuned prediction, CER): DVC plots data, also logged to MLflow.")
+    grid_file: str = _f("outputs/eval/predictions.png", "PNG grid of sample images with reference and prediction, also logged to MLflow.")
+    grid_samples: int = _f(8, "Samples shown in the prediction grid (0 = no grid).")
+    compare_base: bool = _f(True, "Also evaluate the base model without the adapter (doubles evaluation time; gives the base_* baseline).")
 
 
 @dataclass
@@ -143,6 +147,11 @@ class RegisterConfig:
     experiment: str = _f("visiontune", "MLflow experiment name.")
     model_name: str = _f("visiontune-demo", "Registered model name.")
     promotion_margin: float = _f(0.0, "The new version becomes champion only if it beats the champion's primary metric by more than this.")
+    artifact_name: str = _f("model", "Name of the logged MLflow model (log_model(name=...)) inside the training run.")
+    log_base_model: bool = _f(True, "Log a local base model directory as a model artifact so the model loads anywhere; False (or a hub id) stores only the id/path.")
+    input_example: bool = _f(True, "Log an input example with the model; MLflow then loads the model once to validate it (turn off for large models).")
+    max_new_tokens: int = _f(64, "Default generation length of the served model (overridable per request with params={'max_new_tokens': n}).")
+    promotions_log: str = _f("mlflow/promotions.jsonl", "Local JSON-lines log of every promotion decision (also logged to the run as register/decision.json).")
 
 
 @dataclass
