@@ -108,7 +108,7 @@ def build_suites(rules: ValidationRules) -> tuple[Any, Any]:
         E.ExpectColumnValuesToBeInSet(column="parsed", value_set=[True], meta=m("unparsable_row")),
         E.ExpectColumnValuesToBeBetween(column="n_images", min_value=1, meta=m("no_image")),
         E.ExpectColumnValuesToBeInSet(column="text_utf8", value_set=[True], meta=m("text_not_utf8")),
-        E.ExpectColumnValuesToNotBeNull(column="answer_min_chars", meta=m("missing_text")),
+        E.ExpectColumnValuesToBeInSet(column="text_present", value_set=[True], meta=m("missing_text")),
         E.ExpectColumnValuesToBeBetween(column="answer_min_chars", min_value=rules.min_text_chars, meta=m("text_too_short")),
         E.ExpectColumnValuesToBeBetween(column="answer_max_chars", max_value=rules.max_text_chars, meta=m("text_too_long")),
         E.ExpectColumnValuesToBeInSet(column="questions_ok", value_set=[True], meta=m("question_missing")),
@@ -189,6 +189,7 @@ def validate_rows(rows: list[RawRow], root: str | Path, rules: ValidationRules) 
             "parse_error": r.parse_error,
             "n_images": len(r.images) if r.parse_error is None else None,
             "text_utf8": r.text_utf8,
+            "text_present": None if r.parse_error else amin is not None,
             "answer_min_chars": amin if r.parse_error is None else None,
             "answer_max_chars": amax,
             "n_turns": n_a,
@@ -196,7 +197,7 @@ def validate_rows(rows: list[RawRow], root: str | Path, rules: ValidationRules) 
             "turns_match": None if n_q is None or n_a is None else n_q == n_a,
             "content_key": key if r.images and r.parse_error is None else None,
         })
-    records = pd.DataFrame(rec_rows, columns=list(rec_rows[0]) if rec_rows else ["row", "parsed", "parse_error", "n_images", "text_utf8",
+    records = pd.DataFrame(rec_rows, columns=list(rec_rows[0]) if rec_rows else ["row", "parsed", "parse_error", "n_images", "text_utf8", "text_present",
                                                                                  "answer_min_chars", "answer_max_chars", "n_turns",
                                                                                  "questions_ok", "turns_match", "content_key"])
     # Rank of each record among records with the same image content + questions: 0 for the first one.
