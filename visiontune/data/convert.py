@@ -95,12 +95,15 @@ def save_dataset(rows: dict[str, list[dict]], path: str | Path) -> None:
                 for part in m["content"]:
                     part.setdefault("image", None)
                     part.setdefault("text", None)
-    dd = datasets.DatasetDict({s: datasets.Dataset.from_list(r, features=feats) for s, r in rows.items()})
+    dd = datasets.DatasetDict({
+        s: datasets.Dataset.from_list(r, features=feats) if r else datasets.Dataset.from_dict({k: [] for k in feats}, features=feats)
+        for s, r in rows.items()
+    })
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    dd.save_to_disk(str(tmp))
+    dd.save_to_disk(str(tmp), num_shards={s: 1 for s in dd})  # one shard each: an empty split still gets its file
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
