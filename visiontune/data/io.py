@@ -328,14 +328,16 @@ def _read_jsonl_rows(path: Path) -> tuple[list, list[bool]]:
 
 
 def _read_csv_rows(path: Path) -> tuple[list, list[bool]]:
-    import pandas as pd
+    """CSV with a header row; undecodable bytes are kept (as surrogates) so only their row is flagged."""
+    import csv
 
     text = path.read_bytes().decode("utf-8", "surrogateescape")
     try:
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-    except Exception as e:  # pandas.errors.ParserError and friends
+        records = [dict(r) for r in csv.DictReader(io.StringIO(text, newline=""))]
+    except csv.Error as e:
         raise ValueError(f"{path}: not a readable CSV file ({e}); check quoting and the header row") from e
-    records = df.to_dict("records")
+    for r in records:
+        r.pop(None, None)  # cells beyond the header
     utf8 = [not any(isinstance(v, str) and _has_surrogates(v) for v in r.values()) for r in records]
     return records, utf8
 
