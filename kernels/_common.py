@@ -79,3 +79,14 @@ def reduction_programs(n_rows: int, device: torch.device) -> int:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         return max(1, min(n_rows, 4 * sms))
     return max(1, min(n_rows, 4))
+
+
+def rows_per_program(n_rows: int, block: int) -> int:
+    """Rows one program of a row-wise kernel handles (a power of two).
+
+    On a GPU: enough rows that a program holds ~4K elements (1 row at D=3584, 2 at the vision towers'
+    D=1280, 32 at a 128-wide head) so narrow rows do not leave most threads idle. Under the CPU
+    interpreter the cost is per program, so it takes up to 64K elements at once.
+    """
+    budget = 65536 if interpret_mode() else 4096
+    return max(1, min(next_pow2(n_rows), max(1, budget // block)))

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from visiontune.kernels._common import HAS_TRITON, use_triton
+from visiontune.kernels._common import HAS_TRITON, interpret_mode, use_triton
 
 #: activation names (transformers' ACT2FN keys) -> kernel code
 ACTIVATIONS: dict[str, int] = {
@@ -22,7 +22,7 @@ ACTIVATIONS: dict[str, int] = {
     "quick_gelu": 3,
 }
 
-_BLOCK = 1024
+_BLOCK = 1024  # elements per program on a GPU (4 warps x 32 threads x 8 elements)
 
 if HAS_TRITON:
     import triton
@@ -91,15 +91,20 @@ if HAS_TRITON:
         tl.store(DX + offs, (dy * da).to(DX.dtype.element_ty), mask=m)
 
 
+def _block() -> int:
+    # the CPU interpreter pays per program, so it takes 64x larger blocks
+    return 65536 if interpret_mode() else _BLOCK
+
+
 def _grid(n: int) -> tuple[int]:
-    return (max(1, math.ceil(n / _BLOCK)),)
+    return (max(1, math.ceil(n / _block())),)
 
 
 def glu_forward_kernel(g: torch.Tensor, u: torch.Tensor, act: str) -> torch.Tensor:
     """Raw launcher (no autograd): ``act(g) * u`` for contiguous g, u."""
     h = torch.empty_like(g)
     if g.numel():
-        _glu_fwd[_grid(g.numel())](g, u, h, g.numel(), ACT=ACTIVATIONS[act], BLOCK=_BLOCK, num_warps=4)
+        _glu_fwd[_grid(g.numel())](g, u, h, g.numel(), ACT=ACTIVATIONS[act], BLOCK=_block(), num_warps=4)
     return h
 
 
@@ -111,7 +116,7 @@ def glu_backward_kernel(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor, act:
     h = torch.empty_like(g) if want_h else None
     if g.numel():
         _glu_bwd[_grid(g.numel())](g, u, dh, dg, du, h if want_h else dg, g.numel(), ACT=ACTIVATIONS[act],
-                                   STORE_H=want_h, BLOCK=_BLOCK, num_warps=4)
+                                   STORE_H=want_h, BLOCK=_block(), num_warps=4)
     return dg, du, h
 
 
@@ -140,7 +145,7 @@ class ActFunction(torch.autograd.Function):
         x = x.contiguous()
         y = torch.empty_like(x)
         if x.numel():
-            _act_fwd[_grid(x.numel())](x, y, x.numel(), ACT=ACTIVATIONS[act], BLOCK=_BLOCK, num_warps=4)
+            _act_fwd[_grid(x.numel())](x, y, x.numel(), ACT=ACTIVATIONS[act], BLOCK=_block(), num_warps=4)
         ctx.save_for_backward(x)
         ctx.act = act
         return y
@@ -151,7 +156,7 @@ class ActFunction(torch.autograd.Function):
         dx = torch.empty_like(x)
         if x.numel():
             _act_bwd[_grid(x.numel())](x, dy.contiguous(), dx, x.numel(), ACT=ACTIVATIONS[ctx.act],
-                                       BLOCK=_BLOCK, num_warps=4)
+                                       BLOCK=_block(), num_warps=4)
         return dx, None
 
 

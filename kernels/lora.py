@@ -26,7 +26,7 @@ from visiontune.kernels.activations import (
     _act_bwd,
     _act_fwd,
     _grid,
-    _BLOCK,
+    _block,
     act_reference,
     glu_backward_kernel,
     glu_forward_kernel,
@@ -161,7 +161,7 @@ class LoRAPlainMLPFunction(torch.autograd.Function):
         z, xa1 = _fwd_linear(x2, w1, b1, a1, bm1, s1)
         h = torch.empty_like(z)
         if z.numel():
-            _act_fwd[_grid(z.numel())](z, h, z.numel(), ACT=ACTIVATIONS[act], BLOCK=_BLOCK, num_warps=4)
+            _act_fwd[_grid(z.numel())](z, h, z.numel(), ACT=ACTIVATIONS[act], BLOCK=_block(), num_warps=4)
         y, ha2 = _fwd_linear(h, w2, b2, a2, bm2, s2)
         del h
         ctx.save_for_backward(x2, z, xa1, ha2, w1, b1, a1, bm1, w2, b2, a2, bm2)
@@ -177,13 +177,13 @@ class LoRAPlainMLPFunction(torch.autograd.Function):
         h = None
         if a2 is not None and a2.requires_grad:
             h = torch.empty_like(z)
-            _act_fwd[_grid(z.numel())](z, h, z.numel(), ACT=code, BLOCK=_BLOCK, num_warps=4)
+            _act_fwd[_grid(z.numel())](z, h, z.numel(), ACT=code, BLOCK=_block(), num_warps=4)
         dh, db2, da2, dbm2 = _bwd_linear(dy2, h if h is not None else z, ha2, w2, b2, a2, bm2, s2, True,
                                          b2 is not None and b2.requires_grad)
         del h
         dz = z  # in place: z is not needed after this
         if z.numel():
-            _act_bwd[_grid(z.numel())](z, dh, dz, z.numel(), ACT=code, BLOCK=_BLOCK, num_warps=4)
+            _act_bwd[_grid(z.numel())](z, dh, dz, z.numel(), ACT=code, BLOCK=_block(), num_warps=4)
         del dh
         dx, db1, da1, dbm1 = _bwd_linear(dz, x2, xa1, w1, b1, a1, bm1, s1, ctx.needs_input_grad[0],
                                          b1 is not None and b1.requires_grad)

@@ -9,8 +9,8 @@ All three reduce to the same rotation ``y = x * cos + rotate_half(x) * sin`` onc
   tensor plus the split/cat that transformers does;
 * vision 2D RoPE (Qwen-VL towers): cos/sin of shape (S, D), q/k of shape (S, H, D).
 
-The rotation kernel handles q or k of one "row" (token) per program, every head at once, reads cos/sin
-once per token, computes in fp32 and writes the input dtype. Backward is the inverse rotation, so the
+The rotation kernel handles a block of (token, head) rows per program (~4K elements on a GPU), computes
+in fp32 and writes the input dtype. Backward is the inverse rotation, so the
 op saves only cos/sin (which the model holds anyway).
 """
 
@@ -18,25 +18,26 @@ from __future__ import annotations
 
 import torch
 
-from visiontune.kernels._common import HAS_TRITON, next_pow2, use_triton
+from visiontune.kernels._common import HAS_TRITON, next_pow2, rows_per_program, use_triton
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _rope_kernel(X, COS, SIN, Y, stride_xr, stride_xh, stride_yr, stride_yh, stride_c, H, HALF,
-                     BACKWARD: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr):
-        r = tl.program_id(0).to(tl.int64)
-        hs = tl.arange(0, BH)[:, None]
+    def _rope_kernel(X, COS, SIN, Y, stride_xr, stride_xh, stride_yr, stride_yh, stride_c, n_rows, H, HALF,
+                     BACKWARD: tl.constexpr, BI: tl.constexpr, BD: tl.constexpr):
+        # one "row" = one (token, head) pair; BI of them per program
+        i = tl.program_id(0).to(tl.int64) * BI + tl.arange(0, BI)[:, None]
+        r = i // H
+        h = i % H
         ds = tl.arange(0, BD)[None, :]
-        dmask = ds < HALF
-        m = (hs < H) & dmask
-        c1 = tl.load(COS + r * stride_c + ds, mask=dmask, other=0.0).to(tl.float32)
-        c2 = tl.load(COS + r * stride_c + HALF + ds, mask=dmask, other=0.0).to(tl.float32)
-        s1 = tl.load(SIN + r * stride_c + ds, mask=dmask, other=0.0).to(tl.float32)
-        s2 = tl.load(SIN + r * stride_c + HALF + ds, mask=dmask, other=0.0).to(tl.float32)
-        xp = X + r * stride_xr + hs * stride_xh + ds
+        m = (i < n_rows) & (ds < HALF)
+        c1 = tl.load(COS + r * stride_c + ds, mask=m, other=0.0).to(tl.float32)
+        c2 = tl.load(COS + r * stride_c + HALF + ds, mask=m, other=0.0).to(tl.float32)
+        s1 = tl.load(SIN + r * stride_c + ds, mask=m, other=0.0).to(tl.float32)
+        s2 = tl.load(SIN + r * stride_c + HALF + ds, mask=m, other=0.0).to(tl.float32)
+        xp = X + r * stride_xr + h * stride_xh + ds
         x1 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(xp + HALF, mask=m, other=0.0).to(tl.float32)
         if BACKWARD:  # transpose of the rotation
@@ -45,7 +46,7 @@ if HAS_TRITON:
         else:
             y1 = x1 * c1 - x2 * s1
             y2 = x2 * c2 + x1 * s2
-        yp = Y + r * stride_yr + hs * stride_yh + ds
+        yp = Y + r * stride_yr + h * stride_yh + ds
         tl.store(yp, y1.to(Y.dtype.element_ty), mask=m)
         tl.store(yp + HALF, y2.to(Y.dtype.element_ty), mask=m)
 
@@ -73,12 +74,14 @@ def _rotate(x3: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor, backward: 
     """Launch the rotation on x3 (R, H, D) with unit stride on D; returns a new contiguous tensor."""
     r, h, d = x3.shape
     y = torch.empty((r, h, d), dtype=x3.dtype, device=x3.device)
-    if r:
+    n = r * h
+    if n:
         half = d // 2
-        bh, bd = next_pow2(h), next_pow2(half)
-        warps = 4 if bh * bd >= 2048 else 2
-        _rope_kernel[(r,)](x3, cos2, sin2, y, x3.stride(0), x3.stride(1), y.stride(0), y.stride(1),
-                           cos2.stride(0), h, half, BACKWARD=backward, BH=bh, BD=bd, num_warps=warps)
+        bd = next_pow2(half)
+        bi = rows_per_program(n, bd)
+        _rope_kernel[(triton.cdiv(n, bi),)](x3, cos2, sin2, y, x3.stride(0), x3.stride(1), y.stride(0),
+                                           y.stride(1), cos2.stride(0), n, h, half, BACKWARD=backward, BI=bi,
+                                           BD=bd, num_warps=4)
     return y
 
 

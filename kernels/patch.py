@@ -1,0 +1,547 @@
+"""One registry, one ``patch_model``: swaps visiontune's fused kernels into a transformers VLM.
+
+Every supported architecture is described as data (:data:`KERNEL_REGISTRY`: ``model_type`` ->
+:class:`ArchKernelMap`): which module classes are RMSNorms (and with which convention), which are gated
+or plain MLPs (attribute names of their projections and activation), which rotary-embedding modules
+compute Qwen's M-RoPE, which attention modules are Qwen-style text / vision attention that can run
+packed varlen attention, and which modeling modules' ``apply_rotary_pos_emb`` may be swapped. A single
+walker (:func:`patch_model`) applies it to any model; there is no per-model ``apply_*`` function.
+
+Patching is reversible: module ``forward``s are replaced on *instances* (the class is untouched), the
+few module-level function swaps are reference-counted, and :meth:`PatchHandle.unpatch` (or
+:func:`unpatch_model`) restores everything. Patched forwards read their child modules at call time, so
+patching may happen before PEFT wraps the Linear layers in LoRA layers (``FastVisionModel`` patches at
+load time, ``get_peft_model`` comes later). Any call the fused path cannot serve (KV cache during
+generation, LoRA dropout > 0 while training, DoRA, quantized or trainable base weights, dtype mismatch)
+falls through to the original forward, so results never change beyond kernel tolerances.
+
+The fused linear + cross-entropy wraps ``*ForConditionalGeneration.forward``: when ``labels`` are given,
+the ``lm_head`` is bypassed for that call, the hidden states come back in place of the logits, and the
+loss (causal shift, ignore_index -100, optional ``num_items_in_batch``) is computed chunk-wise. The
+returned output then has ``logits=None``: no full-vocabulary logits are ever built.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from visiontune.kernels._common import use_triton
+from visiontune.kernels.activations import ACTIVATIONS, act_reference
+from visiontune.kernels.attention import varlen_attention
+from visiontune.kernels.cross_entropy import fused_linear_cross_entropy
+from visiontune.kernels.layernorm import layer_norm
+from visiontune.kernels.lora import gated_mlp, lora_linear, plain_mlp
+from visiontune.kernels.rmsnorm import rms_norm
+from visiontune.kernels.rope import (
+    apply_rotary_pos_emb,
+    apply_rotary_pos_emb_vision,
+    mrope_axis_map,
+    mrope_cos_sin,
+)
+
+_LLAMA_NORM = (0.0, True)  # w * x_hat.to(dtype)
+_GEMMA_NORM = (1.0, False)  # (x_hat * (1 + w)).to(dtype)
+
+
+@dataclass(frozen=True)
+class ArchKernelMap:
+    """Which modules of one architecture get which kernel (class names as in transformers 5.x)."""
+
+    rms_norms: Mapping[str, tuple[float, bool]] = field(default_factory=dict)
+    """RMSNorm class -> (weight offset, cast x_hat to the input dtype before the weight)."""
+    gated_mlps: Mapping[str, tuple[str, str, str, str]] = field(default_factory=dict)
+    """``down(act(gate(x)) * up(x))`` class -> (gate, up, down, activation) attribute names."""
+    plain_mlps: Mapping[str, tuple[str, str, str]] = field(default_factory=dict)
+    """``fc2(act(fc1(x)))`` class -> (fc1, fc2, activation) attribute names."""
+    layer_norms: bool = True
+    """Swap every ``nn.LayerNorm`` (vision towers)."""
+    mrope_rotary: Mapping[str, bool] = field(default_factory=dict)
+    """M-RoPE rotary-embedding class -> interleaved (Qwen3-VL) or contiguous sections (Qwen2/2.5-VL)."""
+    text_attention: tuple[str, ...] = ()
+    """Qwen-style text attention classes (q/k/v/o_proj, optional q_norm/k_norm): fused LoRA, Triton RoPE,
+    packed varlen attention (``cu_seq_lens_q`` from :func:`pack_padded_batch`, else one sequence a row)."""
+    vision_attention: tuple[str, ...] = ()
+    """Qwen-VL vision attention classes (qkv/proj, ``cu_seqlens``): one varlen call instead of a loop."""
+    rope_modules: tuple[str, ...] = ()
+    """Modeling modules whose module-level ``apply_rotary_pos_emb`` is swapped for the Triton RoPE."""
+    fused_cross_entropy: bool = True
+
+
+_QWEN2_MODS = "transformers.models.qwen2_vl.modeling_qwen2_vl"
+
+KERNEL_REGISTRY: dict[str, ArchKernelMap] = {
+    "qwen2_vl": ArchKernelMap(
+        rms_norms={"Qwen2RMSNorm": _LLAMA_NORM, "Qwen2VLRMSNorm": _LLAMA_NORM},
+        gated_mlps={"Qwen2MLP": ("gate_proj", "up_proj", "down_proj", "act_fn")},
+        plain_mlps={"VisionMlp": ("fc1", "fc2", "act")},
+        mrope_rotary={"Qwen2VLRotaryEmbedding": False},
+        text_attention=("Qwen2VLAttention",),
+        vision_attention=("VisionAttention", "VisionSdpaAttention"),
+    ),
+    "qwen2_5_vl": ArchKernelMap(
+        rms_norms={"Qwen2_5_VLRMSNorm": _LLAMA_NORM, "Qwen2RMSNorm": _LLAMA_NORM},
+        gated_mlps={"Qwen2MLP": ("gate_proj", "up_proj", "down_proj", "act_fn"),
+                    "Qwen2_5_VLMLP": ("gate_proj", "up_proj", "down_proj", "act_fn")},
+        mrope_rotary={"Qwen2_5_VLRotaryEmbedding": False},
+        text_attention=("Qwen2_5_VLAttention",),
+        vision_attention=("Qwen2_5_VLVisionAttention",),
+    ),
+    "qwen3_vl": ArchKernelMap(
+        rms_norms={"Qwen3VLTextRMSNorm": _LLAMA_NORM},
+        gated_mlps={"Qwen3VLTextMLP": ("gate_proj", "up_proj", "down_proj", "act_fn")},
+        plain_mlps={"Qwen3VLVisionMLP": ("linear_fc1", "linear_fc2", "act_fn")},
+        mrope_rotary={"Qwen3VLTextRotaryEmbedding": True},
+        text_attention=("Qwen3VLTextAttention",),
+        vision_attention=("Qwen3VLVisionAttention",),
+    ),
+    "mllama": ArchKernelMap(
+        rms_norms={"MllamaTextRMSNorm": _LLAMA_NORM},
+        gated_mlps={"MllamaTextMLP": ("gate_proj", "up_proj", "down_proj", "act_fn")},
+        plain_mlps={"MllamaVisionMLP": ("fc1", "fc2", "activation_fn")},
+        rope_modules=("transformers.models.mllama.modeling_mllama",),
+    ),
+    "gemma3": ArchKernelMap(
+        rms_norms={"Gemma3RMSNorm": _GEMMA_NORM},
+        gated_mlps={"Gemma3MLP": ("gate_proj", "up_proj", "down_proj", "act_fn")},
+        plain_mlps={"SiglipMLP": ("fc1", "fc2", "activation_fn")},
+        rope_modules=("transformers.models.gemma3.modeling_gemma3",),
+    ),
+    "mistral3": ArchKernelMap(
+        rms_norms={"Mistral3RMSNorm": _LLAMA_NORM, "MistralRMSNorm": _LLAMA_NORM, "PixtralRMSNorm": _LLAMA_NORM,
+                   "Ministral3RMSNorm": _LLAMA_NORM, "MinistralRMSNorm": _LLAMA_NORM},
+        gated_mlps={"MistralMLP": ("gate_proj", "up_proj", "down_proj", "act_fn"),
+                    "PixtralMLP": ("gate_proj", "up_proj", "down_proj", "act_fn"),
+                    "Ministral3MLP": ("gate_proj", "up_proj", "down_proj", "act_fn"),
+                    "MinistralMLP": ("gate_proj", "up_proj", "down_proj", "act_fn")},
+        rope_modules=("transformers.models.mistral.modeling_mistral",),
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# handle
+
+
+class PatchHandle:
+    """What :func:`patch_model` changed; :meth:`unpatch` undoes it (idempotent)."""
+
+    def __init__(self, model: nn.Module | None, model_type: str | None, active: bool) -> None:
+        self.model_type = model_type
+        self.active = active
+        self.counts: dict[str, int] = {}
+        self._undo: list[Callable[[], None]] = []
+        self._model = model
+
+    def _count(self, kind: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+
+    def unpatch(self) -> None:
+        """Restore every patched forward and module-level function."""
+        while self._undo:
+            self._undo.pop()()
+        if self._model is not None and getattr(self._model, "_visiontune_kernel_handle", None) is self:
+            del self._model._visiontune_kernel_handle
+        self.active = False
+
+    def __repr__(self) -> str:
+        return f"PatchHandle(model_type={self.model_type!r}, active={self.active}, counts={self.counts})"
+
+
+def _set_forward(handle: PatchHandle, module: nn.Module, new: Callable, kind: str) -> None:
+    had = "forward" in module.__dict__
+    old = module.__dict__.get("forward")
+    module.forward = new
+
+    def undo() -> None:
+        if had:
+            module.forward = old
+        else:
+            module.__dict__.pop("forward", None)
+
+    handle._undo.append(undo)
+    handle._count(kind)
+
+
+_GLOBAL_SWAPS: dict[tuple[str, str], list[Any]] = {}  # (module, attr) -> [original, refcount]
+
+
+def _swap_global(handle: PatchHandle, mod_name: str, attr: str, make: Callable[[Callable], Callable]) -> None:
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception:
+        return
+    if not hasattr(mod, attr):
+        return
+    key = (mod_name, attr)
+    if key in _GLOBAL_SWAPS:
+        _GLOBAL_SWAPS[key][1] += 1
+    else:
+        orig = getattr(mod, attr)
+        _GLOBAL_SWAPS[key] = [orig, 1]
+        setattr(mod, attr, make(orig))
+
+    def undo() -> None:
+        entry = _GLOBAL_SWAPS.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            setattr(mod, attr, entry[0])
+            del _GLOBAL_SWAPS[key]
+
+    handle._undo.append(undo)
+    handle._count("rope_function")
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers used by the patched forwards
+
+
+def lora_params(module: nn.Module, x: torch.Tensor) -> tuple | None:
+    """``(W, b, A, B, scale)`` of a plain ``nn.Linear`` or a single-adapter PEFT LoRA Linear, or None
+    when the fused path cannot reproduce the module exactly (then the caller uses the module itself).
+    """
+    if type(module) is nn.Linear:
+        w = module.weight
+        if w.requires_grad or w.dtype != x.dtype:
+            return None
+        return (w, module.bias, None, None, 1.0)
+    base = getattr(module, "base_layer", None)
+    if base is None or not hasattr(module, "lora_A") or type(base) is not nn.Linear:
+        return None
+    w = base.weight
+    if w.requires_grad or w.dtype != x.dtype:
+        return None
+    if getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
+        return (w, base.bias, None, None, 1.0)
+    active = list(getattr(module, "active_adapters", []))
+    adapters = [a for a in active if a in module.lora_A]
+    if not adapters:
+        return (w, base.bias, None, None, 1.0)
+    if len(adapters) != 1:
+        return None
+    name = adapters[0]
+    if getattr(module, "use_dora", {}).get(name, False):
+        return None
+    drop = module.lora_dropout[name]
+    if module.training and isinstance(drop, nn.Dropout) and drop.p > 0:
+        return None
+    a_lin, b_lin = module.lora_A[name], module.lora_B[name]
+    if type(a_lin) is not nn.Linear or type(b_lin) is not nn.Linear or a_lin.bias is not None or b_lin.bias is not None:
+        return None
+    return (w, base.bias, a_lin.weight, b_lin.weight, float(module.scaling[name]))
+
+
+def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    p = lora_params(module, x)
+    if p is None:
+        return module(x)
+    return lora_linear(x, *p)
+
+
+_ACT_CACHE: dict[type, str | None] = {}
+
+
+def identify_activation(act: nn.Module) -> str | None:
+    """Name (key of :data:`ACTIVATIONS`) of an activation module, found by probing it numerically.
+
+    Robust to transformers renaming its activation classes; None if it matches none of ours.
+    """
+    cls = type(act)
+    if cls in _ACT_CACHE:
+        return _ACT_CACHE[cls]
+    probe = torch.linspace(-6, 6, 97, dtype=torch.float64)
+    found = None
+    try:
+        with torch.no_grad():
+            got = act(probe)
+        for name in ("silu", "gelu_pytorch_tanh", "gelu", "quick_gelu"):
+            if torch.allclose(got, act_reference(probe, name), atol=1e-6, rtol=1e-6):
+                found = name
+                break
+    except Exception:
+        found = None
+    _ACT_CACHE[cls] = found
+    return found
+
+
+def _bind(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    try:
+        ba = sig.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    out = dict(ba.arguments)
+    extra = {}
+    for name, p in sig.parameters.items():
+        if p.kind is inspect.Parameter.VAR_KEYWORD and name in out:
+            extra = out.pop(name)
+    out.update(extra)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# patched forwards (factories close over the module and its original forward)
+
+
+def _rmsnorm_forward(m: nn.Module, offset: float, cast: bool) -> Callable:
+    eps = float(getattr(m, "variance_epsilon", getattr(m, "eps", 1e-6)))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, m.weight, eps, offset, cast)
+
+    return forward
+
+
+def _layernorm_forward(m: nn.LayerNorm) -> Callable:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, m.weight, m.bias, m.eps)
+
+    return forward
+
+
+def _gated_mlp_forward(m: nn.Module, orig: Callable, names: tuple[str, str, str], act: str) -> Callable:
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        ps = [lora_params(getattr(m, n), x) for n in names]
+        if args or kwargs or any(p is None for p in ps):
+            return orig(x, *args, **kwargs)
+        return gated_mlp(x, *ps, act=act)
+
+    return forward
+
+
+def _plain_mlp_forward(m: nn.Module, orig: Callable, names: tuple[str, str], act: str) -> Callable:
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        ps = [lora_params(getattr(m, n), x) for n in names]
+        if args or kwargs or any(p is None for p in ps):
+            return orig(x, *args, **kwargs)
+        return plain_mlp(x, *ps, act=act)
+
+    return forward
+
+
+def _mrope_forward(m: nn.Module, orig: Callable, interleaved: bool) -> Callable:
+    half = int(m.inv_freq.shape[0])
+    axis = mrope_axis_map(list(m.mrope_section), half, interleaved)
+
+    def forward(x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if getattr(m, "rope_type", "default") != "default":
+            return orig(x, position_ids)
+        pos = position_ids
+        if pos.ndim == 2:
+            pos = pos[None].expand(3, -1, -1)
+        if pos.ndim != 3 or pos.shape[0] != 3:
+            return orig(x, position_ids)
+        return mrope_cos_sin(pos, m.inv_freq, axis, float(m.attention_scaling), x.dtype)
+
+    return forward
+
+
+def _text_attention_forward(m: nn.Module, orig: Callable) -> Callable:
+    sig = inspect.signature(orig)
+
+    def forward(*args: Any, **kwargs: Any):
+        a = _bind(sig, args, kwargs)
+        if a is None:
+            return orig(*args, **kwargs)
+        hs = a.get("hidden_states")
+        cache = a.get("cache", a.get("past_key_values"))
+        pe = a.get("position_embeddings")
+        if (hs is None or cache is not None or pe is None or getattr(m, "sliding_window", None)
+                or a.get("output_attentions")):
+            return orig(*args, **kwargs)
+        params = [lora_params(getattr(m, n), hs) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        if any(p is None for p in params):
+            return orig(*args, **kwargs)
+        b, s, _ = hs.shape
+        hd = m.head_dim
+        q = lora_linear(hs, *params[0]).view(b, s, -1, hd)
+        k = lora_linear(hs, *params[1]).view(b, s, -1, hd)
+        v = lora_linear(hs, *params[2]).view(b, s, -1, hd)
+        if hasattr(m, "q_norm"):
+            q, k = m.q_norm(q), m.k_norm(k)
+        cos, sin = pe
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        scale = getattr(m, "scaling", hd ** -0.5)
+        cu = a.get("cu_seq_lens_q")
+        mask = a.get("attention_mask")
+        if cu is not None and b == 1:
+            max_len = a.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
+            out = varlen_attention(q.reshape(s, -1, hd), k.reshape(s, -1, hd), v.reshape(s, -1, hd), cu,
+                                   int(max_len), causal=True, scale=scale)
+        elif mask is None:
+            cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=hs.device)
+            out = varlen_attention(q.reshape(b * s, -1, hd), k.reshape(b * s, -1, hd), v.reshape(b * s, -1, hd),
+                                   cu, s, causal=True, scale=scale)
+        else:  # padded batch with transformers' 4D mask: SDPA with that mask
+            if mask.ndim == 4:
+                mask = mask[:, :, :, :s]
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=mask, scale=scale,
+                                                 enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+        out = lora_linear(out.reshape(b, s, -1), *params[3])
+        return out, None
+
+    return forward
+
+
+def _vision_attention_forward(m: nn.Module, orig: Callable) -> Callable:
+    sig = inspect.signature(orig)
+
+    def forward(*args: Any, **kwargs: Any):
+        a = _bind(sig, args, kwargs)
+        if a is None:
+            return orig(*args, **kwargs)
+        hs, cu, pe = a.get("hidden_states"), a.get("cu_seqlens"), a.get("position_embeddings")
+        if hs is None or cu is None or pe is None:
+            return orig(*args, **kwargs)
+        pq, pp = lora_params(m.qkv, hs), lora_params(m.proj, hs)
+        if pq is None or pp is None:
+            return orig(*args, **kwargs)
+        s = hs.shape[0]
+        q, k, v = lora_linear(hs, *pq).reshape(s, 3, m.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = pe
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        max_len = a.get("max_seqlen")
+        if max_len is None:
+            max_len = int((cu[1:] - cu[:-1]).max())
+        hd = q.shape[-1]
+        out = varlen_attention(q, k, v.contiguous(), cu, int(max_len), causal=False,
+                               scale=getattr(m, "scaling", hd ** -0.5))
+        return lora_linear(out.reshape(s, -1), *pp)
+
+    return forward
+
+
+def _rope_function(orig: Callable) -> Callable:
+    def apply(q, k, cos, sin, unsqueeze_dim=1):
+        if (use_triton(q) and q.ndim == 4 and cos.ndim == 3 and unsqueeze_dim in (1, 2)
+                and cos.shape[-1] == q.shape[-1] and q.shape[-1] % 2 == 0 and cos.shape == sin.shape
+                and cos.dtype == q.dtype):
+            return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+        return orig(q, k, cos, sin, unsqueeze_dim)
+
+    apply.__wrapped__ = orig
+    return apply
+
+
+def _fused_ce_forward(model: nn.Module, orig: Callable) -> Callable:
+    def forward(*args: Any, **kwargs: Any):
+        labels = kwargs.get("labels")
+        lm_head = getattr(model, "lm_head", None)
+        text_cfg = getattr(model.config, "text_config", model.config)
+        if (labels is None or type(lm_head) is not nn.Linear or lm_head.bias is not None
+                or getattr(text_cfg, "final_logit_softcapping", None) is not None
+                or kwargs.get("return_dict") is False or kwargs.get("shift_labels") is not None):
+            return orig(*args, **kwargs)
+        kw = dict(kwargs)
+        kw["labels"] = None
+        normalizer = kw.pop("num_items_in_batch", None)
+        if kw.get("logits_to_keep", 0) not in (0, None):
+            return orig(*args, **kwargs)
+        lm_head.forward = lambda h: h  # this call only: hidden states come back as "logits"
+        try:
+            out = orig(*args, **kw)
+        finally:
+            lm_head.__dict__.pop("forward", None)
+        hidden = out.logits
+        if hidden is None or hidden.shape[-1] != lm_head.in_features:
+            raise RuntimeError("fused cross-entropy: the model did not return hidden states through lm_head")
+        hidden = hidden.to(lm_head.weight.dtype)
+        shift = F.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)
+        if normalizer is not None and not torch.is_tensor(normalizer):
+            normalizer = torch.tensor(float(normalizer), device=hidden.device)
+        out.loss = fused_linear_cross_entropy(hidden, lm_head.weight, shift, -100, normalizer)
+        out.logits = None
+        return out
+
+    return forward
+
+
+# --------------------------------------------------------------------------------------------------
+# entry points
+
+
+def _model_on_cuda(model: nn.Module) -> bool:
+    for p in model.parameters():
+        return p.is_cuda
+    return False
+
+
+def patch_model(model: nn.Module, enabled: bool | None = None, *, fused_cross_entropy: bool = True,
+                attention: bool = True) -> PatchHandle:
+    """Patch the fused kernels into ``model`` (a transformers VLM, optionally PEFT-wrapped).
+
+    ``enabled=None``: on when CUDA is available and the model's parameters are on CUDA; ``False``: a
+    no-op (returns an inactive handle); ``True``: patch even on the CPU (the patched forwards then run
+    the torch references, or the Triton kernels under ``TRITON_INTERPRET=1`` with ``force_triton``).
+    Unsupported architectures get a warning and an inactive handle. Patching twice returns the
+    existing handle.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if enabled is None:
+        enabled = torch.cuda.is_available() and _model_on_cuda(model)
+    if not enabled:
+        return PatchHandle(None, model_type, active=False)
+    existing = getattr(model, "_visiontune_kernel_handle", None)
+    if existing is not None and existing.active:
+        return existing
+    spec = KERNEL_REGISTRY.get(model_type)
+    if spec is None:
+        warnings.warn(f"visiontune.kernels: no kernel map for model_type {model_type!r}; running unpatched "
+                      f"(supported: {', '.join(KERNEL_REGISTRY)})", stacklevel=2)
+        return PatchHandle(None, model_type, active=False)
+    handle = PatchHandle(model, model_type, active=True)
+    ce_done = False
+    for m in model.modules():
+        cls = type(m).__name__
+        if cls in spec.rms_norms and isinstance(getattr(m, "weight", None), torch.Tensor):
+            offset, cast = spec.rms_norms[cls]
+            _set_forward(handle, m, _rmsnorm_forward(m, offset, cast), "rms_norm")
+        elif spec.layer_norms and isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1 \
+                and m.weight is not None and m.bias is not None:
+            _set_forward(handle, m, _layernorm_forward(m), "layer_norm")
+        elif cls in spec.gated_mlps:
+            g, u, d, act_attr = spec.gated_mlps[cls]
+            act = identify_activation(getattr(m, act_attr))
+            if act is not None:
+                _set_forward(handle, m, _gated_mlp_forward(m, m.forward, (g, u, d), act), "gated_mlp")
+        elif cls in spec.plain_mlps:
+            f1, f2, act_attr = spec.plain_mlps[cls]
+            act = identify_activation(getattr(m, act_attr))
+            if act is not None:
+                _set_forward(handle, m, _plain_mlp_forward(m, m.forward, (f1, f2), act), "plain_mlp")
+        elif cls in spec.mrope_rotary and hasattr(m, "mrope_section") and hasattr(m, "inv_freq"):
+            _set_forward(handle, m, _mrope_forward(m, m.forward, spec.mrope_rotary[cls]), "mrope")
+        elif attention and cls in spec.text_attention:
+            _set_forward(handle, m, _text_attention_forward(m, m.forward), "text_attention")
+        elif attention and cls in spec.vision_attention and hasattr(m, "qkv"):
+            _set_forward(handle, m, _vision_attention_forward(m, m.forward), "vision_attention")
+        elif (fused_cross_entropy and spec.fused_cross_entropy and not ce_done
+              and cls.endswith("ForConditionalGeneration") and isinstance(getattr(m, "lm_head", None), nn.Linear)):
+            _set_forward(handle, m, _fused_ce_forward(m, m.forward), "fused_cross_entropy")
+            ce_done = True
+    for mod_name in spec.rope_modules:
+        _swap_global(handle, mod_name, "apply_rotary_pos_emb", _rope_function)
+    model._visiontune_kernel_handle = handle
+    return handle
+
+
+def unpatch_model(model: nn.Module) -> None:
+    """Undo :func:`patch_model` on ``model`` (no-op if it was not patched)."""
+    handle = getattr(model, "_visiontune_kernel_handle", None)
+    if handle is not None:
+        handle.unpatch()
+
+
+__all__ = ["ACTIVATIONS", "ArchKernelMap", "KERNEL_REGISTRY", "PatchHandle", "identify_activation",
+           "lora_params", "patch_model", "unpatch_model"]
