@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from conftest import gradient, make_cfg, png
+from datafixtures import gradient, make_cfg, png
 from visiontune.data.convert import assign_split, convert_stage
 from visiontune.data.normalize import normalize_stage
 from visiontune.data.validate import validate_stage

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import make_cfg, snapshot
+from datafixtures import make_cfg, snapshot
 from visiontune.data.demo import demo_stage, generate_demo
 from visiontune.data.validate import validate_stage
 

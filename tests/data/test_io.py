@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import gradient, make_cfg, png
+from datafixtures import gradient, make_cfg, png
 from visiontune.data.convert import convert_stage
 from visiontune.data.io import read_annotations
 from visiontune.data.normalize import normalize_stage

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import gradient, make_cfg, snapshot
+from datafixtures import gradient, make_cfg, snapshot
 from visiontune.data.normalize import normalize_image, normalize_stage, output_name, target_size, to_rgb
 from visiontune.data.validate import validate_stage
 
@@ -49,7 +49,7 @@ def test_transparency_composited_on_white_and_16_bit_scaled():
 
 
 def test_exif_orientation_applied():
-    from conftest import exif_rotated_jpeg
+    from datafixtures import exif_rotated_jpeg
     import io
 
     im = Image.open(io.BytesIO(exif_rotated_jpeg()))

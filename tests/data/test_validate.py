@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_cfg, snapshot  # tests/data/conftest.py
+from datafixtures import make_cfg, snapshot
 from visiontune.data.io import read_jsonl
 from visiontune.data.validate import validate_stage
 
@@ -94,7 +94,7 @@ def test_missing_column_is_a_config_error(tmp_path):
 
 
 def test_unparsable_jsonl_line_is_quarantined_not_fatal(tmp_path):
-    from conftest import gradient, png
+    from datafixtures import gradient, png
 
     raw = tmp_path / "raw"
     raw.mkdir()
