@@ -1,0 +1,89 @@
+"""patch_model on all six architectures: same loss and grads as stock, reversible, safe no-op on CPU."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visiontune.kernels import patch_model, unpatch_model
+from visiontune.kernels.patch import KERNEL_REGISTRY
+from visiontune.testing import ARCHITECTURES
+
+
+def _conv(seed: int, answer: str) -> dict:
+    rng = np.random.RandomState(seed)
+    img = Image.fromarray((rng.rand(60, 90, 3) * 255).astype("uint8"))
+    return {"messages": [
+        {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Read it."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]}
+
+
+def _lora_model(tiny_model_dir, arch):
+    from visiontune import FastVisionModel, VisionDataCollator
+
+    torch.manual_seed(0)
+    model, processor = FastVisionModel.from_pretrained(tiny_model_dir(arch), use_fused_kernels=False)
+    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8)
+    with torch.no_grad():  # non-zero B so that every LoRA branch contributes to outputs and grads
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    FastVisionModel.for_training(model)
+    batch = VisionDataCollator(model, processor)([_conv(0, "42"), _conv(1, "7 and some more words")])
+    return model, batch
+
+
+def _loss_and_grads(model, batch):
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(**batch, use_cache=False)
+    return out.loss.detach(), torch.autograd.grad(out.loss, params), out
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_patch_matches_stock_and_unpatches(triton_cpu, tiny_model_dir, arch):
+    assert arch in KERNEL_REGISTRY
+    model, batch = _lora_model(tiny_model_dir, arch)
+    with torch.no_grad():
+        stock_logits = model(**batch, use_cache=False).logits
+    with torch.enable_grad():
+        loss0, g0, _ = _loss_and_grads(model, batch)
+    handle = patch_model(model, enabled=True)
+    counts = handle.counts
+    assert counts.get("rms_norm", 0) > 0 and counts.get("gated_mlp", 0) > 0 and counts.get("fused_cross_entropy") == 1
+    if arch.startswith("qwen"):  # the Qwen family also gets packed attention and M-RoPE
+        assert counts.get("text_attention", 0) > 0 and counts.get("vision_attention", 0) > 0 and counts.get("mrope") == 1
+    loss1, g1, out1 = _loss_and_grads(model, batch)
+    assert out1.logits is None  # fused CE: logits never built
+    torch.testing.assert_close(loss1, loss0, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # without labels the patched model still returns (the same) logits
+        torch.testing.assert_close(model(**{k: v for k, v in batch.items() if k != "labels"},
+                                         use_cache=False).logits, stock_logits, atol=1e-5, rtol=1e-4)
+    assert patch_model(model, enabled=True) is handle  # idempotent
+    unpatch_model(model)
+    assert not handle.active
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    loss2, g2, _ = _loss_and_grads(model, batch)
+    assert torch.equal(loss2, loss0)
+    assert all(torch.equal(a, b) for a, b in zip(g2, g0))
+
+
+def test_patch_is_noop_on_cpu_by_default(tiny_model_dir):
+    model, _ = _lora_model(tiny_model_dir, "qwen2_5_vl")
+    handle = patch_model(model)  # enabled=None: CPU model -> nothing patched
+    assert not handle.active and handle.counts == {}
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    handle.unpatch()  # harmless
+
+
+def test_patch_unsupported_architecture_warns_and_noops():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=50))
+    with pytest.warns(UserWarning, match="no kernel map"):
+        handle = patch_model(model, enabled=True)
+    assert not handle.active
+    assert all("forward" not in m.__dict__ for m in model.modules())
