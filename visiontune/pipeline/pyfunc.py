@@ -1,0 +1,132 @@
+"""The served model: an MLflow ``PythonModel`` = base VLM + PEFT LoRA adapter.
+
+MLflow's transformers flavor does not serve image-text-to-text models, so the registered model is a
+custom pyfunc. Its artifacts are the adapter folder (with the processor used in training) and, when the
+base model is a local directory (the offline demo's tiny model), that directory too, so a fresh process
+on another machine needs nothing but the model URI. For a hub id only the id is stored
+(``model_config["base_model"]``) and the weights come from the hub (or its cache) at load time.
+
+Input: a pandas DataFrame with columns ``image`` (file path, base64-encoded image bytes, or raw bytes
+when called in-process) and ``prompt`` (the user text). Output: one generated string per row.
+``params={"max_new_tokens": n}`` overrides the generation length per request.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any, Optional
+
+import mlflow.pyfunc
+
+ADAPTER_ARTIFACT = "adapter"
+BASE_MODEL_ARTIFACT = "base_model"
+
+
+def _build_samples(model_input: Any) -> list[dict]:
+    """Conversation samples from a DataFrame / dict / list of dicts with ``image`` and ``prompt``."""
+    import pandas as pd
+
+    if isinstance(model_input, dict):
+        model_input = pd.DataFrame(model_input if isinstance(next(iter(model_input.values()), None), list)
+                                   else [model_input])
+    elif isinstance(model_input, list):
+        model_input = pd.DataFrame(model_input)
+    if not isinstance(model_input, pd.DataFrame):
+        raise TypeError(f"expected a pandas DataFrame with columns image and prompt, got {type(model_input).__name__}")
+    missing = {"image", "prompt"} - set(model_input.columns)
+    if missing:
+        raise ValueError(
+            f"model input lacks column(s) {sorted(missing)} (got {list(model_input.columns)}); pass a DataFrame with "
+            "'image' (path or base64 bytes) and 'prompt' (text)"
+        )
+    samples = []
+    for image, prompt in model_input[["image", "prompt"]].itertuples(index=False):
+        content: list[dict] = []
+        no_image = image is None or (isinstance(image, float) and image != image) or (isinstance(image, str) and not image)
+        if not no_image:  # None / NaN / "" make a text-only row
+            content.append({"type": "image", "image": image})
+        content.append({"type": "text", "text": "" if prompt is None else str(prompt)})
+        samples.append({"messages": [{"role": "user", "content": content}]})
+    return samples
+
+
+class VisionLoraModel(mlflow.pyfunc.PythonModel):
+    """Base vision-language model + LoRA adapter, loaded from the model's artifacts.
+
+    ``model_config`` keys (set by the register stage): ``base_model`` (hub id or original path, used when no
+    ``base_model`` artifact was logged), ``max_new_tokens``, ``batch_size``, ``resize``, ``resize_dimension``,
+    ``snap_to_patch_size`` (the training collator's image settings), ``dtype``.
+    """
+
+    def load_context(self, context: Any) -> None:
+        """Load the base model (artifact dir or hub id), apply the adapter, switch to inference mode."""
+        from peft import PeftModel
+        from transformers import AutoProcessor
+
+        from visiontune.models.fast_vision import FastVisionModel
+
+        config = dict(context.model_config or {})
+        artifacts = context.artifacts or {}
+        base = artifacts.get(BASE_MODEL_ARTIFACT) or config.get("base_model")
+        if not base:
+            raise ValueError(
+                "this model has neither a 'base_model' artifact nor model_config['base_model']; re-log it with the "
+                "register stage (register.log_base_model) or set model_config={'base_model': '<hub id>'}"
+            )
+        adapter = artifacts.get(ADAPTER_ARTIFACT)
+        if not adapter or not (Path(adapter) / "adapter_config.json").exists():
+            raise FileNotFoundError(f"adapter artifact {adapter!r} has no adapter_config.json: the model was logged without its LoRA adapter")
+        model, processor = FastVisionModel.from_pretrained(
+            base, dtype=config.get("dtype"), use_gradient_checkpointing=False, use_fused_kernels=False,
+        )
+        if (Path(adapter) / "processor_config.json").exists() or (Path(adapter) / "tokenizer_config.json").exists():
+            processor = AutoProcessor.from_pretrained(adapter, local_files_only=True)
+        self.model = FastVisionModel.for_inference(PeftModel.from_pretrained(model, adapter))
+        self.processor = processor
+        self.config = config
+
+    def predict(self, context, model_input, params: Optional[dict[str, Any]] = None) -> list[str]:  # noqa: ANN001
+        """One greedy answer per input row (see the module docstring for the input format).
+
+        ``context`` and ``model_input`` are deliberately unannotated: MLflow reads predict's type hints as
+        a schema (and warns unless they are ``list[...]``); the logged signature is the schema instead.
+        """
+        from visiontune.pipeline.evaluate import generate_answers
+
+        params = params or {}
+        samples = _build_samples(model_input)
+        return generate_answers(
+            self.model, self.processor, samples,
+            max_new_tokens=int(params.get("max_new_tokens") or self.config.get("max_new_tokens", 64)),
+            batch_size=int(self.config.get("batch_size", 8)),
+            resize=self.config.get("resize"), resize_dimension=self.config.get("resize_dimension", 0),
+            snap_to_patch_size=bool(self.config.get("snap_to_patch_size", False)), progress=False,
+        )
+
+
+def encode_image(path: str | Path) -> str:
+    """Base64 text of an image file: the ``image`` value for JSON serving requests."""
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def example_image_b64(size: tuple[int, int] = (56, 56)) -> str:
+    """A small gray PNG as base64 (the logged input example; real images work the same way)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (128, 128, 128)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def model_signature(max_new_tokens: int) -> Any:
+    """Input columns image (string: path or base64) and prompt (string); output strings; param max_new_tokens."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image"), ColSpec("string", "prompt")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", int(max_new_tokens))]),
+    )

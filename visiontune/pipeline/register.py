@@ -1,0 +1,238 @@
+"""The register stage: log the fine-tuned model to MLflow, register it, and decide its alias.
+
+The model (a :class:`visiontune.pipeline.pyfunc.VisionLoraModel`: base model + LoRA adapter) is logged
+into the training run recorded in ``run.json`` and registered as a new version of
+``register.model_name``. The version takes alias ``champion`` only if its primary metric
+(``eval.primary_metric`` from the evaluate stage's metrics file) beats the current champion's by more
+than ``register.promotion_margin``; otherwise it takes ``challenger``. The first version ever is
+champion.
+
+MLflow aliases keep no history, so every decision is recorded three ways:
+
+* tags on the new model version (``decision``, ``decision_reason``, ``decision_metric``,
+  ``decision_value``, ``decision_champion_version``, ``decision_champion_value``, ``decision_margin``,
+  plus ``eval_<metric>`` for every metric);
+* ``register/decision.json`` in the training run's artifacts (travels with the tracking server), and one
+  JSON line appended to the local ``register.promotions_log`` (default ``mlflow/promotions.jsonl``: an
+  audit trail you can read with ``jq`` without a server);
+* a Prefect markdown artifact (key ``promotion-<model-name>``) when running inside a Prefect flow/task run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import re
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+from visiontune.pipeline.evaluate import LOWER_IS_BETTER, METRICS
+from visiontune.pipeline.tracking import git_commit, read_run_file, resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+# Settings this stage reads (dvc.yaml's `params` for the register stage must list exactly these).
+PARAMS = (
+    "train.output_dir", "model.name_or_path", "model.dtype", "collator.resize", "collator.resize_dimension",
+    "collator.snap_to_patch_size", "data.instruction", "eval.primary_metric", "eval.metrics_file", "eval.batch_size",
+    "register.tracking_uri", "register.model_name", "register.promotion_margin", "register.artifact_name",
+    "register.log_base_model", "register.input_example", "register.max_new_tokens", "register.promotions_log",
+)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+def decide(new: float, champion: Optional[float], metric: str, margin: float) -> tuple[str, str]:
+    """``("champion" | "challenger", reason)`` for a new version scoring ``new`` on ``metric``.
+
+    ``champion`` is the current champion's value (None: there is none, so the new version wins). The new
+    version wins only if it is better by strictly more than ``margin`` (cer: lower is better; exact_match,
+    bleu, rougeL: higher is better). A NaN new value never wins; a NaN champion value always loses.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r} (eval.primary_metric): choose one of {', '.join(METRICS)}")
+    if margin is None or margin < 0 or math.isnan(margin):
+        raise ValueError(f"promotion margin {margin!r} (register.promotion_margin) must be a number >= 0")
+    if new is None or math.isnan(new):
+        return CHALLENGER, f"new {metric} is {new!r}, not a number: never promoted"
+    if champion is None:
+        return CHAMPION, f"no current champion: first version becomes champion ({metric}={new:.6g})"
+    if math.isnan(champion):
+        return CHAMPION, f"current champion's {metric} is NaN: replaced ({metric}={new:.6g})"
+    lower = metric in LOWER_IS_BETTER
+    gain = (champion - new) if lower else (new - champion)
+    direction = "lower" if lower else "higher"
+    verdict = f"{metric} {new:.6g} vs champion {champion:.6g} ({direction} is better): improvement {gain:.6g}"
+    if gain > margin:
+        return CHAMPION, f"{verdict} > margin {margin:g}: promoted"
+    return CHALLENGER, f"{verdict} <= margin {margin:g}: not promoted"
+
+
+def artifact_key(text: str) -> str:
+    """A Prefect artifact key from ``text``: lowercase letters, digits and dashes only."""
+    key = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    if not key:
+        raise ValueError(f"cannot make a Prefect artifact key from {text!r}: it has no letters or digits")
+    return key
+
+
+def _requirements() -> list[str]:
+    """Pinned requirements of the served model (explicit: MLflow's inference would load the model once more)."""
+    reqs = []
+    for dist in ("mlflow", "torch", "torchvision", "transformers", "peft", "pillow", "pandas", "tqdm", "pyyaml"):
+        try:
+            reqs.append(f"{dist}=={metadata.version(dist).split('+')[0]}")
+        except metadata.PackageNotFoundError:
+            if dist != "torchvision":  # only the Qwen-VL video processors need it
+                reqs.append(dist)
+    return reqs
+
+
+def _champion(client: Any, name: str, metric: str) -> tuple[Optional[Any], Optional[float]]:
+    """The current champion version of ``name`` and its ``metric`` value (version tag, else its run's metric)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None, None
+    value = mv.tags.get(f"eval_{metric}")
+    if value is not None:
+        return mv, float(value)
+    if mv.run_id:
+        run_value = client.get_run(mv.run_id).data.metrics.get(f"eval_{metric}")
+        if run_value is not None:
+            return mv, float(run_value)
+    return mv, None
+
+
+def _markdown(d: dict[str, Any]) -> str:
+    champ = "none" if d["champion_version"] is None else f"v{d['champion_version']} ({d['metric']}={d['champion_value']})"
+    return "\n".join([
+        f"# {d['model_name']} v{d['version']}: **{d['decision']}**",
+        "",
+        f"- reason: {d['reason']}",
+        f"- {d['metric']}: {d['value']}",
+        f"- compared against: {champ}",
+        f"- margin: {d['margin']}",
+        f"- run: `{d['run_id']}`, commit `{d['git_commit']}`",
+        f"- model: `{d['model_uri']}`",
+    ])
+
+
+def _prefect_artifact(decision: dict[str, Any]) -> Optional[str]:
+    """Create a markdown artifact when inside a Prefect flow or task run; return its key (None outside)."""
+    try:
+        from prefect.context import get_run_context
+        from prefect.exceptions import MissingContextError
+    except ImportError:
+        return None
+    try:
+        get_run_context()
+    except MissingContextError:
+        return None
+    from prefect.artifacts import create_markdown_artifact
+
+    key = artifact_key(f"promotion-{decision['model_name']}")
+    create_markdown_artifact(markdown=_markdown(decision), key=key,
+                             description=f"Promotion decision for {decision['model_name']} v{decision['version']}")
+    return key
+
+
+def register_stage(cfg: Any) -> dict[str, Any]:
+    """``visiontune register``: log + register the fine-tuned model; move ``champion`` or set ``challenger``.
+
+    Returns the decision record (also written to the version's tags, the run and the promotions log).
+    """
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from visiontune.pipeline.pyfunc import ADAPTER_ARTIFACT, BASE_MODEL_ARTIFACT, VisionLoraModel, example_image_b64, model_signature
+
+    r, e = cfg.register, cfg.eval
+    metric = e.primary_metric
+    margin = float(r.promotion_margin)
+    if metric not in METRICS:
+        raise ValueError(f"eval.primary_metric={metric!r}: choose one of {', '.join(METRICS)}")
+    run = read_run_file(cfg.train.output_dir)
+    metrics_path = Path(e.metrics_file)
+    if not metrics_path.exists():
+        raise FileNotFoundError(f"{metrics_path} not found: run the evaluate stage first (`visiontune evaluate`)")
+    scores = json.loads(metrics_path.read_text())
+    finetuned = scores.get("finetuned") or {}
+    if metric not in finetuned:
+        raise ValueError(f"{metrics_path} has no finetuned.{metric} (has {sorted(finetuned)}): re-run `visiontune evaluate`")
+    value = float(finetuned[metric])
+
+    adapter_dir = Path(run.get("adapter_dir") or Path(cfg.train.output_dir) / "adapter")
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise FileNotFoundError(f"no PEFT adapter in {adapter_dir} (adapter_config.json missing): re-run `visiontune train`")
+    base = str(run.get("base_model") or cfg.model.name_or_path)
+    artifacts = {ADAPTER_ARTIFACT: str(adapter_dir.resolve())}
+    base_is_dir = Path(base).is_dir()
+    if base_is_dir and r.log_base_model:
+        artifacts[BASE_MODEL_ARTIFACT] = str(Path(base).resolve())
+    model_config = {
+        "base_model": base, "max_new_tokens": int(r.max_new_tokens), "batch_size": int(e.batch_size),
+        "resize": cfg.collator.resize, "resize_dimension": cfg.collator.resize_dimension,
+        "snap_to_patch_size": bool(cfg.collator.snap_to_patch_size), "dtype": cfg.model.dtype,
+    }
+    input_example = None
+    if r.input_example:
+        input_example = pd.DataFrame({"image": [example_image_b64()], "prompt": [cfg.data.instruction]})
+
+    uri = run.get("tracking_uri") or resolve_tracking_uri(r.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient()
+    run_id = run["mlflow_run_id"]
+    package_dir = Path(__file__).resolve().parents[1]  # the visiontune package: the model loads without an install
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=r.artifact_name, python_model=VisionLoraModel(), artifacts=artifacts, model_config=model_config,
+            signature=model_signature(r.max_new_tokens), input_example=input_example,
+            pip_requirements=_requirements(), code_paths=[str(package_dir)],
+        )
+    eval_tags = {f"eval_{k}": str(v) for k, v in finetuned.items() if k in METRICS}
+    mv = mlflow.register_model(info.model_uri, r.model_name, tags={"run_id": run_id, **eval_tags})
+    version = str(mv.version)
+
+    champ_mv, champ_value = _champion(client, r.model_name, metric)
+    if champ_mv is not None and str(champ_mv.version) == version:  # cannot happen for a fresh version; be safe
+        champ_mv, champ_value = None, None
+    decision, reason = decide(value, champ_value, metric, margin)
+    if champ_mv is not None and champ_value is None:
+        decision, reason = CHAMPION, f"current champion v{champ_mv.version} has no {metric} recorded: replaced"
+    client.set_registered_model_alias(r.model_name, decision, version)
+
+    record = {
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model_name": r.model_name, "version": version, "decision": decision, "alias": decision, "reason": reason,
+        "metric": metric, "value": value, "champion_version": None if champ_mv is None else str(champ_mv.version),
+        "champion_value": champ_value, "margin": margin, "run_id": run_id, "model_uri": info.model_uri,
+        "registered_uri": f"models:/{r.model_name}/{version}", "tracking_uri": uri, "git_commit": git_commit(),
+        "base_model": base, "base_model_logged": BASE_MODEL_ARTIFACT in artifacts,
+    }
+    tags = {
+        "decision": decision, "decision_reason": reason, "decision_metric": metric, "decision_value": str(value),
+        "decision_champion_version": str(record["champion_version"]), "decision_champion_value": str(champ_value),
+        "decision_margin": str(margin), "decision_time": record["timestamp"], "git_commit": record["git_commit"],
+    }
+    for k, v in tags.items():
+        client.set_model_version_tag(r.model_name, version, k, v)
+    client.log_dict(run_id, record, "register/decision.json")
+    client.set_tag(run_id, "registered_model", f"{r.model_name}/{version}")
+    client.set_tag(run_id, "promotion_decision", decision)
+
+    log_path = Path(r.promotions_log)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+    record["prefect_artifact"] = _prefect_artifact(record)
+    log.info("registered %s v%s as %s: %s", r.model_name, version, decision, reason)
+    return record
