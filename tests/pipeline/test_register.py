@@ -134,7 +134,9 @@ def test_register_against_a_real_tracking_server(make_cfg, start_training_run, w
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{project}/server.db", "--artifacts-destination", str(project / "server-art")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=project, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, cwd=project, start_new_session=True,  # own group: killpg gets all
+        # No background job runners (huey consumers: seven more Python processes competing for 2 cores).
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     try:
         deadline = time.monotonic() + 90

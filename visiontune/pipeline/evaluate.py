@@ -156,10 +156,17 @@ def _prompt_parts(messages: list[dict]) -> tuple[list[dict], list[Any]]:
     return clean, images
 
 
+def _is_file(value: str) -> bool:
+    try:
+        return Path(value).is_file()
+    except (OSError, ValueError):  # e.g. a base64 string longer than the file-name limit
+        return False
+
+
 def decode_image_value(value: Any) -> Any:
     """An image value as :func:`visiontune.collator.load_image` takes it; a str that is not an existing
     file is decoded as base64 (how images travel in JSON serving requests)."""
-    if isinstance(value, str) and not Path(value).exists():
+    if isinstance(value, str) and not _is_file(value):
         try:
             return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):

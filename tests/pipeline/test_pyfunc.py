@@ -1,0 +1,82 @@
+"""The registered pyfunc model: loaded by MLflow's own API in a fresh Python process from
+``models:/<name>@champion``, with the local base model gone (it travels as an artifact)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from visiontune.pipeline.pyfunc import _build_samples, encode_image
+
+FRESH_PROCESS = r"""
+import json, sys
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model("models:/{name}@champion")
+df = pd.DataFrame({{"image": [sys.argv[1], sys.argv[2]], "prompt": ["Read.", "Read."]}})
+out = model.predict(df)
+short = model.predict(df.iloc[:1], params={{"max_new_tokens": 1}})
+print("RESULT" + json.dumps({{"out": list(out), "short": list(short)}}))
+"""
+
+
+def test_champion_loads_and_generates_in_a_fresh_process(make_cfg, start_training_run, write_metrics, assets, project,
+                                                         caplog):
+    from peft import PeftModel
+
+    from visiontune.models.fast_vision import FastVisionModel
+    from visiontune.pipeline.evaluate import generate_answers
+    from visiontune.pipeline.register import register_stage
+
+    base_copy = project / "models" / "tiny-base"
+    shutil.copytree(assets["base"], base_copy)
+    cfg = make_cfg(base=str(base_copy), register={"input_example": True})
+    start_training_run(cfg, assets["adapter"], str(base_copy))
+    write_metrics(cfg, cer=0.3)
+    with caplog.at_level(logging.WARNING, logger="mlflow"):
+        record = register_stage(cfg)
+    # MLflow ran the logged input example (base64 image) through load_context + predict; it only warns on failure.
+    assert "Failed to validate serving input" not in caplog.text
+    assert record["decision"] == "champion" and record["base_model_logged"]
+    shutil.rmtree(base_copy)  # the served model must not need the original base model directory
+
+    image = str(assets["images"][1])
+    script = FRESH_PROCESS.format(name=cfg.register.model_name)
+    elsewhere = project / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.register.tracking_uri, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, image, encode_image(image)], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    out, short = result["out"], result["short"]
+    assert len(out) == 2 and all(isinstance(x, str) for x in out)
+    assert out[0] == out[1]  # a path and the same image's base64 bytes are the same input
+
+    # Same answer as base + adapter in this process, with the training collator's image settings.
+    model, processor = FastVisionModel.from_pretrained(assets["base"], use_gradient_checkpointing=False,
+                                                       use_fused_kernels=False)
+    model = PeftModel.from_pretrained(model, assets["adapter"])
+    sample = {"messages": [{"role": "user", "content": [{"type": "image", "image": image},
+                                                        {"type": "text", "text": "Read."}]}]}
+    kw = dict(resize=cfg.collator.resize, resize_dimension=cfg.collator.resize_dimension,
+              snap_to_patch_size=cfg.collator.snap_to_patch_size, progress=False)
+    expected = generate_answers(model, processor, [sample], max_new_tokens=cfg.register.max_new_tokens, batch_size=1, **kw)
+    assert out[0] == expected[0]
+    one_token = generate_answers(model, processor, [sample], max_new_tokens=1, batch_size=1, **kw)
+    assert short == one_token  # params={"max_new_tokens": 1} reached generate
+
+
+def test_input_frames():
+    samples = _build_samples(pd.DataFrame({"image": ["a.png", None], "prompt": ["Read.", "Just text"]}))
+    assert samples[0]["messages"][0]["content"] == [{"type": "image", "image": "a.png"}, {"type": "text", "text": "Read."}]
+    assert samples[1]["messages"][0]["content"] == [{"type": "text", "text": "Just text"}]  # no image: text only
+    assert len(_build_samples([{"image": "a.png", "prompt": "x"}])) == 1
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['prompt'\]"):
+        _build_samples(pd.DataFrame({"image": ["a.png"]}))
