@@ -39,8 +39,12 @@ def test_champion_loads_and_generates_in_a_fresh_process(make_cfg, start_trainin
     cfg = make_cfg(base=str(base_copy), register={"input_example": True})
     start_training_run(cfg, assets["adapter"], str(base_copy))
     write_metrics(cfg, cer=0.3)
-    with caplog.at_level(logging.WARNING, logger="mlflow"):
+    mlflow_logger = logging.getLogger("mlflow")  # propagate=False: caplog must listen on it directly
+    mlflow_logger.addHandler(caplog.handler)
+    try:
         record = register_stage(cfg)
+    finally:
+        mlflow_logger.removeHandler(caplog.handler)
     # MLflow ran the logged input example (base64 image) through load_context + predict; it only warns on failure.
     assert "Failed to validate serving input" not in caplog.text
     assert record["decision"] == "champion" and record["base_model_logged"]
