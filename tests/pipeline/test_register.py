@@ -58,9 +58,16 @@ def _register(cfg, start_training_run, write_metrics, assets, **scores):
 def test_promotion_and_non_promotion_are_recorded(make_cfg, start_training_run, write_metrics, assets, project):
     import mlflow
 
+    from visiontune.config import RecordingConfig
+    from visiontune.pipeline.register import PARAMS
+
     cfg = make_cfg()
     name = cfg.register.model_name
-    first = _register(cfg, start_training_run, write_metrics, assets, cer=0.5)
+    start_training_run(cfg, assets["adapter"], assets["base"])
+    write_metrics(cfg, cer=0.5)
+    recording = RecordingConfig(cfg)
+    first = register_stage(recording)
+    assert recording.accessed == set(PARAMS)  # PARAMS (for dvc.yaml) lists exactly what the stage reads
     assert (first["version"], first["decision"], first["champion_version"]) == ("1", CHAMPION, None)
 
     worse = _register(cfg, start_training_run, write_metrics, assets, cer=0.7)

@@ -376,6 +376,7 @@ def evaluate_stage(cfg: Any) -> dict[str, Any]:
 
     e, m, c = cfg.eval, cfg.model, cfg.collator
     primary = e.primary_metric
+    grid_samples, grid_file = e.grid_samples, e.grid_file  # read always: DVC's params must not depend on the path
     if primary not in METRICS:
         raise ValueError(f"eval.primary_metric={primary!r}: choose one of {', '.join(METRICS)}")
     run = read_run_file(cfg.train.output_dir)
@@ -429,13 +430,13 @@ def evaluate_stage(cfg: Any) -> dict[str, Any]:
     csv_path = write_predictions_csv(e.predictions_file, rows)
 
     grid_path: Optional[Path] = None
-    if e.grid_samples > 0:
+    if grid_samples > 0:
         import matplotlib.pyplot as plt
 
-        k = min(e.grid_samples, len(samples))
+        k = min(grid_samples, len(samples))
         fig = prediction_grid([_first_image(s["messages"], None) for s in samples[:k]], references[:k], preds[:k],
                               base_preds[:k] if base_preds is not None else None)
-        grid_path = Path(e.grid_file)
+        grid_path = Path(grid_file)
         grid_path.parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Glyph .* missing from font")

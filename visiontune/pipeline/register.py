@@ -157,6 +157,9 @@ def register_stage(cfg: Any) -> dict[str, Any]:
     r, e = cfg.register, cfg.eval
     metric = e.primary_metric
     margin = float(r.promotion_margin)
+    # Settings read only on some paths are read here, always: DVC's params list must not depend on the path.
+    configured_uri, configured_base, instruction = r.tracking_uri, cfg.model.name_or_path, cfg.data.instruction
+    log_base_model, with_example = r.log_base_model, r.input_example
     if metric not in METRICS:
         raise ValueError(f"eval.primary_metric={metric!r}: choose one of {', '.join(METRICS)}")
     run = read_run_file(cfg.train.output_dir)
@@ -172,10 +175,10 @@ def register_stage(cfg: Any) -> dict[str, Any]:
     adapter_dir = Path(run.get("adapter_dir") or Path(cfg.train.output_dir) / "adapter")
     if not (adapter_dir / "adapter_config.json").exists():
         raise FileNotFoundError(f"no PEFT adapter in {adapter_dir} (adapter_config.json missing): re-run `visiontune train`")
-    base = str(run.get("base_model") or cfg.model.name_or_path)
+    base = str(run.get("base_model") or configured_base)
     artifacts = {ADAPTER_ARTIFACT: str(adapter_dir.resolve())}
     base_is_dir = Path(base).is_dir()
-    if base_is_dir and r.log_base_model:
+    if base_is_dir and log_base_model:
         artifacts[BASE_MODEL_ARTIFACT] = str(Path(base).resolve())
     model_config = {
         "base_model": base, "max_new_tokens": int(r.max_new_tokens), "batch_size": int(e.batch_size),
@@ -183,10 +186,10 @@ def register_stage(cfg: Any) -> dict[str, Any]:
         "snap_to_patch_size": bool(cfg.collator.snap_to_patch_size), "dtype": cfg.model.dtype,
     }
     input_example = None
-    if r.input_example:
-        input_example = pd.DataFrame({"image": [example_image_b64()], "prompt": [cfg.data.instruction]})
+    if with_example:
+        input_example = pd.DataFrame({"image": [example_image_b64()], "prompt": [instruction]})
 
-    uri = run.get("tracking_uri") or resolve_tracking_uri(r.tracking_uri)
+    uri = run.get("tracking_uri") or resolve_tracking_uri(configured_uri)  # the store the training run lives in
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient()
