@@ -177,3 +177,25 @@ def test_register_against_a_real_tracking_server(make_cfg, start_training_run, w
             os.killpg(server.pid, 9)
             server.wait(timeout=5)
         log.close()
+
+
+def test_decision_becomes_a_prefect_markdown_artifact_inside_a_flow(make_cfg, start_training_run, write_metrics,
+                                                                     assets):
+    from prefect import flow
+    from prefect.artifacts import Artifact
+    from prefect.testing.utilities import prefect_test_harness
+
+    cfg = make_cfg()
+    start_training_run(cfg, assets["adapter"], assets["base"])
+    write_metrics(cfg, cer=0.3)
+
+    @flow
+    def register_flow() -> dict:
+        return register_stage(cfg)
+
+    with prefect_test_harness(server_startup_timeout=120):
+        record = register_flow()
+        assert record["prefect_artifact"] == "promotion-vt-test"
+        artifact = Artifact.get("promotion-vt-test")
+    assert artifact is not None and artifact.type == "markdown"
+    assert "vt-test v1: **champion**" in artifact.data and "no current champion" in artifact.data
