@@ -66,11 +66,12 @@ def main() -> None:
     from visiontune.data.probe import worker_count
     from visiontune.data.validate import validate_stage
 
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         raw = Path(tmp) / "raw"
         raw.mkdir()
         t0 = time.perf_counter()
-        with mp.get_context("fork").Pool(os.cpu_count()) as pool:
+        with mp.get_context("fork").Pool(cores) as pool:
             rows = pool.map(_make, [(i, str(raw)) for i in range(args.n)], chunksize=32)
         (raw / "annotations.jsonl").write_text("".join(json.dumps({"image": n, "text": t}) + "\n" for n, t in rows))
         gen_s = time.perf_counter() - t0
@@ -88,7 +89,7 @@ def main() -> None:
         rerun_s = time.perf_counter() - t0
 
     result = {
-        "images": args.n, "raw_mb": round(mb, 1), "cpu_count": os.cpu_count(), "workers": worker_count(args.n),
+        "images": args.n, "raw_mb": round(mb, 1), "cores_available": cores, "workers": worker_count(args.n),
         "generate_s": round(gen_s, 1),
         "validate_s": round(val_s, 2), "validate_images_per_s": round(args.n / val_s, 1),
         "valid": v["valid"], "quarantined": v["quarantined"],

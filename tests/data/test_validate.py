@@ -102,3 +102,13 @@ def test_unparsable_jsonl_line_is_quarantined_not_fatal(tmp_path):
     (raw / "annotations.jsonl").write_text('{"image": "a.png", "text": "1"}\n{"image": "a.png", "text": \n')
     summary = validate_stage(make_cfg(raw, tmp_path / "w", max_failure_ratio=0.5))
     assert summary["failures_by_reason"] == {"unparsable_row": 1}
+
+
+def test_no_image_at_all_is_quarantined_not_a_crash(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "annotations.jsonl").write_text('{"image": null, "text": "1"}\nnot json\n')
+    with pytest.raises(ValueError, match="2 of 2 records quarantined"):
+        validate_stage(make_cfg(raw, tmp_path / "w"))
+    q = read_jsonl(tmp_path / "w" / "validated" / "quarantine.jsonl")
+    assert [r["reasons"] for r in q] == [["no_image"], ["unparsable_row"]]

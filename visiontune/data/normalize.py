@@ -28,7 +28,7 @@ from visiontune.config import PipelineConfig
 from visiontune.data.io import dump_json, read_jsonl, write_if_changed
 
 PARAMS = ("data.work_dir", "data.min_px", "data.max_px", "data.uniform_size", "data.snap_to_patch", "data.image_format")
-FORMAT_VERSION = 1  # bump when the resizing code changes its output, so old files are not reused
+FORMAT_VERSION = 2  # bump when the resizing code changes its output, so old files are not reused
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -118,7 +118,7 @@ def _encode(im: Image.Image, image_format: str) -> bytes:
     if image_format == "jpeg":
         im.save(buf, format="JPEG", quality=95, subsampling=0)
     else:
-        im.save(buf, format="PNG", compress_level=3)
+        im.save(buf, format="PNG", compress_level=1)  # level 1: ~40% faster than 3, ~15% larger files
     return buf.getvalue()
 
 
@@ -126,6 +126,10 @@ def _work(job: tuple[str, str, dict]) -> dict[str, Any]:
     src, dst, sig = job
     with Image.open(src) as im:
         sw, sh = ImageOps.exif_transpose(im).size if im.getexif().get(0x0112, 1) != 1 else im.size
+        if im.format == "JPEG" and not sig["uniform_size"]:
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still leaves at least the target size:
+            # same result after the resize below, a fraction of the decoding work for large photos.
+            im.draft(im.mode, target_size(im.width, im.height, sig["min_px"], sig["max_px"]))
         out = normalize_image(im, sig["min_px"], sig["max_px"], sig["snap_to_patch"], sig["uniform_size"])
     data = _encode(out, sig["image_format"])
     dst_p = Path(dst)

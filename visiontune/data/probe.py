@@ -126,7 +126,8 @@ def _probe_star(args: tuple) -> dict[str, Any]:
 def worker_count(n_items: int) -> int:
     """Processes to use: $VISIONTUNE_WORKERS, else one per CPU core; 1 for small jobs (pool start-up costs)."""
     env = os.environ.get("VISIONTUNE_WORKERS")
-    n = int(env) if env else (os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = int(env) if env else cores
     return max(1, min(n, n_items // 64 or 1))
 
 

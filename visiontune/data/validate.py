@@ -31,6 +31,7 @@ from typing import Any, Optional
 
 from visiontune.config import PipelineConfig
 from visiontune.data.io import RawRow, dump_json, dump_jsonl, read_annotations, write_if_changed
+from visiontune.data.probe import COLUMNS as PROBE_COLUMNS
 from visiontune.data.probe import probe_images
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ def validate_rows(rows: list[RawRow], root: str | Path, rules: ValidationRules) 
             jobs.append((img.ref, str(root), img.data, rules.max_pixels))
             owners.append(r.row)
     probed = probe_images(jobs)
-    images = pd.DataFrame(probed, columns=[*probed[0].keys()] if probed else None)
+    images = pd.DataFrame(probed, columns=PROBE_COLUMNS)
     images.insert(0, "image_id", range(len(images)))
     images.insert(1, "row", owners)
     images = images.astype(object).where(images.notna(), None)
@@ -215,7 +216,7 @@ def validate_rows(rows: list[RawRow], root: str | Path, rules: ValidationRules) 
     except Exception:  # pragma: no cover - only cosmetic
         pass
     images_suite, records_suite = build_suites(rules)
-    img_result = _run_suite(ctx, "images", images_suite, images if len(images) else images.assign(image_id=[]), "image_id")
+    img_result = _run_suite(ctx, "images", images_suite, images, "image_id")
     rec_result = _run_suite(ctx, "records", records_suite, records, "row")
 
     reasons: dict[int, list[tuple[str, Optional[str]]]] = defaultdict(list)
