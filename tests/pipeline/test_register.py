@@ -107,6 +107,7 @@ def test_promotion_and_non_promotion_are_recorded(make_cfg, start_training_run, 
     assert (stored["adapter"] / "adapter_config.json").is_file()
     assert (stored["base_model"] / "model.safetensors").is_file()  # the local base model travels with the model
     assert (Path(local_model) / pyfunc_conf["code"] / "visiontune" / "pipeline" / "pyfunc.py").is_file()
+    assert not (Path(local_model) / "python_model.pkl").exists()  # logged as code, not pickled
     info = mlflow.models.get_model_info(f"models:/{name}/3")
     assert [c["name"] for c in info.signature.inputs.to_dict()] == ["image", "prompt"]
 

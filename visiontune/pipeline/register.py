@@ -1,11 +1,11 @@
 """The register stage: log the fine-tuned model to MLflow, register it, and decide its alias.
 
-The model (a :class:`visiontune.pipeline.pyfunc.VisionLoraModel`: base model + LoRA adapter) is logged
-into the training run recorded in ``run.json`` and registered as a new version of
-``register.model_name``. The version takes alias ``champion`` only if its primary metric
-(``eval.primary_metric`` from the evaluate stage's metrics file) beats the current champion's by more
-than ``register.promotion_margin``; otherwise it takes ``challenger``. The first version ever is
-champion.
+The model (a :class:`visiontune.pipeline.pyfunc.VisionLoraModel`: base model + LoRA adapter) is logged as
+code (``pyfunc_model.py``, with the ``visiontune`` package as ``code_paths``; no pickle) into the training
+run recorded in ``run.json`` and registered as a new version of ``register.model_name``. The version
+takes alias ``champion`` only if its primary metric (``eval.primary_metric`` from the evaluate stage's
+metrics file) beats the current champion's by more than ``register.promotion_margin``; otherwise it
+takes ``challenger``. The first version ever is champion.
 
 MLflow aliases keep no history, so every decision is recorded three ways:
 
@@ -42,6 +42,8 @@ PARAMS = (
     "register.log_base_model", "register.input_example", "register.max_new_tokens", "register.promotions_log",
 )
 
+# The model is logged as code (this file defines it with mlflow.models.set_model), not as a pickle.
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 
@@ -152,7 +154,7 @@ def register_stage(cfg: Any) -> dict[str, Any]:
     import pandas as pd
     from mlflow import MlflowClient
 
-    from visiontune.pipeline.pyfunc import ADAPTER_ARTIFACT, BASE_MODEL_ARTIFACT, VisionLoraModel, example_image_b64, model_signature
+    from visiontune.pipeline.pyfunc import ADAPTER_ARTIFACT, BASE_MODEL_ARTIFACT, example_image_b64, model_signature
 
     r, e = cfg.register, cfg.eval
     metric = e.primary_metric
@@ -197,7 +199,7 @@ def register_stage(cfg: Any) -> dict[str, Any]:
     package_dir = Path(__file__).resolve().parents[1]  # the visiontune package: the model loads without an install
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name=r.artifact_name, python_model=VisionLoraModel(), artifacts=artifacts, model_config=model_config,
+            name=r.artifact_name, python_model=str(MODEL_CODE), artifacts=artifacts, model_config=model_config,
             signature=model_signature(r.max_new_tokens), input_example=input_example,
             pip_requirements=_requirements(), code_paths=[str(package_dir)],
         )
