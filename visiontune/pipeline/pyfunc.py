@@ -77,7 +77,10 @@ class VisionLoraModel(mlflow.pyfunc.PythonModel):
             )
         adapter = artifacts.get(ADAPTER_ARTIFACT)
         if not adapter or not (Path(adapter) / "adapter_config.json").exists():
-            raise FileNotFoundError(f"adapter artifact {adapter!r} has no adapter_config.json: the model was logged without its LoRA adapter")
+            raise FileNotFoundError(
+                f"adapter artifact {adapter!r} has no adapter_config.json: the model was logged without its LoRA "
+                "adapter; re-register it with `visiontune register` after `visiontune train`"
+            )
         model, processor = FastVisionModel.from_pretrained(
             base, dtype=config.get("dtype"), use_gradient_checkpointing=False, use_fused_kernels=False,
         )
