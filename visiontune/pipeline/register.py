@@ -213,7 +213,6 @@ def register_stage(cfg: Any) -> dict[str, Any]:
     decision, reason = decide(value, champ_value, metric, margin)
     if champ_mv is not None and champ_value is None:
         decision, reason = CHAMPION, f"current champion v{champ_mv.version} has no {metric} recorded: replaced"
-    client.set_registered_model_alias(r.model_name, decision, version)
 
     record = {
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -233,6 +232,7 @@ def register_stage(cfg: Any) -> dict[str, Any]:
     client.log_dict(run_id, record, "register/decision.json")
     client.set_tag(run_id, "registered_model", f"{r.model_name}/{version}")
     client.set_tag(run_id, "promotion_decision", decision)
+    client.set_registered_model_alias(r.model_name, decision, version)  # act only once the decision is on record
 
     log_path = Path(r.promotions_log)
     log_path.parent.mkdir(parents=True, exist_ok=True)
