@@ -1,5 +1,6 @@
 """The registered pyfunc model: loaded by MLflow's own API in a fresh Python process from
-``models:/<name>@champion``, with the local base model gone (it travels as an artifact)."""
+``models:/<name>@champion``, with the local base model gone (it travels as an artifact) and the
+development install of visiontune hidden (the model's own code copy is used)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -17,8 +19,13 @@ from visiontune.pipeline.pyfunc import _build_samples, encode_image
 
 FRESH_PROCESS = r"""
 import json, sys
+# Hide the development install of visiontune: the model must bring its own code (code_paths).
+sys.meta_path = [f for f in sys.meta_path if "editable" not in str(f)]
+sys.path = [p for p in sys.path if p not in ("", ".") and not p.startswith({repo!r})]
 import mlflow, pandas as pd
 model = mlflow.pyfunc.load_model("models:/{name}@champion")
+import visiontune
+assert "/code/visiontune/" in visiontune.__file__, visiontune.__file__
 df = pd.DataFrame({{"image": [sys.argv[1], sys.argv[2]], "prompt": ["Read.", "Read."]}})
 out = model.predict(df)
 short = model.predict(df.iloc[:1], params={{"max_new_tokens": 1}})
@@ -51,7 +58,7 @@ def test_champion_loads_and_generates_in_a_fresh_process(make_cfg, start_trainin
     shutil.rmtree(base_copy)  # the served model must not need the original base model directory
 
     image = str(assets["images"][1])
-    script = FRESH_PROCESS.format(name=cfg.register.model_name)
+    script = FRESH_PROCESS.format(name=cfg.register.model_name, repo=str(Path(__file__).resolve().parents[2]))
     elsewhere = project / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.register.tracking_uri, "HF_HUB_OFFLINE": "1"}
