@@ -44,11 +44,7 @@ def _input_files(stage: str, cfg: PipelineConfig) -> list[Path]:
     return [work / "validated" / "records.jsonl", work / "normalized" / "manifest.json"]
 
 
-_STAGES: dict[str, tuple[Any, tuple]] = {
-    "validate": (validate, (validate,)),
-    "normalize": (normalize, (normalize,)),
-    "convert": (convert, (convert,)),
-}
+_STAGES: dict[str, Any] = {"validate": validate, "normalize": normalize, "convert": convert}
 
 
 def stage_cache_key(stage: str, cfg: PipelineConfig) -> str:
@@ -57,12 +53,15 @@ def stage_cache_key(stage: str, cfg: PipelineConfig) -> str:
     import visiontune.data.io as io_mod
     import visiontune.data.probe as probe
 
-    module, _ = _STAGES[stage]
+    module = _STAGES[stage]
     params = {k: cfg.get(k) for k in module.PARAMS}
     h = hashlib.sha256()
     h.update(stage.encode())
     h.update(_code_hash(module, io_mod, probe, conversation).encode())
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
+    # Where the outputs go, resolved: two checkouts with identical data must not share a cached result,
+    # since the cached summary would stand for files that exist only in the other one.
+    h.update(str(Path(cfg.data.work_dir).resolve()).encode())
     h.update(hash_tree(_input_files(stage, cfg)).encode())
     return f"visiontune-data-{stage}-{h.hexdigest()}"
 
