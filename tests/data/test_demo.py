@@ -35,3 +35,16 @@ def test_demo_refuses_to_overwrite_user_data(tmp_path):
     (raw / "annotations.jsonl").write_text("{}\n")
     with pytest.raises(ValueError, match="refusing to overwrite"):
         demo_stage(make_cfg(raw, tmp_path / "w", demo_samples=10))
+
+
+def test_all_three_stages_leave_raw_bytes_and_mtimes_unchanged(demo_raw, tmp_path):
+    from visiontune.data.convert import convert_stage
+    from visiontune.data.normalize import normalize_stage
+
+    before = snapshot(demo_raw)
+    cfg = make_cfg(demo_raw, tmp_path / "w")
+    validate_stage(cfg)
+    normalize_stage(cfg)
+    summary = convert_stage(cfg)
+    assert summary["rows"] == 26
+    assert snapshot(demo_raw) == before
