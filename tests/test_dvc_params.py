@@ -9,7 +9,6 @@ whatever inputs the stage needs (earlier stages may run with a plain config).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 

@@ -5,7 +5,6 @@ A plain module (not conftest) so other test folders can import it by a unique na
 from __future__ import annotations
 
 import io
-import json
 import os
 import struct
 import zlib
