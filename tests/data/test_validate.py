@@ -112,3 +112,26 @@ def test_no_image_at_all_is_quarantined_not_a_crash(tmp_path):
         validate_stage(make_cfg(raw, tmp_path / "w"))
     q = read_jsonl(tmp_path / "w" / "validated" / "quarantine.jsonl")
     assert [r["reasons"] for r in q] == [["no_image"], ["unparsable_row"]]
+
+
+def test_qa_turn_checks_and_text_length_bound(tmp_path):
+    from datafixtures import gradient, png
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(4):
+        (raw / f"{i}.png").write_bytes(png(gradient(400 + i, 300)))
+    rows = [
+        {"image": "0.png", "q": ["How many?", "Which?"], "a": ["2", "the left one"]},  # valid multi-turn
+        {"image": "1.png", "q": ["How many?"], "a": ["2", "3"]},  # 1 question, 2 answers
+        {"image": "2.png", "q": [""], "a": ["2"]},  # empty question
+        {"image": "3.png", "q": ["Say a lot"], "a": ["x" * 50]},  # longer than max_text_chars
+    ]
+    (raw / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = make_cfg(raw, tmp_path / "w", annotations="qa.jsonl", text_column="a", question_column="q",
+                   max_text_chars=20, max_failure_ratio=1.0)
+    validate_stage(cfg)
+    q = {r["row"]: r["reasons"] for r in read_jsonl(tmp_path / "w" / "validated" / "quarantine.jsonl")}
+    assert q == {1: ["turn_mismatch"], 2: ["question_missing"], 3: ["text_too_long"]}
+    meta = (tmp_path / "w" / "validated" / "image_metadata.csv").read_text().splitlines()
+    assert meta[0].startswith("image_id,row,ref,within_root,exists,bytes,sha256,decodable") and len(meta) == 5

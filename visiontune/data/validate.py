@@ -13,6 +13,7 @@ result is the one source of the verdict. A record with any reason is quarantined
 when the quarantined share exceeds ``data.max_failure_ratio``.
 
 Outputs (``<work_dir>/validated/``): ``gx_result.json``, ``summary.json``, ``summary.md``,
+``image_metadata.csv`` / ``record_metadata.csv`` (the tables the suites judged),
 ``records.jsonl`` (good records), ``quarantine.jsonl`` (bad records with reasons), ``embedded/`` (images
 that came embedded in a dataset, extracted once by content hash); metrics in
 ``<work_dir>/metrics/validate.json``.
@@ -356,6 +357,7 @@ def validate_stage(cfg: PipelineConfig) -> dict[str, Any]:
             "quarantine": str(out / "quarantine.jsonl"),
             "gx_result": str(out / "gx_result.json"),
             "summary": str(out / "summary.md"),
+            "image_metadata": str(out / "image_metadata.csv"),
         },
     }
     gx_json = {k: v.to_json_dict() for k, v in res["gx"].items()}
@@ -365,6 +367,9 @@ def validate_stage(cfg: PipelineConfig) -> dict[str, Any]:
         for er in gx_json[k].get("results", []):
             er.get("expectation_config", {}).pop("id", None)
     write_if_changed(out / "gx_result.json", dump_json(gx_json))
+    # The two metadata tables the suites judged, for inspection (e.g. sort by width in a spreadsheet).
+    write_if_changed(out / "image_metadata.csv", images.to_csv(index=False, lineterminator="\n"))
+    write_if_changed(out / "record_metadata.csv", res["records"].to_csv(index=False, lineterminator="\n"))
     write_if_changed(out / "records.jsonl", dump_jsonl(good))
     write_if_changed(out / "quarantine.jsonl", dump_jsonl(bad))
     write_if_changed(out / "summary.json", dump_json(summary))
