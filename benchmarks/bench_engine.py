@@ -280,7 +280,8 @@ def _reset() -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
-def profile_engine(model, opt, batch, out_dir: Path, n_vis_ck: int, n_lm_ck: int, log) -> None:
+def profile_engine(model, opt, batch, out_dir: Path, n_vis_ck: int, n_lm_ck: int, tag: str, log) -> None:
+    """torch.profiler over one engine step: top kernels to a file, kernel families + GPU-busy share logged."""
     from torch.profiler import ProfilerActivity, profile
 
     from visiontune.kernels import patch_model
@@ -290,48 +291,60 @@ def profile_engine(model, opt, batch, out_dir: Path, n_vis_ck: int, n_lm_ck: int
     batch = engine_batch(batch)
     ck = checkpoint_modules(_vision_blocks(model)[:n_vis_ck] + _lm_layers(model)[:n_lm_ck])
     train_steps(model, opt, batch, 1, 1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         train_steps(model, opt, batch, 1, 0)
+    wall = time.perf_counter() - t0
     ck.remove()
     handle.unpatch()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
-    (out_dir / "profile_engine.txt").write_text(table)
-    # group by kernel family for the summary
     groups: dict[str, float] = {}
     total = 0.0
     for ev in prof.key_averages():
-        t = getattr(ev, "self_device_time_total", None)
-        if t is None:
-            t = getattr(ev, "self_cuda_time_total", 0.0)
+        if ev.self_cpu_time_total > 0:  # operator-level event; its kernels are listed separately
+            continue
+        t = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0.0)
         if not t:
             continue
         name = ev.key.lower()
         total += t
-        if "gemm" in name or "cutlass" in name or "sm90" in name or "matmul" in name or "mm" == name[-2:]:
+        if any(k in name for k in ("gemm", "cutlass", "nvjet", "cublas", "sm90_xmma")):
             g = "GEMM (cuBLAS)"
-        elif "flash" in name or "fmha" in name or "attention" in name:
-            g = "attention (flash/sdpa)"
+        elif "flash" in name or "fmha" in name:
+            g = "attention (flash varlen)"
         elif "_ce_fwd" in name:
             g = "cross-entropy kernel"
         elif "rmsnorm" in name or "layernorm" in name:
-            g = "norm kernels"
+            g = "norm kernels (Triton)"
         elif "glu" in name or "_act_" in name:
-            g = "activation kernels"
+            g = "activation kernels (Triton)"
         elif "rope" in name:
-            g = "rope kernels"
-        elif "adam" in name or "foreach" in name:
+            g = "rope kernels (Triton)"
+        elif "adam" in name or "foreach" in name or "multi_tensor" in name:
             g = "optimizer"
         elif "copy" in name or "cat" in name or "memcpy" in name or "memset" in name or "fill" in name:
-            g = "copies / fills"
-        elif "elementwise" in name or "reduce" in name:
-            g = "other elementwise/reduce (torch)"
+            g = "copies / casts / fills"
         else:
-            g = "other"
+            g = "other torch elementwise / reductions"
         groups[g] = groups.get(g, 0.0) + t
-    lines = [f"{k:<34} {v / 1e3:9.1f} ms  {100 * v / total:5.1f}%" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])]
-    summary = "GPU time by kernel family (one engine step, config %s):\n" % (batch["input_ids"].shape,) + "\n".join(lines)
-    (out_dir / "profile_summary.txt").write_text(summary)
+    lines = [f"  {k:<36} {v / 1e3:8.1f} ms  {100 * v / total:5.1f}%" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])]
+    summary = (f"profile {tag}: one engine step, wall {wall * 1e3:.0f} ms (profiler on), GPU kernel time "
+               f"{total / 1e3:.0f} ms = {100 * total / 1e3 / (wall * 1e3):.0f}% busy\n" + "\n".join(lines))
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70)
+    (out_dir / f"profile_{tag}.txt").write_text(summary + "\n\n" + table)
     log(summary)
+
+
+def check_equivalence(model, batch) -> tuple[float, float]:
+    """Loss of the same weights and batch, stock vs engine (no grad): the patch must not change results."""
+    from visiontune.kernels import patch_model
+
+    with torch.no_grad():
+        stock = float(model(**batch, use_cache=False).loss)
+        handle = patch_model(model)
+        engine = float(model(**engine_batch(batch), use_cache=False).loss)
+        handle.unpatch()
+    return stock, engine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="first config only, 1+1 steps")
     ap.add_argument("--configs", default="", help="comma-separated indices into CONFIGS")
     ap.add_argument("--no-stock", action="store_true")
-    ap.add_argument("--profile", type=int, default=1, help="index of the config to profile (-1: none)")
+    ap.add_argument("--profile", default="0,3", help="comma-separated config indices to profile ('' for none)")
     args = ap.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -379,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         batch = make_batch(b, px, text, device)
         tokens = batch["input_ids"].numel()
         row: dict[str, Any] = dict(config=list(cfg), tokens_per_step=tokens, patches=batch["pixel_values"].shape[0])
+        ls, le = check_equivalence(model, batch)
+        row["equivalence"] = dict(stock_loss=ls, engine_loss=le, rel_diff=abs(le - ls) / abs(ls))
+        log(f"{cfg} same weights, no grad: stock loss {ls:.5f} engine loss {le:.5f} (rel diff {abs(le - ls) / abs(ls):.1e})")
         if not args.no_stock:
             row["stock"] = run_stock(model, opt, batch, steps, warmup)
             log(f"{cfg} stock: {row['stock']}")
@@ -399,12 +415,12 @@ def main(argv: list[str] | None = None) -> int:
         del batch
         _reset()
         json.dump(dict(results=results, peak_flops=peak, flop_params=n_flop), open(out_dir / "bench_engine.json", "w"), indent=1)
-    if args.profile >= 0 and not args.quick:
-        cfg = CONFIGS[args.profile]
+    for idx in [int(i) for i in args.profile.split(",") if i.strip()] if not args.quick else []:
+        cfg = CONFIGS[idx]
         row = next((r for r in results if tuple(r["config"]) == cfg and not r["engine"].get("oom")), None)
         if row is not None:
             profile_engine(model, opt, make_batch(*cfg, device), out_dir, row["engine"]["vision_checkpointed"],
-                           row["engine"]["lm_checkpointed"], log)
+                           row["engine"]["lm_checkpointed"], f"cfg{idx}", log)
     # the table, printed last
     hdr = (f"{'config (B,px,text)':<20}{'tokens':>7} | {'stock tok/s':>11}{'GiB':>6}{'MFU':>6} | "
            f"{'engine tok/s':>12}{'GiB':>6}{'MFU':>6}{'ckpt v/l':>9} | {'speedup':>7}{'mem':>6} | {'peer tok/s':>10}")
