@@ -308,10 +308,10 @@ def profile_engine(model, opt, batch, out_dir: Path, n_vis_ck: int, n_lm_ck: int
             continue
         name = ev.key.lower()
         total += t
-        if any(k in name for k in ("gemm", "cutlass", "nvjet", "cublas", "sm90_xmma")):
-            g = "GEMM (cuBLAS)"
-        elif "flash" in name or "fmha" in name:
+        if "flash" in name or "fmha" in name:  # before GEMM: flash kernels carry cutlass:: template args
             g = "attention (flash varlen)"
+        elif any(k in name for k in ("gemm", "cutlass", "nvjet", "cublas", "sm90_xmma")):
+            g = "GEMM (cuBLAS)"
         elif "_ce_fwd" in name:
             g = "cross-entropy kernel"
         elif "rmsnorm" in name or "layernorm" in name:
