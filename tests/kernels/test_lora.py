@@ -96,3 +96,20 @@ def test_lora_gated_mlp_gpu_bf16(cuda_device):
         err = rel_err(g, w)
         record_gpu_error("lora_gated_mlp", name, err, 2e-2)
         assert torch.isfinite(g).all() and err < 2e-2, (name, err)
+
+
+def test_lowp_cast_cache_follows_parameter_updates(triton_cpu):
+    """bf16 activations with fp32 adapters: the cached bf16 copies must track in-place optimizer updates."""
+    w, b, a, bm, s = _params(16, 12, 4, True, dtype=torch.bfloat16, lora_dtype=torch.float32)
+    x = torch.randn(5, 16).bfloat16()
+    opt = torch.optim.SGD([a, bm], lr=0.5)
+    for _ in range(3):
+        y = lora_linear(x, w, b, a, bm, s)
+        want = lora_linear_reference(x.float(), w.float(), b.float(), a, bm, s)
+        torch.testing.assert_close(y.float(), want, atol=3e-2, rtol=3e-2)
+        y.float().square().sum().backward()
+        opt.step()  # in place: bumps a._version / bm._version
+        opt.zero_grad()
+    with torch.no_grad():
+        bm.mul_(0)
+    torch.testing.assert_close(lora_linear(x, w, b, a, bm, s).float(), torch.nn.functional.linear(x, w, b).float())
