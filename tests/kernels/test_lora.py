@@ -106,7 +106,7 @@ def test_lowp_cast_cache_follows_parameter_updates(triton_cpu):
     for _ in range(3):
         y = lora_linear(x, w, b, a, bm, s)
         want = lora_linear_reference(x.float(), w.float(), b.float(), a, bm, s)
-        torch.testing.assert_close(y.float(), want, atol=3e-2, rtol=3e-2)
+        assert rel_err(y, want) < 1e-2  # bf16 output rounding
         y.float().square().sum().backward()
         opt.step()  # in place: bumps a._version / bm._version
         opt.zero_grad()
