@@ -87,3 +87,40 @@ def test_patch_unsupported_architecture_warns_and_noops():
         handle = patch_model(model, enabled=True)
     assert not handle.active
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_patch_before_peft_wrapping_still_fuses_lora(triton_cpu, tiny_model_dir):
+    """FastVisionModel patches at load time, get_peft_model wraps the Linears later: the patched
+    forwards look children up at call time, so the LoRA layers added afterwards are fused too."""
+    from visiontune import FastVisionModel, VisionDataCollator
+
+    torch.manual_seed(0)
+    model, processor = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), use_fused_kernels=False)
+    handle = patch_model(model, enabled=True)
+    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    FastVisionModel.for_training(model)
+    batch = VisionDataCollator(model, processor)([_conv(0, "42"), _conv(1, "7 and some more words")])
+    calls = {"n": 0}
+    import visiontune.kernels.lora as lora_mod
+
+    orig = lora_mod.LoRAGatedMLPFunction.apply
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return orig(*a, **k)
+
+    lora_mod.LoRAGatedMLPFunction.apply = counting
+    try:
+        loss1, g1, _ = _loss_and_grads(model, batch)
+    finally:
+        lora_mod.LoRAGatedMLPFunction.apply = orig
+    assert calls["n"] > 0  # the fused LoRA MLP ran on the PEFT-wrapped projections
+    handle.unpatch()
+    loss0, g0, _ = _loss_and_grads(model, batch)
+    torch.testing.assert_close(loss1, loss0, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
