@@ -1,0 +1,302 @@
+"""The train stage: LoRA fine-tuning with TRL's SFTTrainer, FastVisionModel and VisionDataCollator.
+
+Reads everything from the config; tracks the run in MLflow (params, per-step metrics, system metrics,
+data hash and git commit, adapter + processor, resolved config, loss curve); checkpoints every
+``train.save_steps`` and resumes from the newest complete checkpoint, so a killed run (even kill -9)
+continues where it stopped and reaches the same adapter as an uninterrupted run with the same seed.
+
+TRL serves VLMs here with our collator and three settings (see ``_sft_config``): TRL's own VLM path
+would leave image tokens in the labels and cannot do assistant-only loss for VLMs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from visiontune.config import PipelineConfig
+from visiontune.pipeline import tracking
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+
+
+def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    """The newest *complete* ``checkpoint-N`` folder (one whose trainer_state.json was written), or None.
+
+    A run killed while saving leaves a partial folder; it is skipped, not resumed from.
+    """
+    if not output_dir.exists():
+        return None
+    done = [p for p in output_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()
+            and p.name.split("-")[-1].isdigit()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1])) if done else None
+
+
+class _CountingCollator:
+    """Wraps the collator to count supervised and total tokens (for tokens/s in the progress bar and MLflow)."""
+
+    def __init__(self, collator: Any):
+        self.collator = collator
+        self.tokens = 0
+
+    def __call__(self, examples: list) -> dict:
+        batch = self.collator(examples)
+        self.tokens += int(batch["attention_mask"].sum())
+        return batch
+
+
+class _IndexDataset(torch.utils.data.Dataset):
+    """A plain list of conversations as a map-style dataset (multi-image rows need not go through Arrow)."""
+
+    def __init__(self, rows: Sequence[dict]):
+        self.rows = list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def as_train_dataset(data: Any) -> Any:
+    """TRL's SFTTrainer rejects plain lists; wrap them (Arrow datasets pass through unchanged)."""
+    if isinstance(data, (list, tuple)):
+        from datasets import Dataset
+
+        # An index column is all Arrow sees; the rows themselves stay Python objects.
+        rows = list(data)
+        ds = Dataset.from_dict({"_vt_index": list(range(len(rows)))})
+        ds._vt_rows = rows  # type: ignore[attr-defined]
+        return ds
+    return data
+
+
+def _make_callbacks(counter: _CountingCollator, cfg: PipelineConfig, mlflow_active: bool) -> list:
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ProgressCallback
+
+    class MetricsCallback(TrainerCallback):
+        """Adds tokens/s and GPU memory to the logs; sends every log line to MLflow; shows loss in the bar."""
+
+        def __init__(self) -> None:
+            self.t0 = time.perf_counter()
+            self.tok0 = 0
+
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
+            self.t0, self.tok0 = time.perf_counter(), counter.tokens
+
+        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
+            if logs is None:
+                return
+            now = time.perf_counter()
+            if "loss" in logs:
+                logs["tokens_per_s"] = round((counter.tokens - self.tok0) / max(now - self.t0, 1e-9), 1)
+                self.t0, self.tok0 = now, counter.tokens
+                if torch.cuda.is_available():
+                    logs["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            if mlflow_active:
+                import mlflow
+
+                metrics = {k.replace("train_", "train/") if k.startswith("train_") else k: float(v)
+                           for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+                mlflow.log_metrics(metrics, step=state.global_step)
+
+    class PostfixProgress(ProgressCallback):
+        """The standard tqdm bar (steps, ETA) with loss and tokens/s in its postfix."""
+
+        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
+            if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=logs.get("tokens_per_s", 0), refresh=False)
+
+    return [MetricsCallback(), PostfixProgress()]
+
+
+def _sft_config(cfg: PipelineConfig, output_dir: Path) -> Any:
+    from trl import SFTConfig
+
+    t = cfg.train
+    on_gpu = torch.cuda.is_available()
+    return SFTConfig(
+        output_dir=str(output_dir),
+        learning_rate=t.learning_rate,
+        warmup_steps=t.warmup_steps,
+        max_steps=t.max_steps if t.max_steps > 0 else -1,
+        num_train_epochs=t.num_train_epochs,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        lr_scheduler_type="linear",
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,  # resume needs only the newest; one spare in case the newest is partial
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        use_cpu=not on_gpu,
+        report_to="none",  # we log to MLflow ourselves (one run across resumes, our metric names)
+        disable_tqdm=True,  # replaced by PostfixProgress
+        # Our collator does tokenization, images and labels; TRL must not touch the rows.
+        remove_unused_columns=False,
+        dataset_text_field="",
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+        dataloader_num_workers=0,
+        gradient_checkpointing=False,  # FastVisionModel already set checkpointing up as configured
+    )
+
+
+def build_model(cfg: PipelineConfig) -> tuple[Any, Any]:
+    """Base model + LoRA adapters as the config says."""
+    from visiontune.models.fast_vision import FastVisionModel
+    from visiontune.testing import ensure_tiny_model
+
+    m, lo = cfg.model, cfg.lora
+    ensure_tiny_model(m.name_or_path, m.tiny_architecture, seed=cfg.train.seed)
+    model, processor = FastVisionModel.from_pretrained(
+        m.name_or_path, max_seq_length=m.max_seq_length, dtype=m.dtype, load_in_4bit=m.load_in_4bit,
+        use_gradient_checkpointing=m.use_gradient_checkpointing, use_fused_kernels=m.use_fused_kernels,
+    )
+    target = lo.target_modules if lo.target_modules is not None else "all-linear"
+    model = FastVisionModel.get_peft_model(
+        model, finetune_vision_layers=lo.finetune_vision_layers, finetune_language_layers=lo.finetune_language_layers,
+        finetune_attention_modules=lo.finetune_attention_modules, finetune_mlp_modules=lo.finetune_mlp_modules,
+        r=lo.r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout, use_rslora=lo.use_rslora,
+        target_modules=target, modules_to_save=lo.modules_to_save, random_state=cfg.train.seed,
+    )
+    return model, processor
+
+
+def build_collator(cfg: PipelineConfig, model: Any, processor: Any) -> Any:
+    from visiontune.collator import VisionDataCollator
+
+    c = cfg.collator
+    return VisionDataCollator(
+        model, processor, max_seq_length=cfg.model.max_seq_length, resize=c.resize, resize_dimension=c.resize_dimension,
+        snap_to_patch_size=c.snap_to_patch_size, train_on_responses_only=c.train_on_responses_only,
+        completion_only_loss=c.completion_only_loss, pad_to_multiple_of=c.pad_to_multiple_of,
+    )
+
+
+def load_split(cfg: PipelineConfig, split: str) -> Any:
+    """One split of the conversation dataset the convert stage saved under ``<data.work_dir>/dataset``."""
+    from datasets import load_from_disk
+
+    path = Path(cfg.data.work_dir) / "dataset"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the data stages first (`visiontune convert`, or `dvc repro convert`)")
+    dsd = load_from_disk(str(path))
+    if split not in dsd:
+        raise ValueError(f"{path} has splits {list(dsd)}, not {split!r}")
+    return dsd[split]
+
+
+def plot_loss(history: list[dict], out: Path) -> Path:
+    """Training loss (and learning rate) against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history if "loss" in h]
+    losses = [h["loss"] for h in history if "loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    ax.plot(steps, losses, marker="o", ms=3, label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    lrs = [(h["step"], h["learning_rate"]) for h in history if "learning_rate" in h]
+    if lrs:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*lrs), color="tab:orange", alpha=0.5, label="learning rate")
+        ax2.set_ylabel("learning rate")
+    ax.set_title("visiontune training loss")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def train(cfg: PipelineConfig, train_data: Any, output_dir: Path, mlflow_active: bool = True) -> dict[str, Any]:
+    """Train LoRA adapters on ``train_data`` (a datasets.Dataset or a list of conversations).
+
+    Resumes from the newest complete checkpoint in ``output_dir``. Returns the trainer's log history
+    and where the adapter was saved.
+    """
+    from trl import SFTTrainer
+
+    model, processor = build_model(cfg)
+    collator = build_collator(cfg, model, processor)
+    data = as_train_dataset(train_data)
+    rows = getattr(data, "_vt_rows", None)
+    base_collate = collator if rows is None else (lambda exs: collator([rows[e["_vt_index"]] for e in exs]))
+    counter = _CountingCollator(base_collate)
+    trainer = SFTTrainer(model=model, args=_sft_config(cfg, output_dir), data_collator=counter,
+                         train_dataset=data, processing_class=processor,
+                         callbacks=_make_callbacks(counter, cfg, mlflow_active))
+    trainer.remove_callback(__import__("transformers").trainer_callback.PrinterCallback)
+    resume = latest_checkpoint(output_dir)
+    if resume:
+        log.warning("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    adapter_dir = output_dir / ADAPTER_DIR
+    model.save_pretrained(adapter_dir)
+    processor.save_pretrained(adapter_dir)
+    history = trainer.state.log_history
+    (output_dir / "log_history.json").write_text(json.dumps(history, indent=2))
+    losses = [h["loss"] for h in history if "loss" in h]
+    return {
+        "adapter_dir": str(adapter_dir), "global_step": trainer.state.global_step, "history": history,
+        "final_loss": losses[-1] if losses else None, "first_loss": losses[0] if losses else None,
+        "resumed_from": str(resume) if resume else None, "train_runtime_s": result.metrics.get("train_runtime"),
+        "dropped_samples": collator.dropped, "tokens_seen": counter.tokens,
+    }
+
+
+def train_stage(cfg: PipelineConfig) -> dict[str, Any]:
+    """CLI / DVC / Prefect entry: train on the train split, tracked in MLflow, resumable."""
+    import mlflow
+
+    from visiontune.config import to_yaml
+
+    output_dir = Path(cfg.train.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    train_data = load_split(cfg, "train")
+    experiment_id = tracking.setup_mlflow(cfg.register.tracking_uri, cfg.register.experiment)
+    # A resumed run continues the MLflow run it started (recorded before the first step).
+    previous = None
+    if latest_checkpoint(output_dir) and (output_dir / tracking.RUN_FILE).exists():
+        previous = tracking.read_run_file(output_dir).get("mlflow_run_id")
+    with mlflow.start_run(run_id=previous, experiment_id=None if previous else experiment_id,
+                          log_system_metrics=True) as run:
+        record = {"mlflow_run_id": run.info.run_id, "tracking_uri": mlflow.get_tracking_uri(),
+                  "experiment_id": run.info.experiment_id, "base_model": cfg.model.name_or_path,
+                  "adapter_dir": str(output_dir / ADAPTER_DIR)}
+        tracking.write_run_file(output_dir, record)
+        if previous is None:
+            mlflow.log_params({k: str(v)[:500] for k, v in cfg.flat().items()})
+            mlflow.set_tags({"dvc_data_md5": tracking.dvc_data_hash(), "git_commit": tracking.git_commit(),
+                             "base_model": cfg.model.name_or_path, "visiontune.stage": "train",
+                             "train_samples": str(len(train_data))})
+        result = train(cfg, train_data, output_dir)
+        history = result.pop("history")
+        curve = plot_loss(history, output_dir / "loss_curve.png")
+        (output_dir / "resolved_config.yaml").write_text(to_yaml(cfg))
+        mlflow.log_artifact(str(curve))
+        mlflow.log_artifact(str(output_dir / "resolved_config.yaml"))
+        mlflow.log_artifacts(result["adapter_dir"], artifact_path=ADAPTER_DIR)
+        # dvc plots data: one row per logged step
+        (output_dir / "loss.json").write_text(json.dumps(
+            [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h], indent=1))
+        record.update({k: v for k, v in result.items() if k != "adapter_dir"})
+        tracking.write_run_file(output_dir, record)
+    return record
