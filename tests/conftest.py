@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run in the interpreter on CPU; set before triton loads
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
