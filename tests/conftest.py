@@ -28,3 +28,12 @@ def tiny_model_dir(tmp_path_factory):
         return cache[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary local Prefect server (SQLite) for the session; request it where flows/tasks run."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

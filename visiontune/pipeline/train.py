@@ -27,6 +27,22 @@ log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
 
+# Settings this stage reads (dvc.yaml's `params` for the train stage lists exactly these; a test checks).
+PARAMS = (
+    "data.work_dir",
+    "model.name_or_path", "model.tiny_architecture", "model.max_seq_length", "model.dtype", "model.load_in_4bit",
+    "model.use_gradient_checkpointing", "model.use_fused_kernels",
+    "lora.finetune_vision_layers", "lora.finetune_language_layers", "lora.finetune_attention_modules",
+    "lora.finetune_mlp_modules", "lora.r", "lora.lora_alpha", "lora.lora_dropout", "lora.use_rslora",
+    "lora.target_modules", "lora.modules_to_save",
+    "collator.resize", "collator.resize_dimension", "collator.snap_to_patch_size", "collator.train_on_responses_only",
+    "collator.completion_only_loss", "collator.pad_to_multiple_of",
+    "train.output_dir", "train.learning_rate", "train.warmup_steps", "train.max_steps", "train.num_train_epochs",
+    "train.per_device_train_batch_size", "train.gradient_accumulation_steps", "train.weight_decay",
+    "train.max_grad_norm", "train.save_steps", "train.logging_steps", "train.seed",
+    "register.tracking_uri", "register.experiment",
+)
+
 
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     """The newest *complete* ``checkpoint-N`` folder (one whose trainer_state.json was written), or None.
