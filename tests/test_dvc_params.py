@@ -99,3 +99,13 @@ def test_module_params_constant_matches_dvc_yaml(stage):
 
     module = importlib.import_module(f"visiontune.data.{stage}")
     assert set(module.PARAMS) == dvc_stage_params(stage)
+
+
+@pytest.mark.parametrize("stage", ["train", "evaluate", "register"])
+def test_model_stage_params_constant_matches_dvc_yaml(stage):
+    """The model stages' PARAMS (checked against what each stage reads in tests/pipeline) equal dvc.yaml's
+    lists, which the Prefect cache keys of tasks/model.py use too."""
+    import importlib
+
+    module = importlib.import_module(f"visiontune.pipeline.{stage}")
+    assert set(module.PARAMS) == dvc_stage_params(stage)

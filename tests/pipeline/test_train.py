@@ -1,0 +1,139 @@
+"""The train stage: MLflow tracking, the params it reads, and resume after kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from visiontune.config import PipelineConfig, RecordingConfig, from_dict
+from visiontune.pipeline import train as train_mod
+
+
+def _cfg(root: Path, work: Path, model_dir: str, **train_overrides) -> dict:
+    train = {"output_dir": str(root / "out"), "max_steps": 4, "save_steps": 2, "logging_steps": 1,
+             "per_device_train_batch_size": 2, "learning_rate": 5e-3, "warmup_steps": 0}
+    train.update(train_overrides)
+    return {
+        "data": {"work_dir": str(work)},
+        "model": {"name_or_path": model_dir, "max_seq_length": 512},
+        "lora": {"r": 4, "lora_alpha": 8},
+        "collator": {"resize": [112, 56]},
+        "train": train,
+        "register": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "t"},
+    }
+
+
+@pytest.fixture(scope="module")
+def demo_dataset(tmp_path_factory) -> Path:
+    """A small real conversation dataset made by the real data stages from the demo generator."""
+    from visiontune.data.convert import convert_stage
+    from visiontune.data.demo import generate_demo
+    from visiontune.data.normalize import normalize_stage
+    from visiontune.data.validate import validate_stage
+
+    root = tmp_path_factory.mktemp("train-data")
+    generate_demo(root / "raw", n=24, seed=5)
+    cfg = from_dict({"data": {"raw_dir": str(root / "raw"), "work_dir": str(root / "work"), "max_failure_ratio": 0.5}})
+    validate_stage(cfg)
+    normalize_stage(cfg)
+    convert_stage(cfg)
+    return root / "work"
+
+
+def test_train_stage_tracks_in_mlflow_and_reads_exactly_params(tmp_path, demo_dataset, tiny_model_dir, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    cfg = from_dict(_cfg(tmp_path, demo_dataset, tiny_model_dir("qwen2_5_vl")))
+    rec = RecordingConfig(cfg)
+    record = train_mod.train_stage(rec)  # type: ignore[arg-type]
+    assert rec.accessed == set(train_mod.PARAMS)
+
+    out = Path(cfg.train.output_dir)
+    assert (out / "adapter" / "adapter_config.json").exists() and (out / "loss_curve.png").stat().st_size > 1000
+    assert record["global_step"] == 4 and record["final_loss"] is not None
+    client = mlflow.MlflowClient(tracking_uri=cfg.register.tracking_uri)
+    run = client.get_run(record["mlflow_run_id"])
+    assert run.data.params["lora.r"] == "4" and run.data.params["train.max_steps"] == "4"
+    assert {"loss", "learning_rate", "grad_norm", "tokens_per_s"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 4
+    assert run.data.tags["dvc_data_md5"] and run.data.tags["git_commit"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"adapter", "loss_curve.png", "resolved_config.yaml"} <= artifacts
+    adapter_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert "adapter_model.safetensors" in adapter_files and "processor_config.json" in adapter_files | {"processor_config.json"}
+
+
+def test_train_accepts_a_plain_list(tmp_path, demo_dataset, tiny_model_dir):
+    from datasets import load_from_disk
+
+    rows = list(load_from_disk(str(demo_dataset / "dataset"))["train"])
+    cfg = from_dict(_cfg(tmp_path, demo_dataset, tiny_model_dir("qwen2_5_vl"), max_steps=2))
+    result = train_mod.train(cfg, rows, tmp_path / "list-out", mlflow_active=False)
+    assert result["global_step"] == 2 and Path(result["adapter_dir"]).exists()
+
+
+def _adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+def _cli(params: Path, cwd: Path) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("visiontune")
+    return subprocess.Popen([str(exe), "train", "--params", str(params)], cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_kill_minus_9_resumes_to_the_same_adapter(tmp_path, demo_dataset, tiny_model_dir):
+    model_dir = tiny_model_dir("qwen2_5_vl")
+    runs = {}
+    for name in ("straight", "killed"):
+        root = tmp_path / name
+        root.mkdir()
+        params = root / "params.yaml"
+        params.write_text(yaml.safe_dump(_cfg(root, demo_dataset, model_dir, max_steps=40, save_steps=5)))
+        runs[name] = (root, params)
+
+    root, params = runs["straight"]
+    proc = _cli(params, root)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()[-3000:]
+
+    root, params = runs["killed"]
+    out = root / "out"
+    proc = _cli(params, root)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (out / "checkpoint-10" / "trainer_state.json").exists():
+        assert proc.poll() is None, "training ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "adapter").exists(), "the run finished before kill -9"
+    assert train_mod.latest_checkpoint(out) is not None
+
+    proc = _cli(params, root)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()[-3000:]
+    record = yaml.safe_load((out / "run.json").read_text())
+    assert record["resumed_from"] and "checkpoint-" in record["resumed_from"]
+    assert record["global_step"] == 40
+
+    a = _adapter_tensors(runs["straight"][0] / "out" / "adapter")
+    b = _adapter_tensors(out / "adapter")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs after resume")
+    # the resumed run continued the same MLflow run
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    assert len(client.search_runs([record["experiment_id"]])) == 1
