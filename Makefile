@@ -1,0 +1,32 @@
+# Two commands for a fresh machine (see README):  make demo   |   make test
+# Everything installs into .venv from this repository's own files.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test clean-demo
+
+setup: $(VENV)/.installed
+
+# torch and torchvision come from PyPI first (--isolated skips this machine's local find-links, whose
+# CPU-only torch wheel has no matching torchvision; PyPI's CUDA build runs on CPUs). pip then sees
+# torch satisfied and installs the rest from pyproject.toml.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --isolated torch==2.13.0 torchvision==0.28.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+# The main job: the whole pipeline (validate -> normalize -> convert -> train -> evaluate -> register) on
+# the bundled handwriting demo, offline, as a Prefect flow tracked in MLflow under mlflow/.
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/visiontune run
+
+# `pytest` (not `python -m pytest`): the latter puts the repo root on sys.path, where the top-level
+# kernels/ folder would shadow Hugging Face's `kernels` package.
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+clean-demo:
+	rm -rf data/validated data/normalized data/dataset outputs models mlflow/mlflow.db mlflow/artifacts
