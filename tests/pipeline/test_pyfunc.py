@@ -21,7 +21,8 @@ FRESH_PROCESS = r"""
 import json, sys
 # Hide the development install of visiontune: the model must bring its own code (code_paths).
 sys.meta_path = [f for f in sys.meta_path if "editable" not in str(f)]
-sys.path = [p for p in sys.path if p not in ("", ".") and not p.startswith({repo!r})]
+# (the venv may live inside the repo, e.g. .venv: keep its site-packages)
+sys.path = [p for p in sys.path if p not in ("", ".") and (not p.startswith({repo!r}) or "site-packages" in p)]
 import mlflow, pandas as pd
 model = mlflow.pyfunc.load_model("models:/{name}@champion")
 import visiontune

@@ -11,8 +11,10 @@ would leave image tokens in the labels and cannot do assistant-only loss for VLM
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import math
 import time
 from pathlib import Path
@@ -278,6 +280,16 @@ def train(cfg: PipelineConfig, train_data: Any, output_dir: Path, mlflow_active:
     }
 
 
+def run_fingerprint(cfg: PipelineConfig) -> str:
+    """Hash of the settings this stage reads and of the training data: a checkpoint is resumable only
+    by a run with the same fingerprint."""
+    from visiontune.data.io import hash_tree
+
+    h = hashlib.sha256(json.dumps({k: cfg.get(k) for k in PARAMS}, sort_keys=True, default=str).encode())
+    h.update(hash_tree([Path(cfg.data.work_dir) / "dataset"]).encode())
+    return h.hexdigest()
+
+
 def train_stage(cfg: PipelineConfig) -> dict[str, Any]:
     """CLI / DVC / Prefect entry: train on the train split, tracked in MLflow, resumable."""
     import mlflow
@@ -288,15 +300,22 @@ def train_stage(cfg: PipelineConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     train_data = load_split(cfg, "train")
     experiment_id = tracking.setup_mlflow(cfg.register.tracking_uri, cfg.register.experiment)
-    # A resumed run continues the MLflow run it started (recorded before the first step).
+    # Resume only an unfinished run of the same settings and data; checkpoints of a finished or a
+    # differently configured run are stale (its adapter is already in MLflow) and are cleared.
+    fingerprint = run_fingerprint(cfg)
     previous = None
-    if latest_checkpoint(output_dir) and (output_dir / tracking.RUN_FILE).exists():
-        previous = tracking.read_run_file(output_dir).get("mlflow_run_id")
+    if (output_dir / tracking.RUN_FILE).exists():
+        old = tracking.read_run_file(output_dir)
+        if latest_checkpoint(output_dir) and old.get("status") == "running" and old.get("fingerprint") == fingerprint:
+            previous = old.get("mlflow_run_id")
+    if previous is None:
+        for stale in output_dir.glob("checkpoint-*"):
+            shutil.rmtree(stale)
     with mlflow.start_run(run_id=previous, experiment_id=None if previous else experiment_id,
                           log_system_metrics=True) as run:
         record = {"mlflow_run_id": run.info.run_id, "tracking_uri": mlflow.get_tracking_uri(),
                   "experiment_id": run.info.experiment_id, "base_model": cfg.model.name_or_path,
-                  "adapter_dir": str(output_dir / ADAPTER_DIR)}
+                  "adapter_dir": str(output_dir / ADAPTER_DIR), "status": "running", "fingerprint": fingerprint}
         tracking.write_run_file(output_dir, record)
         if previous is None:
             mlflow.log_params({k: str(v)[:500] for k, v in cfg.flat().items()})
@@ -314,5 +333,6 @@ def train_stage(cfg: PipelineConfig) -> dict[str, Any]:
         (output_dir / "loss.json").write_text(json.dumps(
             [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h], indent=1))
         record.update({k: v for k, v in result.items() if k != "adapter_dir"})
+        record["status"] = "finished"
         tracking.write_run_file(output_dir, record)
     return record
