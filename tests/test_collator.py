@@ -130,7 +130,8 @@ def test_images_from_paths_bytes_and_arrow_dicts(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("resize,dim,expected", [
     (None, 0, (400, 100)), ((64, 32), 0, (64, 32)), ("min", 0, (224, 56)), ("min", 1, (896, 224)),
-    ("max", "max", (448, 112)), ("max", "min", (1792, 448)),
+    ("max", "max", (448, 112)), ("max", "min", (1792, 448)), (56, 1, (224, 56)), (200, 0, (200, 50)),
+    (50, "max", (50, 12)),
 ])
 def test_target_size(resize, dim, expected):
     assert target_size(400, 100, resize, dim, (224, 448), None) == expected
@@ -144,6 +145,8 @@ def test_target_size_snaps_and_validates():
         target_size(1, 1, "medium", 0, (1, 1), None)
     with pytest.raises(ValueError, match="resize_dimension"):
         target_size(1, 1, "min", 2, (1, 1), None)
+    with pytest.raises(ValueError, match="positive"):
+        target_size(1, 1, 0, 0, (1, 1), None)
 
 
 def test_resize_and_snap_reach_the_processor(tiny_model_dir):

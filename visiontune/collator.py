@@ -74,8 +74,13 @@ def target_size(w: int, h: int, resize: Any, resize_dimension: Union[int, str], 
         if len(resize) != 2 or not all(isinstance(x, int) and x > 0 for x in resize):
             raise ValueError(f"resize={resize!r}: a size must be two positive integers (width, height)")
         nw, nh = int(resize[0]), int(resize[1])
-    elif resize in ("min", "max"):
-        side = bounds[0] if resize == "min" else bounds[1]
+    elif resize in ("min", "max") or (isinstance(resize, int) and not isinstance(resize, bool)):
+        if isinstance(resize, int):
+            if resize <= 0:
+                raise ValueError(f"resize={resize!r}: a side length must be a positive integer")
+            side = resize
+        else:
+            side = bounds[0] if resize == "min" else bounds[1]
         if resize_dimension == 0:
             drive = w
         elif resize_dimension == 1:
@@ -89,7 +94,7 @@ def target_size(w: int, h: int, resize: Any, resize_dimension: Union[int, str], 
         scale = side / drive
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
     else:
-        raise ValueError(f"resize={resize!r}: expected 'min', 'max', a (width, height) tuple or None")
+        raise ValueError(f"resize={resize!r}: expected 'min', 'max', a side length in px, a (width, height) tuple or None")
     if multiple:
         nw = max(multiple, round(nw / multiple) * multiple)
         nh = max(multiple, round(nh / multiple) * multiple)

@@ -97,7 +97,9 @@ class LoraConfig:
 class CollatorConfig:
     """How conversations become batches (VisionDataCollator arguments)."""
 
-    resize: Optional[Union[str, list]] = _f("min", "'min'/'max' (model default image size), [w, h], or null to keep images as they are.")
+    resize: Optional[Union[str, int, list]] = _f(
+        "min", "'min'/'max' (model default image size), a side length in px (the side resize_dimension picks; "
+        "aspect kept), [w, h], or null to keep images as they are.")
     resize_dimension: Union[int, str] = _f(0, "Which side drives the aspect-preserving resize: 0 (width), 1 (height), 'max' or 'min'.")
     snap_to_patch_size: bool = _f(True, "Round image sides to the vision patch size (times merge size where the model merges).")
     train_on_responses_only: bool = _f(True, "Compute the loss only on assistant answers, found by the chat template's markers.")
