@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo test repro clean-demo
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,12 @@ demo: setup
 # kernels/ folder would shadow Hugging Face's `kernels` package.
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+# The same pipeline through DVC. dvc runs each stage's `cmd` (`visiontune ...`) through the shell, so
+# the venv's bin/ must be on PATH. After a `make demo` the first repro re-runs the stages once (the flow
+# does not fill DVC's cache); later ones skip what did not change.
+repro: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" HF_HUB_OFFLINE=1 $(BIN)/dvc repro
 
 clean-demo:
 	rm -rf data/validated data/normalized data/dataset outputs models mlflow/mlflow.db mlflow/artifacts
