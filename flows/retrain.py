@@ -8,10 +8,16 @@ one. ``serve`` registers the flow on a cron schedule (needs a running Prefect se
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
-from prefect import flow, get_run_logger
+# Prefect's local server sends a usage heartbeat from a background service; on the ephemeral server it
+# races the flow for the same SQLite file and logs "database is locked" tracebacks (harmless, but they
+# look like a failed run). Off unless the user opted in; must be set before prefect reads its settings.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact
 
 from visiontune.config import PipelineConfig, load_params
