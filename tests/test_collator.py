@@ -188,3 +188,48 @@ def test_bad_sample_error_is_clear(tiny_model_dir):
     model, processor = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"))
     with pytest.raises(ValueError, match="to_conversation"):
         VisionDataCollator(model, processor)([{"image": "x.png", "text": "3"}])
+
+
+# ------------------------------------------------------------------------------------- padding-free packing
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mistral3"])
+def test_padding_free_gives_the_padded_loss_and_gradients(arch, tiny_model_dir):
+    """One packed row (no pads) trains exactly like the padded batch: same loss, same LoRA gradients."""
+    from visiontune.kernels import patch_model
+
+    model, processor = FastVisionModel.from_pretrained(tiny_model_dir(arch), use_gradient_checkpointing=False)
+    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, random_state=7)
+    patch_model(model, enabled=True)  # CPU: the engine's varlen attention keeps packed samples apart
+    FastVisionModel.for_training(model)
+    samples = [_single(1, "4071"), _multi(2), _single(3, "9")]  # different lengths, 1 and 2 images
+    padded = VisionDataCollator(model, processor, resize=None)(samples)
+    packed = VisionDataCollator(model, processor, resize=None, padding_free=True)(samples)
+
+    lengths = padded["attention_mask"].sum(1)
+    assert packed["input_ids"].shape == (1, int(lengths.sum()))
+    assert "attention_mask" not in packed
+    assert packed["cu_seq_lens_q"].tolist() == [0, *lengths.cumsum(0).tolist()]
+    keep = padded["attention_mask"].bool()
+    assert torch.equal(packed["input_ids"][0], padded["input_ids"][keep])  # the real tokens, pads gone
+    # Same supervised tokens: the packed labels are the padded labels without the pads.
+    assert torch.equal(packed["labels"][0], padded["labels"][keep])
+
+    lora = [p for n, p in model.named_parameters() if p.requires_grad]
+    loss_p = model(**padded).loss
+    grads_p = torch.autograd.grad(loss_p, lora)
+    loss_k = model(**packed).loss
+    grads_k = torch.autograd.grad(loss_k, lora)
+    dtype, atol, rtol = torch.float32, 1e-5, 1e-4
+    assert loss_k.dtype == dtype
+    torch.testing.assert_close(loss_k, loss_p, atol=atol, rtol=rtol)
+    for gk, gp in zip(grads_k, grads_p):
+        torch.testing.assert_close(gk, gp, atol=atol, rtol=rtol)
+
+
+def test_padding_free_refuses_what_would_mix_samples(tiny_model_dir):
+    model, processor = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), use_gradient_checkpointing=False)
+    with pytest.raises(ValueError, match="flash_attention_2"):  # stock SDPA on the CPU: samples would mix
+        VisionDataCollator(model, processor, padding_free=True)
+    model, processor = FastVisionModel.from_pretrained(tiny_model_dir("mllama"), use_gradient_checkpointing=False)
+    with pytest.raises(ValueError, match="not supported for model_type 'mllama'"):
+        VisionDataCollator(model, processor, padding_free=True)

@@ -10,7 +10,11 @@ conversation); this class adds what the processor does not do:
   ``ignore_index`` (found from the chat template itself, or by ``instruction_part``/``response_part``);
 * a token budget: a sample longer than ``max_seq_length`` is cut only after its last image token; if
   the cut would go through image tokens (the classic "image features and image tokens do not match"
-  crash) the sample is dropped with a warning, and an error is raised if nothing is left.
+  crash) the sample is dropped with a warning, and an error is raised if nothing is left;
+* ``padding_free=True`` (Qwen2/2.5/3-VL, Mistral 3): the batch becomes one packed row with no pad
+  tokens, per-sample (M-RoPE) positions and ``cu_seq_lens_*`` for varlen attention. Needs attention that
+  honours sample boundaries (the engine's patched attention or flash-attention 2); the collator refuses
+  otherwise. Loss and gradients equal the padded batch's (tested).
 """
 
 from __future__ import annotations
@@ -134,6 +138,47 @@ def _find(seq: list[int], pattern: list[int], start: int = 0) -> int:
     return -1
 
 
+# Architectures whose samples can share one packed row: causal text attention everywhere, image
+# features placed by token id. Mllama (per-sample cross-attention masks) and Gemma 3 (bidirectional
+# attention inside each image) would need per-sample masks that a packed row does not carry.
+PADDING_FREE_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mistral3")
+
+
+def _check_padding_free(model: Any, config: Any) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in PADDING_FREE_TYPES:
+        raise ValueError(
+            f"padding_free=True is not supported for model_type {model_type!r} (supported: "
+            f"{', '.join(PADDING_FREE_TYPES)}): its image attention needs per-sample masks. Use padding_free=False."
+        )
+    handle = getattr(model, "_visiontune_kernel_handle", None)
+    attn_impl = str(getattr(config, "_attn_implementation", "") or "")
+    if not (handle is not None and handle.active) and not attn_impl.startswith("flash_attention"):
+        raise ValueError(
+            "padding_free=True needs attention that keeps packed samples apart: visiontune's fused kernels "
+            "(on by default with FastVisionModel on CUDA; on the CPU call visiontune.kernels.patch_model(model, "
+            f"enabled=True)) or attn_implementation='flash_attention_2'. With {attn_impl or 'this attention'!r} "
+            "samples in a packed row would attend to each other; use padding_free=False."
+        )
+
+
+def _mrope_positions(model: Any, batch: dict[str, Any], mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """The model's own M-RoPE positions (3, B, S) for a padded batch, or None for 1-D RoPE models."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", base)
+    fn = getattr(inner, "get_rope_index", None)
+    if fn is None:
+        return None
+    import inspect
+
+    available = dict(batch, input_ids=batch["input_ids"], attention_mask=mask)
+    params = inspect.signature(fn).parameters
+    kwargs = {k: available.get(k) for k in params if k not in ("self", "kwargs")}
+    with torch.no_grad():
+        positions, _ = fn(**kwargs)
+    return positions
+
+
 class VisionDataCollator:
     """Collate conversation samples into a batch for a vision-language model (Unsloth-compatible)."""
 
@@ -155,6 +200,7 @@ class VisionDataCollator:
         resize_dimension: Union[int, str] = 0,
         snap_to_patch_size: bool = False,
         image_root: Optional[Union[str, Path]] = None,
+        padding_free: bool = False,
     ):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
@@ -183,6 +229,10 @@ class VisionDataCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.snap_to_patch_size = snap_to_patch_size
         self.image_root = Path(image_root) if image_root else None
+        self.padding_free = padding_free
+        self._model = model if padding_free else None
+        if padding_free:
+            _check_padding_free(model, base_cfg)
         self.bounds = image_size_bounds(self.spec, base_cfg, processor) if self.spec else (448, 1024)
         self.patch_multiple = self.spec.patch_multiple(base_cfg) if (self.spec and snap_to_patch_size) else None
         self.image_token_ids = self._image_token_ids()
@@ -400,7 +450,29 @@ class VisionDataCollator:
         att_rows = batch["attention_mask"].tolist()
         labels = [self._labels(ids, att, conv) for ids, att, conv in zip(ids_rows, att_rows, convs)]
         batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        if self.padding_free:
+            return self._pack(dict(batch))
         return dict(batch)
+
+    def _pack(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Padded batch -> one packed row (``padding_free=True``): no pad token costs a FLOP.
+
+        Positions restart per sample; for M-RoPE models they are the model's own 3-D (t, h, w) positions,
+        computed on the padded batch before packing, so every sample sees exactly the positions it would
+        see alone. ``cu_seq_lens_*`` tell the attention where each sample ends.
+        """
+        from visiontune.kernels.packing import pack_padded_batch
+
+        mask = batch.pop("attention_mask")
+        positions = _mrope_positions(self._model, batch, mask)
+        packed = pack_padded_batch(batch.pop("input_ids"), mask, batch.pop("labels"), positions, self.ignore_index)
+        keep = mask.bool()
+        for key, value in batch.items():  # per-token extras (mm_token_type_ids, token_type_ids) are packed too
+            if isinstance(value, torch.Tensor) and value.shape[:2] == keep.shape:
+                packed[key] = value[keep][None]
+            else:
+                packed[key] = value
+        return packed
 
     def token_counts(self, examples: list[dict]) -> list[int]:
         """Tokens (text + image) each sample needs, without truncation: for budgeting before training."""
