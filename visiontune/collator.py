@@ -19,6 +19,7 @@ conversation); this class adds what the processor does not do:
 
 from __future__ import annotations
 
+import inspect
 import io
 import logging
 import math
@@ -138,6 +139,10 @@ def _find(seq: list[int], pattern: list[int], start: int = 0) -> int:
     return -1
 
 
+# Batch entries that are per image, not per token: never truncated or packed along the sequence.
+_IMAGE_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "image_sizes",
+               "aspect_ratio_ids", "aspect_ratio_mask")
+
 # Architectures whose samples can share one packed row: causal text attention everywhere, image
 # features placed by token id. Mllama (per-sample cross-attention masks) and Gemma 3 (bidirectional
 # attention inside each image) would need per-sample masks that a packed row does not carry.
@@ -169,9 +174,7 @@ def _mrope_positions(model: Any, batch: dict[str, Any], mask: torch.Tensor) -> O
     fn = getattr(inner, "get_rope_index", None)
     if fn is None:
         return None
-    import inspect
-
-    available = dict(batch, input_ids=batch["input_ids"], attention_mask=mask)
+    available = dict(batch, attention_mask=mask)
     params = inspect.signature(fn).parameters
     kwargs = {k: available.get(k) for k in params if k not in ("self", "kwargs")}
     with torch.no_grad():
@@ -444,7 +447,7 @@ class VisionDataCollator:
                         new_len = limit // self.pad_to_multiple_of * self.pad_to_multiple_of or limit
                     for key, value in list(batch.items()):
                         if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == seq_len \
-                                and key not in ("pixel_values", "image_grid_thw"):
+                                and key not in _IMAGE_KEYS:
                             batch[key] = value[:, :new_len]
         ids_rows = batch["input_ids"].tolist()
         att_rows = batch["attention_mask"].tolist()
@@ -468,7 +471,7 @@ class VisionDataCollator:
         packed = pack_padded_batch(batch.pop("input_ids"), mask, batch.pop("labels"), positions, self.ignore_index)
         keep = mask.bool()
         for key, value in batch.items():  # per-token extras (mm_token_type_ids, token_type_ids) are packed too
-            if isinstance(value, torch.Tensor) and value.shape[:2] == keep.shape:
+            if key not in _IMAGE_KEYS and isinstance(value, torch.Tensor) and value.shape[:2] == keep.shape:
                 packed[key] = value[keep][None]
             else:
                 packed[key] = value
