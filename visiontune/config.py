@@ -105,6 +105,9 @@ class CollatorConfig:
     train_on_responses_only: bool = _f(True, "Compute the loss only on assistant answers, found by the chat template's markers.")
     completion_only_loss: bool = _f(True, "Mask everything that is not an assistant answer (by the template's own structure).")
     pad_to_multiple_of: Optional[int] = _f(None, "Pad each batch's length to a multiple of this.")
+    padding_free: bool = _f(
+        False, "Pack each batch into one row without padding (Qwen2/2.5/3-VL, Mistral 3). Needs the fused-kernel "
+        "engine (on by default on CUDA) or flash-attention 2; refused, with the reason, where samples would mix.")
 
 
 @dataclass

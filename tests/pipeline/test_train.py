@@ -137,3 +137,44 @@ def test_kill_minus_9_resumes_to_the_same_adapter(tmp_path, demo_dataset, tiny_m
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     assert len(client.search_runs([record["experiment_id"]])) == 1
+
+
+
+def test_padding_free_training(tmp_path, demo_dataset, tiny_model_dir, monkeypatch):
+    """collator.padding_free through the real TRL trainer: refused where samples would mix (stock attention
+    on the CPU), and trains on packed rows once the engine is on (forced on the CPU here, as on CUDA)."""
+    from datasets import load_from_disk
+
+    from visiontune.kernels import patch_model
+
+    rows = list(load_from_disk(str(demo_dataset / "dataset"))["train"])
+    raw = _cfg(tmp_path, demo_dataset, tiny_model_dir("qwen2_5_vl"), max_steps=2)
+    raw["collator"]["padding_free"] = True
+    cfg = from_dict(raw)
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        train_mod.train(cfg, rows, tmp_path / "refused", mlflow_active=False)
+
+    real_build_model, real_build_collator = train_mod.build_model, train_mod.build_collator
+    batches: list[dict] = []
+
+    def build_model_with_engine(c):
+        model, processor = real_build_model(c)
+        patch_model(model, enabled=True)
+        return model, processor
+
+    def recording_collator(c, model, processor):
+        collator = real_build_collator(c, model, processor)
+        call = collator.__call__
+        collator.__class__ = type("Recording", (type(collator),), {
+            "__call__": lambda self, exs: batches.append(call(exs)) or batches[-1]})
+        return collator
+
+    monkeypatch.setattr(train_mod, "build_model", build_model_with_engine)
+    monkeypatch.setattr(train_mod, "build_collator", recording_collator)
+    result = train_mod.train(cfg, rows, tmp_path / "packed", mlflow_active=False)
+    assert result["global_step"] == 2 and Path(result["adapter_dir"]).exists()
+    assert batches and all(b["input_ids"].shape[0] == 1 and "attention_mask" not in b and "cu_seq_lens_q" in b
+                           for b in batches)
+    assert result["tokens_seen"] == sum(b["input_ids"].numel() for b in batches)
+    losses = [h["loss"] for h in result["history"] if "loss" in h]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

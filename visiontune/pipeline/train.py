@@ -38,7 +38,7 @@ PARAMS = (
     "lora.finetune_mlp_modules", "lora.r", "lora.lora_alpha", "lora.lora_dropout", "lora.use_rslora",
     "lora.target_modules", "lora.modules_to_save",
     "collator.resize", "collator.resize_dimension", "collator.snap_to_patch_size", "collator.train_on_responses_only",
-    "collator.completion_only_loss", "collator.pad_to_multiple_of",
+    "collator.completion_only_loss", "collator.pad_to_multiple_of", "collator.padding_free",
     "train.output_dir", "train.learning_rate", "train.warmup_steps", "train.max_steps", "train.num_train_epochs",
     "train.per_device_train_batch_size", "train.gradient_accumulation_steps", "train.weight_decay",
     "train.max_grad_norm", "train.save_steps", "train.logging_steps", "train.seed",
@@ -67,7 +67,8 @@ class _CountingCollator:
 
     def __call__(self, examples: list) -> dict:
         batch = self.collator(examples)
-        self.tokens += int(batch["attention_mask"].sum())
+        mask = batch.get("attention_mask")  # a padding-free batch has none: every token is real
+        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
         return batch
 
 
@@ -202,6 +203,7 @@ def build_collator(cfg: PipelineConfig, model: Any, processor: Any) -> Any:
         model, processor, max_seq_length=cfg.model.max_seq_length, resize=c.resize, resize_dimension=c.resize_dimension,
         snap_to_patch_size=c.snap_to_patch_size, train_on_responses_only=c.train_on_responses_only,
         completion_only_loss=c.completion_only_loss, pad_to_multiple_of=c.pad_to_multiple_of,
+        padding_free=c.padding_free,
     )
 
 
