@@ -169,7 +169,9 @@ def _check_padding_free(model: Any, config: Any) -> None:
 
 def _mrope_positions(model: Any, batch: dict[str, Any], mask: torch.Tensor) -> Optional[torch.Tensor]:
     """The model's own M-RoPE positions (3, B, S) for a padded batch, or None for 1-D RoPE models."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from visiontune.models.fast_vision import _base
+
+    base = _base(model)
     inner = getattr(base, "model", base)
     fn = getattr(inner, "get_rope_index", None)
     if fn is None:

@@ -145,6 +145,7 @@ def test_padding_free_training(tmp_path, demo_dataset, tiny_model_dir, monkeypat
     on the CPU), and trains on packed rows once the engine is on (forced on the CPU here, as on CUDA)."""
     from datasets import load_from_disk
 
+    from visiontune.collator import VisionDataCollator
     from visiontune.kernels import patch_model
 
     rows = list(load_from_disk(str(demo_dataset / "dataset"))["train"])
@@ -154,7 +155,7 @@ def test_padding_free_training(tmp_path, demo_dataset, tiny_model_dir, monkeypat
     with pytest.raises(ValueError, match="flash_attention_2"):
         train_mod.train(cfg, rows, tmp_path / "refused", mlflow_active=False)
 
-    real_build_model, real_build_collator = train_mod.build_model, train_mod.build_collator
+    real_build_model, real_collate = train_mod.build_model, VisionDataCollator.__call__
     batches: list[dict] = []
 
     def build_model_with_engine(c):
@@ -162,15 +163,12 @@ def test_padding_free_training(tmp_path, demo_dataset, tiny_model_dir, monkeypat
         patch_model(model, enabled=True)
         return model, processor
 
-    def recording_collator(c, model, processor):
-        collator = real_build_collator(c, model, processor)
-        call = collator.__call__
-        collator.__class__ = type("Recording", (type(collator),), {
-            "__call__": lambda self, exs: batches.append(call(exs)) or batches[-1]})
-        return collator
+    def recording_collate(self, examples):
+        batches.append(real_collate(self, examples))
+        return batches[-1]
 
     monkeypatch.setattr(train_mod, "build_model", build_model_with_engine)
-    monkeypatch.setattr(train_mod, "build_collator", recording_collator)
+    monkeypatch.setattr(VisionDataCollator, "__call__", recording_collate)
     result = train_mod.train(cfg, rows, tmp_path / "packed", mlflow_active=False)
     assert result["global_step"] == 2 and Path(result["adapter_dir"]).exists()
     assert batches and all(b["input_ids"].shape[0] == 1 and "attention_mask" not in b and "cu_seq_lens_q" in b
