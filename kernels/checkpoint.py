@@ -5,6 +5,15 @@ forward (activation grads only, no weight grads), so ``fwd + recompute + bwd`` i
 instead of 2 (+50%). The engine therefore stores activations for as many layers as the memory budget
 allows and only checkpoints (or offloads to pinned CPU memory) the rest. This module is the small
 utility that wraps chosen modules' ``forward`` reversibly.
+
+Three modes per wrapped module:
+
+* ``recompute``: keep only the layer input (on the GPU) and run the layer again in backward.
+* ``recompute_offload``: recompute too, but the layer input (the only tensor a checkpointed layer keeps)
+  waits in pinned CPU memory, copied on the compute stream so no sync is needed. For the lowest memory:
+  at Qwen2.5-VL-7B shapes those inputs are 7 KiB per token per LM layer (1.2 GiB for 28 layers at 6.6k
+  tokens) plus 2.5 KiB per patch per vision block (1.4 GiB at 18k patches), benchmark config (8, 672, 256).
+* ``offload``: no recomputation; everything autograd saves inside the module goes to pinned CPU memory.
 """
 
 from __future__ import annotations
@@ -39,29 +48,102 @@ class CheckpointHandle:
 
 
 def checkpoint_modules(modules: Iterable[nn.Module], mode: str = "recompute") -> CheckpointHandle:
-    """Wrap each module's forward: ``mode='recompute'`` (non-reentrant checkpoint: keep only inputs,
-    recompute in backward) or ``mode='offload'`` (keep everything, but in pinned CPU memory).
+    """Wrap each module's forward: ``mode='recompute'`` (keep only the input, recompute in backward),
+    ``'recompute_offload'`` (the same with the input in pinned CPU memory) or ``'offload'`` (keep
+    everything, but in pinned CPU memory). Modules whose call does not fit the light path (another
+    input needing grad, or not returning one tensor) use ``torch.utils.checkpoint`` (non-reentrant).
 
     Only active while grad is enabled, so evaluation/generation is untouched.
     """
-    if mode not in ("recompute", "offload"):
-        raise ValueError(f"mode must be 'recompute' or 'offload', got {mode!r}")
+    if mode not in ("recompute", "recompute_offload", "offload"):
+        raise ValueError(f"mode must be 'recompute', 'recompute_offload' or 'offload', got {mode!r}")
     handle = CheckpointHandle()
     for m in modules:
         had = "forward" in m.__dict__
         orig = m.forward
 
-        def wrapped(*args, __orig=orig, **kwargs):
+        def wrapped(*args, __orig=orig, __mod=m, **kwargs):
             if not torch.is_grad_enabled():
                 return __orig(*args, **kwargs)
             if mode == "offload":
                 with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
                     return __orig(*args, **kwargs)
+            if _offloadable(args, kwargs) and not getattr(__mod, "_vt_heavy_checkpoint", False):
+                try:
+                    return _recompute(__mod, __orig, args, kwargs, offload=mode == "recompute_offload")
+                except _NotOneTensor:  # remember, and use torch's checkpoint for this module from now on
+                    __mod._vt_heavy_checkpoint = True
             return checkpoint(__orig, *args, use_reentrant=False, **kwargs)
 
         m.forward = wrapped
         handle._add(m, had, orig if had else None)
     return handle
+
+
+def _offloadable(args: tuple, kwargs: dict) -> bool:
+    """Our light path handles the usual layer call: hidden states first, no other input needing grad;
+    anything else goes through ``torch.utils.checkpoint`` (non-reentrant)."""
+    if not args or not torch.is_tensor(args[0]):
+        return False
+    others = list(args[1:]) + list(kwargs.values())
+    flat = [t for o in others for t in (o if isinstance(o, (tuple, list)) else (o,))]
+    return not any(torch.is_tensor(t) and t.requires_grad for t in flat)
+
+
+class _NotOneTensor(Exception):
+    """The wrapped module returned something other than one tensor (older layers return tuples)."""
+
+
+class _Recompute(torch.autograd.Function):
+    """Run ``run(x)`` saving nothing but ``x`` (on the GPU, or a pinned-CPU copy); recompute in backward.
+
+    Lighter than ``torch.utils.checkpoint`` (non-reentrant), whose saved-tensor hooks fire for every
+    tensor an op saves: on the H200 benchmark, config (1, 448, 512) with every layer checkpointed ran
+    0.348 s/step through this Function (with offload) vs 0.409 s/step with 49 of 60 layers through
+    torch's checkpoint. The module's trainable parameters are explicit inputs, so ``torch.autograd.grad``
+    and ``.backward()`` both get their gradients (a plain reentrant checkpoint only fills ``.grad``).
+    The RNG state (CPU and the input's CUDA device) and autocast settings of the forward are replayed,
+    so dropout masks and casts are the same in the recomputation.
+    """
+
+    @staticmethod
+    def forward(ctx, run, offload, x, *params):  # noqa: ANN001, ANN205
+        if offload and x.is_cuda:
+            host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            host.copy_(x, non_blocking=True)  # same stream: later kernels cannot reuse x before the copy
+            ctx.keep = host
+        else:
+            ctx.keep = x.detach()
+        ctx.run, ctx.device, ctx.x_grad, ctx.params = run, x.device, x.requires_grad, params
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        kind = x.device.type
+        ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        out = run(x)
+        if not torch.is_tensor(out):
+            raise _NotOneTensor(type(out).__name__)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        x = ctx.keep.to(ctx.device, non_blocking=True).detach().requires_grad_(True)
+        devices = [ctx.device] if ctx.cuda_rng is not None else []
+        kind, enabled, dtype = ctx.autocast
+        with torch.random.fork_rng(devices=devices, device_type=kind if devices else "cuda"):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+            with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
+                out = ctx.run(x)
+        grads = torch.autograd.grad(out, (x, *ctx.params), grad_out, allow_unused=True)
+        ctx.run = ctx.keep = ctx.params = None
+        return (None, None, grads[0] if ctx.x_grad else None, *grads[1:])
+
+
+def _recompute(module: nn.Module, orig, args: tuple, kwargs: dict, offload: bool) -> torch.Tensor:  # noqa: ANN001
+    params = [p for p in module.parameters() if p.requires_grad]
+    rest = args[1:]
+    return _Recompute.apply(lambda x: orig(x, *rest, **kwargs), offload, args[0], *params)
 
 
 def layer_stacks(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:

@@ -73,7 +73,9 @@ class ModelConfig:
     max_seq_length: int = _f(1024, "Longest sequence (text + image tokens) a sample may have.")
     dtype: Optional[str] = _f(None, "torch dtype name; None picks bfloat16 on GPUs that support it, float32 otherwise.")
     load_in_4bit: bool = _f(False, "Load the frozen base in 4-bit NF4 (bitsandbytes, CUDA only).")
-    use_gradient_checkpointing: Union[bool, str] = _f(False, "True, False or 'offload' (checkpoint and keep saved inputs on the CPU).")
+    use_gradient_checkpointing: Union[bool, str, float] = _f(
+        False, "True, False, 'offload' (checkpoint and keep saved inputs on the CPU) or a fraction in (0, 1): selective "
+        "checkpointing of every vision block and that share of the LM layers (faster than True, more memory).")
     use_fused_kernels: bool = _f(True, "Patch in visiontune's Triton kernels where CUDA is present (ignored on CPU).")
 
 

@@ -133,3 +133,55 @@ def test_train_generate_train_cycle(tiny_model_dir, checkpointing):
     loss2.backward()
     assert torch.isfinite(loss2)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def _grads_and_calls(tiny_model_dir, checkpointing):
+    """Loss, LoRA grads and per-layer forward-call counts of one fwd+bwd step on the tiny Qwen2.5-VL."""
+    from visiontune.kernels.checkpoint import layer_stacks
+
+    model, processor = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), use_gradient_checkpointing=checkpointing,
+                                                       use_fused_kernels=False)
+    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0)
+    with torch.no_grad():  # non-zero B so every LoRA factor gets a gradient
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    FastVisionModel.for_training(model)
+    vision, lm = layer_stacks(model.get_base_model())
+    calls = {id(m): 0 for m in vision + lm}
+    # Count calls of each layer's MLP: the checkpoint wrapper re-runs the layer's own forward, which
+    # bypasses hooks on the layer itself but calls its children through __call__.
+    hooks = [m.mlp.register_forward_pre_hook(lambda mod, *_, key=id(m): calls.__setitem__(key, calls[key] + 1))
+             for m in vision + lm]
+    loss = model(**VisionDataCollator(model, processor)([_conv(0), _conv(1, "7")])).loss
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return model, loss.detach(), grads, [calls[id(m)] for m in vision], [calls[id(m)] for m in lm]
+
+
+def test_selective_checkpointing_recomputes_chosen_layers_with_same_grads(tiny_model_dir):
+    # dtype float32, atol 1e-6, rtol 1e-5: recomputation repeats the same fp32 ops on the same inputs.
+    _, ref_loss, ref_grads, v0, l0 = _grads_and_calls(tiny_model_dir, False)
+    model, loss, grads, v1, l1 = _grads_and_calls(tiny_model_dir, 0.5)
+    assert v0 == [1] * len(v0) and l0 == [1] * len(l0)
+    assert v1 == [2] * len(v1), "every vision block recomputes in backward"
+    assert l1 == [2] + [1] * (len(l1) - 1), "ceil(0.5 * 2 LM layers) = the first one recomputes, the other keeps activations"
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-6, rtol=1e-5, msg=n)
+        assert grads[n].abs().sum() > 0, n
+
+    # for_inference: the wrappers stay but are inert without grad; for_training(False) removes them.
+    FastVisionModel.for_inference(model)
+    assert model.get_base_model().vt_checkpoint_handle is not None
+    FastVisionModel.for_training(model, use_gradient_checkpointing=False)
+    assert model.get_base_model().vt_checkpoint_handle is None
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, 1.5, -0.2, "half"])
+def test_selective_checkpointing_rejects_bad_fractions(tiny_model_dir, bad):
+    with pytest.raises(ValueError, match="fraction strictly between 0 and 1"):
+        FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), use_gradient_checkpointing=bad)

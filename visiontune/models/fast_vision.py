@@ -59,7 +59,7 @@ class FastVisionModel:
         max_seq_length: int = 2048,
         dtype: Optional[Union[str, torch.dtype]] = None,
         load_in_4bit: bool = False,
-        use_gradient_checkpointing: Union[bool, str] = True,
+        use_gradient_checkpointing: Union[bool, str, float] = True,
         full_finetuning: bool = False,
         attn_implementation: Optional[str] = None,
         local_files_only: bool = False,
@@ -69,8 +69,11 @@ class FastVisionModel:
     ) -> tuple[torch.nn.Module, Any]:
         """Load a vision-language model and its processor from a hub id or a local directory.
 
-        Returns ``(model, processor)``. ``use_gradient_checkpointing`` is True, False or ``"offload"``
-        (saved activations go to pinned CPU memory; on CPU machines it is the same as False).
+        Returns ``(model, processor)``. ``use_gradient_checkpointing`` is True (every layer),
+        False, ``"offload"`` (saved activations go to pinned CPU memory; on CPU machines it is the same
+        as True) or a fraction in (0, 1): *selective* checkpointing, where every vision block and that
+        fraction of the language-model layers recompute in backward and the other layers keep their
+        activations (faster than True, more memory; see ``benchmarks/RESULTS_engine.md``).
         ``use_fused_kernels`` patches visiontune's Triton kernels in when the model is on CUDA.
         """
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -82,8 +85,7 @@ class FastVisionModel:
                 f"model directory {name!r} does not exist. Pass a hub id (e.g. 'Qwen/Qwen2.5-VL-7B-Instruct') "
                 "or a folder saved with save_pretrained; for the offline demo model run `visiontune tiny-model`."
             )
-        if use_gradient_checkpointing not in (True, False, "offload", "unsloth"):
-            raise ValueError(f"use_gradient_checkpointing={use_gradient_checkpointing!r}: expected True, False or 'offload'")
+        _check_checkpointing(use_gradient_checkpointing)
         torch_dtype = _resolve_dtype(dtype)
         load_kwargs: dict[str, Any] = dict(dtype=torch_dtype, local_files_only=local_files_only, **kwargs)
         if attn_implementation:
@@ -134,8 +136,11 @@ class FastVisionModel:
         return model, processor
 
     @staticmethod
-    def _set_checkpointing(model: torch.nn.Module, mode: Union[bool, str]) -> None:
-        if mode in (True, "unsloth", "offload"):
+    def _set_checkpointing(model: torch.nn.Module, mode: Union[bool, str, float]) -> None:
+        if _is_fraction(mode):
+            _selective(model, float(mode))
+            model.config.use_cache = False
+        elif mode in (True, "unsloth", "offload"):
             _checkpointing(model, True, offload=mode == "offload")
             model.config.use_cache = False
 
@@ -197,7 +202,7 @@ class FastVisionModel:
             peft_model = get_peft_model(model, config)
         except ValueError as e:
             raise ValueError(f"get_peft_model: {e}. Check target_modules={targets!r} against model.named_modules().") from e
-        if ckpt in (True, "unsloth", "offload"):
+        if ckpt in (True, "unsloth", "offload") or _is_fraction(ckpt):
             # The frozen embedding output has no grad; checkpointed blocks need an input that requires one.
             peft_model.enable_input_require_grads()
         peft_model.vt_processor = processor
@@ -219,12 +224,23 @@ class FastVisionModel:
         return model
 
     @staticmethod
-    def for_training(model: torch.nn.Module, use_gradient_checkpointing: Optional[Union[bool, str]] = None) -> torch.nn.Module:
+    def for_training(model: torch.nn.Module,
+                     use_gradient_checkpointing: Optional[Union[bool, str, float]] = None) -> torch.nn.Module:
         """Train mode, KV cache off, checkpointing as configured, right padding."""
         model.train()
+        if use_gradient_checkpointing is not None:
+            _check_checkpointing(use_gradient_checkpointing)
         mode = getattr(model, "vt_gradient_checkpointing", False) if use_gradient_checkpointing is None else use_gradient_checkpointing
         base = _base(model)
-        if mode in (True, "unsloth", "offload") and not _checkpointing(base):
+        if _is_fraction(mode):
+            if _checkpointing(base):  # switching from full to selective checkpointing
+                _checkpointing(base, False)
+            _selective(base, float(mode))
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+        else:
+            _selective(base, None)
+        if (mode is True or mode in ("unsloth", "offload")) and not _checkpointing(base):
             _checkpointing(base, True, offload=mode == "offload")
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
@@ -233,6 +249,44 @@ class FastVisionModel:
         if processor is not None:
             getattr(processor, "tokenizer", processor).padding_side = "right"
         return model
+
+
+def _is_fraction(mode: Any) -> bool:
+    return isinstance(mode, float) and not isinstance(mode, bool)
+
+
+def _check_checkpointing(mode: Any) -> None:
+    if isinstance(mode, bool) or (isinstance(mode, str) and mode in ("offload", "unsloth")):
+        return  # (not `mode in (True, False, ...)`: 0.0 == False and 1.0 == True in Python)
+    if _is_fraction(mode) and 0.0 < mode < 1.0:
+        return
+    raise ValueError(
+        f"use_gradient_checkpointing={mode!r}: expected True, False, 'offload' or a fraction strictly between 0 "
+        "and 1 (selective checkpointing: that share of the language-model layers recompute, e.g. 0.5)"
+    )
+
+
+def _selective(model: torch.nn.Module, fraction: Optional[float]) -> None:
+    """Install (or with ``fraction=None`` remove) selective checkpointing on the transformers model.
+
+    All vision blocks are checkpointed (per byte freed about 3x cheaper to recompute than an LM layer,
+    measured in the engine benchmark) and the first ``ceil(fraction * n)`` language-model layers.
+    Idempotent: an existing selection with the same fraction is kept, another one replaced.
+    """
+    from visiontune.kernels.checkpoint import checkpoint_fraction
+
+    base = _base(model)
+    handle = getattr(base, "vt_checkpoint_handle", None)
+    if handle is not None:
+        if fraction is not None and getattr(base, "vt_checkpoint_fraction", None) == fraction:
+            return
+        handle.remove()
+        base.vt_checkpoint_handle = None
+        base.vt_checkpoint_fraction = None
+    if fraction is None:
+        return
+    base.vt_checkpoint_handle = checkpoint_fraction(base, lm_fraction=fraction, vision_fraction=1.0)
+    base.vt_checkpoint_fraction = fraction
 
 
 def _base(model: torch.nn.Module) -> torch.nn.Module:
