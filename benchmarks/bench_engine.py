@@ -20,7 +20,8 @@ frozen matmuls, flash varlen attention for the vision windows and the text, chun
 *selective* checkpointing: layers keep their activations while a memory budget allows, vision blocks are
 checkpointed first (3.3x cheaper to recompute per byte freed than LM layers). The budget is the stock
 run's peak for the same config (so the engine never uses more memory than stock), or 70 GiB where
-stock ran out of memory.
+stock ran out of memory. Lean (``--no-lean`` skips it): the engine with every layer recomputed and the
+layer inputs kept in pinned CPU memory, its lowest-memory setting. Every column uses ``AdamW(fused=True)``.
 
 Usage (GPU): ``python benchmarks/bench_engine.py --out $OUT`` ; ``--quick`` for a smoke run.
 Never run as a unit test.
