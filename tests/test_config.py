@@ -51,6 +51,7 @@ def test_type_errors_and_coercion():
         from_dict({"lora": {"r": True}})
     assert from_dict({"train": {"learning_rate": 1}}).train.learning_rate == 1.0
     assert from_dict({"model": {"use_gradient_checkpointing": "offload"}}).model.use_gradient_checkpointing == "offload"
+    assert from_dict({"model": {"use_gradient_checkpointing": 0.5}}).model.use_gradient_checkpointing == 0.5
 
 
 def test_overrides(tmp_path):
