@@ -359,6 +359,33 @@ def profile_engine(model, opt, batch, out_dir: Path, n_vis_ck: int, n_lm_ck: int
     log(summary)
 
 
+def cprofile_engine(model, opt, batch, out_dir: Path, n_vis_ck: int, n_lm_ck: int, tag: str, log) -> None:
+    """cProfile over one engine step (CPU side: where the Python time goes when the GPU waits)."""
+    import cProfile
+    import io
+    import pstats
+
+    from visiontune.kernels import patch_model
+    from visiontune.kernels.checkpoint import checkpoint_modules
+
+    handle = patch_model(model)
+    batch = engine_batch(batch)
+    ck = checkpoint_modules(_vision_blocks(model)[:n_vis_ck] + _lm_layers(model)[:n_lm_ck])
+    train_steps(model, opt, batch, 1, 1)
+    prof = cProfile.Profile()
+    prof.enable()
+    train_steps(model, opt, batch, 1, 0)
+    prof.disable()
+    ck.remove()
+    handle.unpatch()
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf)
+    stats.sort_stats("tottime").print_stats(45)
+    stats.sort_stats("cumulative").print_stats(45)
+    (out_dir / f"cprofile_{tag}.txt").write_text(buf.getvalue())
+    log(f"cprofile {tag}: written")
+
+
 def check_equivalence(model, batch) -> tuple[float, float]:
     """Loss of the same weights and batch, stock vs engine (no grad): the patch must not change results."""
     from visiontune.kernels import patch_model
@@ -380,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default="", help="comma-separated indices into CONFIGS")
     ap.add_argument("--no-stock", action="store_true")
     ap.add_argument("--no-lean", action="store_true", help="skip the lowest-memory engine run")
+    ap.add_argument("--cprofile", default="", help="comma-separated config indices to cProfile (CPU side)")
     ap.add_argument("--profile", default="0,3", help="comma-separated config indices to profile ('' for none)")
     args = ap.parse_args(argv)
     out_dir = Path(args.out)
@@ -453,6 +481,12 @@ def main(argv: list[str] | None = None) -> int:
         if row is not None:
             profile_engine(model, opt, make_batch(*cfg, device), out_dir, row["engine"]["vision_checkpointed"],
                            row["engine"]["lm_checkpointed"], f"cfg{idx}", log)
+    for idx in [int(i) for i in args.cprofile.split(",") if i.strip()]:
+        cfg = CONFIGS[idx]
+        row = next((r for r in results if tuple(r["config"]) == cfg and not r["engine"].get("oom")), None)
+        if row is not None:
+            cprofile_engine(model, opt, make_batch(*cfg, device), out_dir, row["engine"]["vision_checkpointed"],
+                            row["engine"]["lm_checkpointed"], f"cfg{idx}", log)
     # the table, printed last
     hdr = (f"{'config (B,px,text)':<20}{'tokens':>7} | {'stock tok/s':>11}{'GiB':>6}{'MFU':>6} | "
            f"{'engine tok/s':>12}{'GiB':>6}{'MFU':>6}{'ckpt v/l':>9} | {'speedup':>7}{'mem':>6} | "
