@@ -376,6 +376,19 @@ def cprofile_engine(model, opt, batch, out_dir: Path, n_vis_ck: int, n_lm_ck: in
     prof.enable()
     train_steps(model, opt, batch, 1, 0)
     prof.disable()
+    # GPU->CPU syncs of one step, by the Python line that caused them (each one drains the GPU queue)
+    import warnings
+    from collections import Counter
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_steps(model, opt, batch, 1, 0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    log(f"syncs {tag}: {sum(syncs.values())} in one step: " + "; ".join(f"{k} x{v}" for k, v in syncs.most_common(12)))
     ck.remove()
     handle.unpatch()
     buf = io.StringIO()

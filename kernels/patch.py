@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -374,7 +375,9 @@ def _text_attention_forward(m: nn.Module, orig: Callable) -> Callable:
         cu = a.get("cu_seq_lens_q")
         mask = a.get("attention_mask")
         if cu is not None and b == 1:
-            max_len = a.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
+            max_len = a.get("max_length_q")
+            if max_len is None or torch.is_tensor(max_len):
+                max_len = max_seqlen_of(cu)
             out = varlen_attention(q.reshape(s, -1, hd), k.reshape(s, -1, hd), v.reshape(s, -1, hd), cu,
                                    int(max_len), causal=True, scale=scale)
         elif mask is None:
@@ -391,6 +394,29 @@ def _text_attention_forward(m: nn.Module, orig: Callable) -> Callable:
         return out, None
 
     return forward
+
+
+_MAX_SEQLEN: dict[int, tuple[Any, int, int]] = {}  # id(cu) -> (weakref to cu, cu._version, value)
+
+
+def max_seqlen_of(cu: torch.Tensor) -> int:
+    """Longest sequence in ``cu_seqlens``, computed once per tensor (and per in-place change).
+
+    Reading it is a GPU->CPU sync. A Qwen2.5-VL vision tower passes the same two ``cu_seqlens``
+    tensors (windows, full) to all 32 blocks, and again when checkpointed blocks recompute: one sync per
+    tensor instead of 63 per step, which matters when the step is launch-bound (config (1, 448, 512) of
+    ``benchmarks/bench_engine.py``). Keyed by ``id`` plus a weak reference (a tensor's ``==`` is
+    elementwise, so tensors cannot be dictionary keys compared by value).
+    """
+    hit = _MAX_SEQLEN.get(id(cu))
+    if hit is not None and hit[0]() is cu and hit[1] == cu._version:
+        return hit[2]
+    value = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    if len(_MAX_SEQLEN) > 64:  # drop entries whose tensors are gone
+        for key in [k for k, v in _MAX_SEQLEN.items() if v[0]() is None]:
+            del _MAX_SEQLEN[key]
+    _MAX_SEQLEN[id(cu)] = (weakref.ref(cu), cu._version, value)
+    return value
 
 
 def _vision_attention_forward(m: nn.Module, orig: Callable) -> Callable:
@@ -411,8 +437,8 @@ def _vision_attention_forward(m: nn.Module, orig: Callable) -> Callable:
         cos, sin = pe
         q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
         max_len = a.get("max_seqlen")
-        if max_len is None:
-            max_len = int((cu[1:] - cu[:-1]).max())
+        if max_len is None or torch.is_tensor(max_len):
+            max_len = max_seqlen_of(cu)
         hd = q.shape[-1]
         out = varlen_attention(q, k, v.contiguous(), cu, int(max_len), causal=False,
                                scale=getattr(m, "scaling", hd ** -0.5))

@@ -124,3 +124,15 @@ def test_patch_before_peft_wrapping_still_fuses_lora(triton_cpu, tiny_model_dir)
     torch.testing.assert_close(loss1, loss0, atol=1e-5, rtol=1e-5)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_max_seqlen_is_read_once_per_cu_seqlens_tensor():
+    from visiontune.kernels.patch import max_seqlen_of
+
+    cu = torch.tensor([0, 3, 10, 12], dtype=torch.int32)
+    assert max_seqlen_of(cu) == 7
+    assert max_seqlen_of(cu) == 7
+    cu[3] = 30  # an in-place change bumps the version: recomputed, never a stale value
+    assert max_seqlen_of(cu) == 20
+    assert max_seqlen_of(torch.tensor([0, 5], dtype=torch.int32)) == 5
+    assert max_seqlen_of(torch.tensor([0], dtype=torch.int32)) == 0
