@@ -36,6 +36,8 @@ class CheckpointHandle:
         self._saved.append((module, old, had_instance_forward))
 
     def remove(self) -> None:
+        for module, _, _ in self._saved:
+            module.__dict__.pop("_vt_trainable", None)
         for module, old, had in reversed(self._saved):
             if had:
                 module.forward = old
@@ -140,8 +142,24 @@ class _Recompute(torch.autograd.Function):
         return (None, None, grads[0] if ctx.x_grad else None, *grads[1:])
 
 
-def _recompute(module: nn.Module, orig, args: tuple, kwargs: dict, offload: bool) -> torch.Tensor:  # noqa: ANN001
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    """The module's parameters that need grad, cached on the module.
+
+    Walking a decoder layer's ~50 submodules on every call cost 25 ms of Python per step at
+    Qwen2.5-VL-7B size (49 checkpointed layers, measured with ``bench_engine.py --cprofile``). The cache
+    is re-checked cheaply: it is rebuilt when a cached parameter stopped needing grad, and an empty one
+    (frozen layer, or LoRA not added yet) is never trusted.
+    """
+    cached = module.__dict__.get("_vt_trainable")
+    if cached and all(p.requires_grad for p in cached):
+        return cached
     params = [p for p in module.parameters() if p.requires_grad]
+    module.__dict__["_vt_trainable"] = params
+    return params
+
+
+def _recompute(module: nn.Module, orig, args: tuple, kwargs: dict, offload: bool) -> torch.Tensor:  # noqa: ANN001
+    params = _trainable(module)
     rest = args[1:]
     return _Recompute.apply(lambda x: orig(x, *rest, **kwargs), offload, args[0], *params)
 
