@@ -33,23 +33,6 @@ def _resolve_dtype(dtype: Optional[Union[str, torch.dtype]]) -> torch.dtype:
     return torch.float32
 
 
-def _offload_forward(model: torch.nn.Module) -> None:
-    """Fallback for transformers without ``activation_checkpointing_enable(offload=True)``: keep the
-    tensors autograd saves in pinned CPU memory instead of on the GPU."""
-    if getattr(model, "_vt_offload", False):
-        return
-    inner = model.forward
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        if torch.is_grad_enabled() and model.training and torch.cuda.is_available():
-            with torch.autograd.graph.save_on_cpu(pin_memory=True):
-                return inner(*args, **kwargs)
-        return inner(*args, **kwargs)
-
-    model.forward = forward
-    model._vt_offload = True
-
-
 class FastVisionModel:
     """Namespace of static methods, as in Unsloth (``FastVisionModel.from_pretrained(...)``)."""
 
@@ -69,11 +52,12 @@ class FastVisionModel:
     ) -> tuple[torch.nn.Module, Any]:
         """Load a vision-language model and its processor from a hub id or a local directory.
 
-        Returns ``(model, processor)``. ``use_gradient_checkpointing`` is True (every layer),
-        False, ``"offload"`` (saved activations go to pinned CPU memory; on CPU machines it is the same
-        as True) or a fraction in (0, 1): *selective* checkpointing, where every vision block and that
-        fraction of the language-model layers recompute in backward and the other layers keep their
-        activations (faster than True, more memory; see ``benchmarks/RESULTS_engine.md``).
+        Returns ``(model, processor)``. ``use_gradient_checkpointing`` is True (every vision block and
+        LM layer keeps only its input and recomputes in backward), False, ``"offload"`` / ``"unsloth"``
+        (the same, with those inputs in pinned CPU memory; on CPU machines the same as True) or a
+        fraction in (0, 1): *selective* checkpointing, where every vision block and that fraction of the
+        language-model layers recompute and the other layers keep their activations (faster than True,
+        more memory; see ``benchmarks/RESULTS_engine.md``).
         ``use_fused_kernels`` patches visiontune's Triton kernels in when the model is on CUDA.
         """
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -137,11 +121,8 @@ class FastVisionModel:
 
     @staticmethod
     def _set_checkpointing(model: torch.nn.Module, mode: Union[bool, str, float]) -> None:
-        if _is_fraction(mode):
-            _selective(model, float(mode))
-            model.config.use_cache = False
-        elif mode in (True, "unsloth", "offload"):
-            _checkpointing(model, True, offload=mode == "offload")
+        _install_checkpointing(model, _checkpoint_plan(mode))
+        if mode is not False:
             model.config.use_cache = False
 
     @staticmethod
@@ -232,18 +213,10 @@ class FastVisionModel:
             _check_checkpointing(use_gradient_checkpointing)
         mode = getattr(model, "vt_gradient_checkpointing", False) if use_gradient_checkpointing is None else use_gradient_checkpointing
         base = _base(model)
-        if _is_fraction(mode):
-            if _checkpointing(base):  # switching from full to selective checkpointing
-                _checkpointing(base, False)
-            _selective(base, float(mode))
-            if hasattr(model, "enable_input_require_grads"):
-                model.enable_input_require_grads()
-        else:
-            _selective(base, None)
-        if (mode is True or mode in ("unsloth", "offload")) and not _checkpointing(base):
-            _checkpointing(base, True, offload=mode == "offload")
-            if hasattr(model, "enable_input_require_grads"):
-                model.enable_input_require_grads()
+        plan = _checkpoint_plan(mode)
+        if plan is not None and _checkpointing(base):  # transformers' own checkpointing on top would recompute twice
+            _checkpointing(base, False)
+        _install_checkpointing(base, plan)
         _set_use_cache(model, False)
         processor = getattr(model, "vt_processor", None)
         if processor is not None:
@@ -266,27 +239,39 @@ def _check_checkpointing(mode: Any) -> None:
     )
 
 
-def _selective(model: torch.nn.Module, fraction: Optional[float]) -> None:
-    """Install (or with ``fraction=None`` remove) selective checkpointing on the transformers model.
+def _checkpoint_plan(mode: Any) -> Optional[tuple[float, str]]:
+    """``use_gradient_checkpointing`` -> (share of LM layers checkpointed, kernels.checkpoint mode)."""
+    if mode is False:
+        return None
+    if _is_fraction(mode):
+        return float(mode), "recompute"
+    if isinstance(mode, str) and mode in ("offload", "unsloth"):
+        return 1.0, "recompute_offload"
+    return 1.0, "recompute"
 
-    All vision blocks are checkpointed (per byte freed about 3x cheaper to recompute than an LM layer,
-    measured in the engine benchmark) and the first ``ceil(fraction * n)`` language-model layers.
-    Idempotent: an existing selection with the same fraction is kept, another one replaced.
+
+def _install_checkpointing(model: torch.nn.Module, plan: Optional[tuple[float, str]]) -> None:
+    """Install (or with ``plan=None`` remove) visiontune's checkpointing on the transformers model.
+
+    Every vision block is checkpointed (per byte freed about 3x cheaper to recompute than an LM layer,
+    measured in the engine benchmark) and the first ``ceil(fraction * n)`` language-model layers, through
+    ``kernels.checkpoint``'s light recompute (faster than transformers' non-reentrant checkpoint:
+    benchmarks/RESULTS_engine.md). Idempotent: the same plan is kept, another one replaces it.
     """
     from visiontune.kernels.checkpoint import checkpoint_fraction
 
     base = _base(model)
     handle = getattr(base, "vt_checkpoint_handle", None)
     if handle is not None:
-        if fraction is not None and getattr(base, "vt_checkpoint_fraction", None) == fraction:
+        if plan is not None and getattr(base, "vt_checkpoint_plan", None) == plan:
             return
         handle.remove()
         base.vt_checkpoint_handle = None
-        base.vt_checkpoint_fraction = None
-    if fraction is None:
+        base.vt_checkpoint_plan = None
+    if plan is None:
         return
-    base.vt_checkpoint_handle = checkpoint_fraction(base, lm_fraction=fraction, vision_fraction=1.0)
-    base.vt_checkpoint_fraction = fraction
+    base.vt_checkpoint_handle = checkpoint_fraction(base, lm_fraction=plan[0], vision_fraction=1.0, mode=plan[1])
+    base.vt_checkpoint_plan = plan
 
 
 def _base(model: torch.nn.Module) -> torch.nn.Module:
@@ -295,26 +280,19 @@ def _base(model: torch.nn.Module) -> torch.nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def _checkpointing(model: torch.nn.Module, enable: Optional[bool] = None, offload: bool = False) -> bool:
-    """Query (enable=None) or switch activation checkpointing.
+def _checkpointing(model: torch.nn.Module, enable: Optional[bool] = None) -> bool:
+    """Query (``enable=None``) or switch off transformers' own activation checkpointing.
 
-    transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_* and added ``offload``
-    (checkpointed layer inputs kept in pinned host memory); use whichever the installed version has, and
-    fall back to our own save-on-CPU wrapper for offload on older versions.
+    visiontune installs its own (``_install_checkpointing``); this only finds and turns off what a user
+    or another library enabled through transformers (renamed activation_checkpointing_* in v5).
     """
     new = hasattr(model, "activation_checkpointing_enable")
     if enable is None:
         return bool(getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False))
-    if not enable:
-        (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
-        return False
-    if new:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}, offload=offload)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if offload:
-            _offload_forward(model)
-    return True
+    if enable:
+        raise ValueError("visiontune enables checkpointing through use_gradient_checkpointing, not transformers")
+    (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
+    return False
 
 
 def _set_use_cache(model: torch.nn.Module, value: bool) -> None:
