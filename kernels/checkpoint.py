@@ -114,8 +114,9 @@ class _Recompute(torch.autograd.Function):
             host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
             host.copy_(x, non_blocking=True)  # same stream: later kernels cannot reuse x before the copy
             ctx.keep = host
-        else:
-            ctx.keep = x.detach()
+        else:  # saved the autograd way: an in-place change of x before backward raises instead of going unseen
+            ctx.keep = None
+            ctx.save_for_backward(x)
         ctx.run, ctx.device, ctx.x_grad, ctx.params = run, x.device, x.requires_grad, params
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
@@ -128,7 +129,8 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
-        x = ctx.keep.to(ctx.device, non_blocking=True).detach().requires_grad_(True)
+        kept = ctx.keep if ctx.keep is not None else ctx.saved_tensors[0]
+        x = kept.to(ctx.device, non_blocking=True).detach().requires_grad_(True)
         devices = [ctx.device] if ctx.cuda_rng is not None else []
         kind, enabled, dtype = ctx.autocast
         with torch.random.fork_rng(devices=devices, device_type=kind if devices else "cuda"):

@@ -113,6 +113,19 @@ def test_recompute_handles_tuple_returning_modules():
     handle.remove()
 
 
+def test_recompute_refuses_an_input_changed_in_place():
+    torch.manual_seed(5)
+    lin = torch.nn.Linear(4, 4)
+    handle = checkpoint_modules([lin], mode="recompute")
+    x = torch.randn(3, 4).requires_grad_(True)
+    h = x * 1.0
+    out = lin(h)
+    h.add_(1.0)  # the kept layer input changes before backward: recomputing from it would be wrong
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    handle.remove()
+
+
 def test_checkpoint_rejects_unknown_mode():
     with pytest.raises(ValueError):
         checkpoint_modules([torch.nn.Linear(2, 2)], mode="swap")

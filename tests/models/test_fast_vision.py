@@ -185,6 +185,18 @@ def test_checkpointing_recomputes_chosen_layers_with_same_grads(tiny_model_dir, 
     assert model.get_base_model().vt_checkpoint_handle is None
 
 
+def test_get_peft_model_checkpointing_argument_installs_it(tiny_model_dir):
+    # Unsloth-style: checkpointing chosen in get_peft_model (from_pretrained had it off).
+    model, _ = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), use_gradient_checkpointing=False)
+    assert getattr(model, "vt_checkpoint_handle", None) is None
+    peft = FastVisionModel.get_peft_model(model, r=4, use_gradient_checkpointing="unsloth")
+    base = peft.get_base_model()
+    assert base.vt_checkpoint_plan == (1.0, "recompute_offload") and len(base.vt_checkpoint_handle) > 0
+    with pytest.raises(ValueError, match="use_gradient_checkpointing"):
+        FastVisionModel.get_peft_model(FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"))[0],
+                                       use_gradient_checkpointing="always")
+
+
 @pytest.mark.parametrize("bad", [0.0, 1.0, 1.5, -0.2, "half"])
 def test_selective_checkpointing_rejects_bad_fractions(tiny_model_dir, bad):
     with pytest.raises(ValueError, match="fraction strictly between 0 and 1"):

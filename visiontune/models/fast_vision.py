@@ -176,6 +176,8 @@ class FastVisionModel:
         torch.manual_seed(random_state)
         if torch.cuda.is_available():
             torch.cuda.manual_seed_all(random_state)
+        if use_gradient_checkpointing is not None:
+            _check_checkpointing(use_gradient_checkpointing)
         ckpt = model.vt_gradient_checkpointing if use_gradient_checkpointing is None else use_gradient_checkpointing
         processor = getattr(model, "vt_processor", None)
         max_len = getattr(model, "max_seq_length", None)
@@ -183,12 +185,10 @@ class FastVisionModel:
             peft_model = get_peft_model(model, config)
         except ValueError as e:
             raise ValueError(f"get_peft_model: {e}. Check target_modules={targets!r} against model.named_modules().") from e
-        if ckpt in (True, "unsloth", "offload") or _is_fraction(ckpt):
-            # The frozen embedding output has no grad; checkpointed blocks need an input that requires one.
-            peft_model.enable_input_require_grads()
         peft_model.vt_processor = processor
         peft_model.max_seq_length = max_len
         peft_model.vt_gradient_checkpointing = ckpt
+        _install_checkpointing(peft_model, _checkpoint_plan(ckpt))  # Unsloth passes it here, too
         return peft_model
 
     @staticmethod
