@@ -201,3 +201,43 @@ def test_get_peft_model_checkpointing_argument_installs_it(tiny_model_dir):
 def test_selective_checkpointing_rejects_bad_fractions(tiny_model_dir, bad):
     with pytest.raises(ValueError, match="fraction strictly between 0 and 1"):
         FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), use_gradient_checkpointing=bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", [0.5, True, "offload"])
+def test_checkpointing_modes_on_the_gpu_engine(tiny_model_dir, mode):
+    """bf16 + Triton kernels on CUDA: every mode gives the loss and LoRA gradients of no checkpointing
+    (loss rtol 1e-2; gradients ||diff|| / ||ref|| < 2e-2: recomputation may reorder bf16 reductions)."""
+    _, ref_loss, ref_grads, _, _ = _grads_and_calls_gpu(tiny_model_dir, False)
+    _, loss, grads, v1, l1 = _grads_and_calls_gpu(tiny_model_dir, mode)
+    assert v1 == [2] * len(v1) and l1[0] == 2
+    torch.testing.assert_close(loss.float(), ref_loss.float(), atol=0, rtol=1e-2)
+    for n, g in grads.items():
+        ref = ref_grads[n].float()
+        assert (g.float() - ref).norm() <= 2e-2 * ref.norm() + 1e-6, n
+
+
+def _grads_and_calls_gpu(tiny_model_dir, checkpointing):
+    from visiontune.kernels.checkpoint import layer_stacks
+
+    model, processor = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), use_gradient_checkpointing=checkpointing)
+    assert next(model.parameters()).is_cuda
+    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator(device=p.device).manual_seed(len(n)))
+    FastVisionModel.for_training(model)
+    vision, lm = layer_stacks(model.get_base_model())
+    calls = {id(m): 0 for m in vision + lm}
+    hooks = [m.mlp.register_forward_pre_hook(lambda mod, *_, key=id(m): calls.__setitem__(key, calls[key] + 1))
+             for m in vision + lm]
+    batch = VisionDataCollator(model, processor)([_conv(0), _conv(1, "7")])
+    batch = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in batch.items()}
+    loss = model(**batch).loss
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return model, loss.detach(), grads, [calls[id(m)] for m in vision], [calls[id(m)] for m in lm]
