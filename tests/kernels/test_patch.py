@@ -23,7 +23,9 @@ def _lora_model(tiny_model_dir, arch):
     from visiontune import FastVisionModel, VisionDataCollator
 
     torch.manual_seed(0)
-    model, processor = FastVisionModel.from_pretrained(tiny_model_dir(arch), use_fused_kernels=False)
+    # Checkpointing off: these tests check that patching leaves no forward override behind.
+    model, processor = FastVisionModel.from_pretrained(tiny_model_dir(arch), use_fused_kernels=False,
+                                                       use_gradient_checkpointing=False)
     model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8)
     with torch.no_grad():  # non-zero B so that every LoRA branch contributes to outputs and grads
         for n, p in model.named_parameters():

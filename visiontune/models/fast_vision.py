@@ -258,8 +258,6 @@ def _install_checkpointing(model: torch.nn.Module, plan: Optional[tuple[float, s
     ``kernels.checkpoint``'s light recompute (faster than transformers' non-reentrant checkpoint:
     benchmarks/RESULTS_engine.md). Idempotent: the same plan is kept, another one replaces it.
     """
-    from visiontune.kernels.checkpoint import checkpoint_fraction
-
     base = _base(model)
     handle = getattr(base, "vt_checkpoint_handle", None)
     if handle is not None:
@@ -270,6 +268,10 @@ def _install_checkpointing(model: torch.nn.Module, plan: Optional[tuple[float, s
         base.vt_checkpoint_plan = None
     if plan is None:
         return
+    # Imported here, not at the top: a served model (MLflow pyfunc) ships only the visiontune/ folder,
+    # without the kernels it never needs for inference.
+    from visiontune.kernels.checkpoint import checkpoint_fraction
+
     base.vt_checkpoint_handle = checkpoint_fraction(base, lm_fraction=plan[0], vision_fraction=1.0, mode=plan[1])
     base.vt_checkpoint_plan = plan
 
