@@ -30,6 +30,7 @@ Never run as a unit test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -262,6 +263,14 @@ def run_engine_lean(model, opt, batch, steps: int, warmup: int) -> dict[str, Any
     model.base_model.model.gradient_checkpointing_disable()
     handle = patch_model(model)
     ck = checkpoint_modules(_vision_blocks(model) + _lm_layers(model), mode="recompute_offload")
+    res = _measured(model, opt, batch, steps, warmup)
+    ck.remove()
+    handle.unpatch()
+    return res
+
+
+def _measured(model, opt, batch, steps: int, warmup: int) -> dict[str, Any]:
+    """Time ``steps`` training steps from a clean allocator; peak memory, or ``oom``. Leaves no grads behind."""
     _reset()
     try:
         sec, loss = train_steps(model, opt, batch, steps, warmup)
@@ -269,8 +278,6 @@ def run_engine_lean(model, opt, batch, steps: int, warmup: int) -> dict[str, Any
                    reserved_gib=torch.cuda.max_memory_reserved() / GIB)
     except torch.OutOfMemoryError:
         res = dict(oom=True)
-    ck.remove()
-    handle.unpatch()
     opt.zero_grad(set_to_none=True)
     _reset()
     return res
@@ -285,15 +292,7 @@ def _more_checkpointing(nv: int, nl: int, tv: int, tl: int) -> tuple[int, int]:
 def run_stock(model, opt, batch, steps: int, warmup: int) -> dict[str, Any]:
     inner = model.base_model.model
     inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    _reset()
-    try:
-        sec, loss = train_steps(model, opt, batch, steps, warmup)
-        res = dict(sec_per_step=sec, loss=loss, peak_gib=torch.cuda.max_memory_allocated() / GIB,
-                   reserved_gib=torch.cuda.max_memory_reserved() / GIB)
-    except torch.OutOfMemoryError:
-        res = dict(oom=True)
-    opt.zero_grad(set_to_none=True)
-    _reset()
+    res = _measured(model, opt, batch, steps, warmup)
     inner.gradient_checkpointing_disable()
     return res
 
@@ -304,24 +303,34 @@ def _reset() -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
-def profile_engine(model, opt, batch, out_dir: Path, n_vis_ck: int, n_lm_ck: int, tag: str, log) -> None:
-    """torch.profiler over one engine step: top kernels to a file, kernel families + GPU-busy share logged."""
-    from torch.profiler import ProfilerActivity, profile
-
+@contextlib.contextmanager
+def _engine_step(model, opt, batch, n_vis_ck: int, n_lm_ck: int):
+    """The engine as benchmarked (patched, packed batch, the given layers checkpointed), warmed up by one
+    step; yields the packed batch and undoes the patch and the checkpointing afterwards."""
     from visiontune.kernels import patch_model
     from visiontune.kernels.checkpoint import checkpoint_modules
 
     handle = patch_model(model)
     batch = engine_batch(batch)
     ck = checkpoint_modules(_vision_blocks(model)[:n_vis_ck] + _lm_layers(model)[:n_lm_ck])
-    train_steps(model, opt, batch, 1, 1)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        train_steps(model, opt, batch, 1, 0)
-    wall = time.perf_counter() - t0
-    ck.remove()
-    handle.unpatch()
+    try:
+        train_steps(model, opt, batch, 1, 1)
+        yield batch
+    finally:
+        ck.remove()
+        handle.unpatch()
+
+
+def profile_engine(model, opt, batch, out_dir: Path, n_vis_ck: int, n_lm_ck: int, tag: str, log) -> None:
+    """torch.profiler over one engine step: top kernels to a file, kernel families + GPU-busy share logged."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _engine_step(model, opt, batch, n_vis_ck, n_lm_ck) as packed:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            train_steps(model, opt, packed, 1, 0)
+        wall = time.perf_counter() - t0
     groups: dict[str, float] = {}
     total = 0.0
     for ev in prof.key_averages():
@@ -360,37 +369,28 @@ def profile_engine(model, opt, batch, out_dir: Path, n_vis_ck: int, n_lm_ck: int
 
 
 def cprofile_engine(model, opt, batch, out_dir: Path, n_vis_ck: int, n_lm_ck: int, tag: str, log) -> None:
-    """cProfile over one engine step (CPU side: where the Python time goes when the GPU waits)."""
+    """cProfile over one engine step (CPU side: where the Python time goes when the GPU waits), and the
+    GPU->CPU syncs of another step, by the Python line that caused them (each one drains the GPU queue)."""
     import cProfile
     import io
     import pstats
-
-    from visiontune.kernels import patch_model
-    from visiontune.kernels.checkpoint import checkpoint_modules
-
-    handle = patch_model(model)
-    batch = engine_batch(batch)
-    ck = checkpoint_modules(_vision_blocks(model)[:n_vis_ck] + _lm_layers(model)[:n_lm_ck])
-    train_steps(model, opt, batch, 1, 1)
-    prof = cProfile.Profile()
-    prof.enable()
-    train_steps(model, opt, batch, 1, 0)
-    prof.disable()
-    # GPU->CPU syncs of one step, by the Python line that caused them (each one drains the GPU queue)
     import warnings
     from collections import Counter
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            train_steps(model, opt, batch, 1, 0)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    with _engine_step(model, opt, batch, n_vis_ck, n_lm_ck) as packed:
+        prof = cProfile.Profile()
+        prof.enable()
+        train_steps(model, opt, packed, 1, 0)
+        prof.disable()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train_steps(model, opt, packed, 1, 0)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
     syncs = Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
     log(f"syncs {tag}: {sum(syncs.values())} in one step: " + "; ".join(f"{k} x{v}" for k, v in syncs.most_common(12)))
-    ck.remove()
-    handle.unpatch()
     buf = io.StringIO()
     stats = pstats.Stats(prof, stream=buf)
     stats.sort_stats("tottime").print_stats(45)

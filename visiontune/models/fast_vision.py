@@ -196,8 +196,7 @@ class FastVisionModel:
         """Eval mode, KV cache on, checkpointing off, left padding (batched ``generate`` needs it)."""
         model.eval()
         base = _base(model)
-        if _checkpointing(base):
-            _checkpointing(base, False)
+        _hf_checkpointing_off(base)
         _set_use_cache(model, True)
         processor = getattr(model, "vt_processor", None)
         if processor is not None:
@@ -214,8 +213,8 @@ class FastVisionModel:
         mode = getattr(model, "vt_gradient_checkpointing", False) if use_gradient_checkpointing is None else use_gradient_checkpointing
         base = _base(model)
         plan = _checkpoint_plan(mode)
-        if plan is not None and _checkpointing(base):  # transformers' own checkpointing on top would recompute twice
-            _checkpointing(base, False)
+        if plan is not None:
+            _hf_checkpointing_off(base)
         _install_checkpointing(base, plan)
         _set_use_cache(model, False)
         processor = getattr(model, "vt_processor", None)
@@ -282,19 +281,15 @@ def _base(model: torch.nn.Module) -> torch.nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def _checkpointing(model: torch.nn.Module, enable: Optional[bool] = None) -> bool:
-    """Query (``enable=None``) or switch off transformers' own activation checkpointing.
+def _hf_checkpointing_off(model: torch.nn.Module) -> None:
+    """Switch off transformers' own activation checkpointing if a user or another library enabled it.
 
-    visiontune installs its own (``_install_checkpointing``); this only finds and turns off what a user
-    or another library enabled through transformers (renamed activation_checkpointing_* in v5).
+    visiontune installs its own (``_install_checkpointing``); with transformers' on top every layer would
+    be recomputed twice. transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*.
     """
     new = hasattr(model, "activation_checkpointing_enable")
-    if enable is None:
-        return bool(getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False))
-    if enable:
-        raise ValueError("visiontune enables checkpointing through use_gradient_checkpointing, not transformers")
-    (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
-    return False
+    if getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False):
+        (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
 
 
 def _set_use_cache(model: torch.nn.Module, value: bool) -> None:
