@@ -3,8 +3,12 @@
 ``q, k, v`` are packed as (T, H, D) with ``cu_seqlens`` (int32, N+1) marking sequence starts, as
 flash-attention's varlen API expects. Paths, fastest first:
 
-1. CUDA, bf16/fp16, and ``torch.nn.attention.varlen.varlen_attn`` present (PyTorch >= 2.10): the
-   flash-attention varlen kernel: no padding, no mask tensor, GQA without repeating k/v.
+1. CUDA, bf16/fp16, and PyTorch's flash-attention varlen kernels present (``aten._flash_attention_forward``
+   / ``_backward``, the ones ``torch.nn.attention.varlen.varlen_attn`` wraps): no padding, no mask tensor,
+   GQA without repeating k/v. :class:`FlashVarlenFunction` calls the two aten ops from a plain
+   ``autograd.Function``: ``varlen_attn`` goes through ``torch.library.custom_op`` dispatch (schema
+   checks, fake-tensor registration, autograd wrapper), which costs Python time on every call; with
+   109 calls per step at batch 1 that overhead is part of why the small configs are launch-bound.
 2. otherwise SDPA on one packed row with a block-diagonal (optionally causal) boolean mask built from
    ``cu_seqlens`` while T <= ``MASK_MAX_TOKENS`` (the mask is T^2 bytes), else one SDPA call per sequence.
 
@@ -31,11 +35,41 @@ except Exception:  # older torch
 
 #: set to False to forbid the flash varlen path (debugging / A-B comparisons)
 ALLOW_FLASH_VARLEN = True
+#: set to False to route the flash path through ``torch.nn.attention.varlen.varlen_attn`` (A-B comparisons)
+DIRECT_FLASH_OPS = True
+
+_FLASH_FWD = getattr(torch.ops.aten, "_flash_attention_forward", None)
+_FLASH_BWD = getattr(torch.ops.aten, "_flash_attention_backward", None)
+
+
+class FlashVarlenFunction(torch.autograd.Function):
+    """Flash-attention varlen forward/backward straight from the aten ops (no custom-op dispatch).
+
+    q: (T, Hq, D), k/v: (T, Hkv, D) with Hq % Hkv == 0 (the kernel handles GQA natively), bf16/fp16 on
+    CUDA. Saves q, k, v, the output and the (Hq, T) fp32 log-sum-exp, as flash attention always does.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_len: int, causal: bool, scale: float | None):
+        out, lse, seed, offset, _ = _FLASH_FWD(q, k, v, cu, cu, max_len, max_len, 0.0, causal, False,
+                                               scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu, seed, offset)
+        ctx.meta = (max_len, causal, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu, seed, offset = ctx.saved_tensors
+        max_len, causal, scale = ctx.meta
+        dq, dk, dv = _FLASH_BWD(dout.contiguous(), q, k, v, out, lse, cu, cu, max_len, max_len, 0.0, causal,
+                                seed, offset, scale=scale)
+        return dq, dk, dv, None, None, None, None
 
 
 def flash_varlen_available(q: torch.Tensor) -> bool:
     """Whether :func:`varlen_attention` will take the flash-attention varlen kernel for ``q``."""
-    return (ALLOW_FLASH_VARLEN and _varlen_attn is not None and q.is_cuda
+    has_kernel = (_FLASH_FWD is not None and _FLASH_BWD is not None) if DIRECT_FLASH_OPS else _varlen_attn is not None
+    return (ALLOW_FLASH_VARLEN and has_kernel and q.is_cuda
             and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0)
 
 
@@ -82,6 +116,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     hk = k.shape[1]
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     if flash_varlen_available(q):
+        if DIRECT_FLASH_OPS:
+            return FlashVarlenFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu, int(max_seqlen),
+                                             causal, scale)
         kw = {"scale": scale}
         if "window_size" in _VARLEN_PARAMS:
             kw["window_size"] = (-1, 0) if causal else (-1, -1)

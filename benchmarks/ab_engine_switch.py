@@ -1,0 +1,76 @@
+"""Interleaved A/B timing of one engine switch at one benchmark config, for launch-bound configs on a
+noisy host.
+
+On the (1, 448, 512) config the step is launch-bound, and back-to-back runs of ``bench_engine.py`` on the
+same H200 measured 1.60x-2.26x for unchanged code: the host's speed drifts between runs. This script puts
+stock HF+PEFT and the engine with the switch off and on in one process and alternates short rounds of
+each, so drift hits all three alike; it reports the median step time per variant and the ratios.
+
+    python benchmarks/ab_engine_switch.py --switch direct_flash [--config 0] [--rounds 6] [--steps 5]
+
+Switches: ``direct_flash`` (``kernels.attention.DIRECT_FLASH_OPS``: aten flash ops from a plain
+autograd.Function vs ``torch.nn.attention.varlen.varlen_attn``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_engine as be  # noqa: E402
+
+from visiontune.kernels import attention as attn_mod  # noqa: E402
+
+SWITCHES = {"direct_flash": (attn_mod, "DIRECT_FLASH_OPS")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--switch", choices=sorted(SWITCHES), default="direct_flash")
+    ap.add_argument("--config", type=int, default=0, help="index into bench_engine.CONFIGS")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per round and variant")
+    ap.add_argument("--ckpt", default="31,18", help="vision,LM layers checkpointed (bench_engine's choice at config 0)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    mod, attr = SWITCHES[a.switch]
+    dev = torch.device("cuda")
+    model = be.add_lora(be.build_model(dev))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    b, px, text = be.CONFIGS[a.config]
+    batch = be.make_batch(b, px, text, dev)
+    nv, nl = (int(x) for x in a.ckpt.split(","))
+    times: dict[str, list[float]] = {"stock": [], "off": [], "on": []}
+    inner = model.base_model.model
+    for r in range(a.rounds):
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        times["stock"].append(be.train_steps(model, opt, batch, a.steps, 1)[0])
+        inner.gradient_checkpointing_disable()
+        opt.zero_grad(set_to_none=True)
+        with be._engine_step(model, opt, batch, nv, nl) as packed:
+            for variant in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                setattr(mod, attr, variant == "on")
+                times[variant].append(be.train_steps(model, opt, packed, a.steps, 1)[0])
+        opt.zero_grad(set_to_none=True)
+        print(f"round {r}: " + "  ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
+    setattr(mod, attr, True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    res = {"switch": a.switch, "config": list(be.CONFIGS[a.config]), "device": torch.cuda.get_device_name(),
+           "median_sec_per_step": med, "speedup_off": med["stock"] / med["off"], "speedup_on": med["stock"] / med["on"],
+           "rounds": times}
+    print(f"median s/step: stock {med['stock']:.3f}  {a.switch}=off {med['off']:.3f} ({res['speedup_off']:.2f}x)  "
+          f"{a.switch}=on {med['on']:.3f} ({res['speedup_on']:.2f}x)")
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / f"ab_{a.switch}_config{a.config}.json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
