@@ -65,11 +65,12 @@ class ModelConfig:
     """The base model and how it is loaded."""
 
     name_or_path: str = _f(
-        "models/tiny-qwen2.5-vl",
+        "models/tiny-qwen3-vl-demo",
         "Hub id or local directory of the base model. The demo uses a tiny random-weight model built offline "
         "(`visiontune tiny-model`); point this at e.g. Qwen/Qwen2.5-VL-7B-Instruct for real work.",
     )
-    tiny_architecture: str = _f("qwen2_5_vl", "Architecture of the tiny demo model built when name_or_path does not exist yet and starts with models/tiny-.")
+    tiny_architecture: str = _f("qwen3_vl", "Architecture of the tiny demo model built when name_or_path does not exist yet and starts with models/tiny-.")
+    tiny_size: str = _f("demo", "Size preset of that tiny model (visiontune.testing.TINY_SIZES): 'demo' (learns the demo task within its CPU budget) or 'test' (smallest; what the unit tests use).")
     max_seq_length: int = _f(1024, "Longest sequence (text + image tokens) a sample may have.")
     dtype: Optional[str] = _f(None, "torch dtype name; None picks bfloat16 on GPUs that support it, float32 otherwise.")
     load_in_4bit: bool = _f(False, "Load the frozen base in 4-bit NF4 (bitsandbytes, CUDA only).")

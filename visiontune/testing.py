@@ -260,6 +260,39 @@ SPECS: dict[str, TinySpec] = {
 }
 
 
+# Sizes of the tiny models. "test" is the smallest that exercises every code path (unit tests, CI).
+# "demo" is the one the bundled demo trains: it must learn to read digit strings within the demo's
+# 10-minute CPU budget. Measured on the demo task (qwen3_vl, 1,500 LoRA steps, batch 8, one core):
+# the "test" width stays at the bag-of-digits plateau, and so does the "demo" width with the usual
+# text rope_theta of 1e4: with head_dim 16 the w-axis M-RoPE channels then rotate so slowly that image
+# columns a few tokens apart look alike to the language model (coloured-square strings: 6% exact match
+# at theta 1e4 vs 58% at theta 3). Width 4x gave no gain over 2x (E27/E28 in the closing note of stop 10).
+TINY_SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "test": {},
+    "demo": {
+        "text": {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 8},
+        "text_rope_theta": {"value": 3.0},
+        "vision": {"hidden_size": 64, "intermediate_size": 128, "num_heads": 4, "out_hidden_size": 128},
+    },
+}
+
+
+def _resize_config(config: Any, size: str) -> Any:
+    """Apply a :data:`TINY_SIZES` preset to a freshly made tiny config."""
+    if size not in TINY_SIZES:
+        raise ValueError(f"unknown tiny model size {size!r}; choose one of {', '.join(TINY_SIZES)}")
+    preset = TINY_SIZES[size]
+    for key, value in preset.get("text", {}).items():
+        setattr(config.text_config, key, value)
+    for key, value in preset.get("vision", {}).items():
+        setattr(config.vision_config, key, value)
+    if "text_rope_theta" in preset:
+        rope = dict(getattr(config.text_config, "rope_parameters", None) or {})
+        rope["rope_theta"] = preset["text_rope_theta"]["value"]
+        config.text_config.rope_parameters = rope
+    return config
+
+
 def build_tokenizer(special_tokens: list[str], attrs: dict[str, str], extra_special: dict[str, str],
                     chat_template: str, vocab_size: int = 640) -> Any:
     """A byte-level BPE tokenizer trained on a small built-in corpus, with the given special tokens first."""
@@ -280,13 +313,20 @@ def build_tokenizer(special_tokens: list[str], attrs: dict[str, str], extra_spec
     return fast
 
 
-def build_tiny_model(arch: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+def build_tiny_model(arch: str, out_dir: str | os.PathLike, seed: int = 0, size: str = "test") -> Path:
     """Build and save a tiny random-weight ``arch`` model with its tokenizer and processor in ``out_dir``.
 
-    Returns the directory. Building takes about a second; nothing is downloaded.
+    ``size`` is a :data:`TINY_SIZES` preset ("test": smallest; "demo": the demo's model; it is defined for the
+    Qwen architectures, whose configs have separate text and vision parts). Returns the directory. Building
+    takes about a second; nothing is downloaded.
     """
     if arch not in SPECS:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if size not in TINY_SIZES:
+        raise ValueError(f"unknown tiny model size {size!r}; choose one of {', '.join(TINY_SIZES)}")
+    if size != "test" and not arch.startswith("qwen"):
+        raise ValueError(f"tiny model size {size!r} is defined for qwen2_vl, qwen2_5_vl and qwen3_vl, not {arch!r}; "
+                         "use size 'test' for this architecture")
     import torch
     import transformers
 
@@ -295,7 +335,7 @@ def build_tiny_model(arch: str, out_dir: str | os.PathLike, seed: int = 0) -> Pa
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(spec.special_tokens, spec.tokenizer_attrs, spec.extra_special, spec.chat_template)
     processor = spec.make_processor(tok, spec.chat_template)
-    config = spec.make_config(tok)
+    config = _resize_config(spec.make_config(tok), size)
     torch.manual_seed(seed)
     model = getattr(transformers, spec.model_class)(config)
     # A trained model's readout is far from transformers' std=0.02 init: with a 64-wide hidden state and
@@ -308,23 +348,23 @@ def build_tiny_model(arch: str, out_dir: str | os.PathLike, seed: int = 0) -> Pa
         head.weight.normal_(0.0, 2.0 / hidden**0.5)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "visiontune_tiny.json").write_text(json.dumps({"architecture": arch, "seed": seed}))
+    (out / "visiontune_tiny.json").write_text(json.dumps({"architecture": arch, "seed": seed, "size": size}))
     return out
 
 
 def tiny_model_stage(cfg: Any) -> dict:
     """CLI/DVC entry: build the tiny model named by ``model.name_or_path`` unless it exists already."""
     path = Path(cfg.model.name_or_path)
-    arch = cfg.model.tiny_architecture
+    arch, size = cfg.model.tiny_architecture, cfg.model.tiny_size
     if (path / "config.json").exists():
         return {"model": str(path), "built": False}
-    build_tiny_model(arch, path, seed=cfg.train.seed)
-    return {"model": str(path), "architecture": arch, "built": True}
+    build_tiny_model(arch, path, seed=cfg.train.seed, size=size)
+    return {"model": str(path), "architecture": arch, "size": size, "built": True}
 
 
-def ensure_tiny_model(name_or_path: str, arch: str, seed: int = 0) -> str:
+def ensure_tiny_model(name_or_path: str, arch: str, seed: int = 0, size: str = "test") -> str:
     """If ``name_or_path`` is a not-yet-built ``models/tiny-*`` path, build it; return the path unchanged."""
     p = Path(name_or_path)
     if p.name.startswith("tiny-") and not (p / "config.json").exists():
-        build_tiny_model(arch, p, seed=seed)
+        build_tiny_model(arch, p, seed=seed, size=size)
     return name_or_path

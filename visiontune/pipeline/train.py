@@ -32,7 +32,7 @@ ADAPTER_DIR = "adapter"
 # Settings this stage reads (dvc.yaml's `params` for the train stage lists exactly these; a test checks).
 PARAMS = (
     "data.work_dir",
-    "model.name_or_path", "model.tiny_architecture", "model.max_seq_length", "model.dtype", "model.load_in_4bit",
+    "model.name_or_path", "model.tiny_architecture", "model.tiny_size", "model.max_seq_length", "model.dtype", "model.load_in_4bit",
     "model.use_gradient_checkpointing", "model.use_fused_kernels",
     "lora.finetune_vision_layers", "lora.finetune_language_layers", "lora.finetune_attention_modules",
     "lora.finetune_mlp_modules", "lora.r", "lora.lora_alpha", "lora.lora_dropout", "lora.use_rslora",
@@ -180,7 +180,7 @@ def build_model(cfg: PipelineConfig) -> tuple[Any, Any]:
     from visiontune.testing import ensure_tiny_model
 
     m, lo = cfg.model, cfg.lora
-    ensure_tiny_model(m.name_or_path, m.tiny_architecture, seed=cfg.train.seed)
+    ensure_tiny_model(m.name_or_path, m.tiny_architecture, seed=cfg.train.seed, size=m.tiny_size)
     model, processor = FastVisionModel.from_pretrained(
         m.name_or_path, max_seq_length=m.max_seq_length, dtype=m.dtype, load_in_4bit=m.load_in_4bit,
         use_gradient_checkpointing=m.use_gradient_checkpointing, use_fused_kernels=m.use_fused_kernels,
