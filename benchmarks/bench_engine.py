@@ -59,6 +59,17 @@ GIB = 2**30
 # = 3584*5 + 512*2 + 18944*2 elements; vision block: 1280*6 + 3420*2 elements (see kernels/lora.py).
 LM_LAYER_BYTES_PER_TOKEN = 2 * (3584 * 5 + 512 * 2 + 18944 * 2 - 3584)
 VISION_BLOCK_BYTES_PER_PATCH = 2 * (1280 * 6 + 3420 * 2 - 1280)
+# With --recompute-mlp the fused MLPs keep neither gate nor up (kernels.lora.gated_mlp(recompute=True)).
+LM_LAYER_BYTES_PER_TOKEN_RECOMPUTE_MLP = LM_LAYER_BYTES_PER_TOKEN - 2 * 18944 * 2
+VISION_BLOCK_BYTES_PER_PATCH_RECOMPUTE_MLP = VISION_BLOCK_BYTES_PER_PATCH - 2 * 3420 * 2
+#: set by --recompute-mlp: every engine column patches with patch_model(recompute_mlp=True)
+RECOMPUTE_MLP = False
+
+
+def _patch(model):
+    from visiontune.kernels import patch_model
+
+    return patch_model(model, recompute_mlp=RECOMPUTE_MLP)
 
 
 def build_model(device: torch.device):
@@ -185,8 +196,8 @@ def choose_checkpointing(model, batch, budget_gib: float, base_peak_gib: float) 
     tokens = batch["input_ids"].numel()
     patches = batch["pixel_values"].shape[0]
     n_vis, n_lm = len(_vision_blocks(model)), len(_lm_layers(model))
-    lm_cost = LM_LAYER_BYTES_PER_TOKEN * tokens / GIB
-    vis_cost = VISION_BLOCK_BYTES_PER_PATCH * patches / GIB
+    lm_cost = (LM_LAYER_BYTES_PER_TOKEN_RECOMPUTE_MLP if RECOMPUTE_MLP else LM_LAYER_BYTES_PER_TOKEN) * tokens / GIB
+    vis_cost = (VISION_BLOCK_BYTES_PER_PATCH_RECOMPUTE_MLP if RECOMPUTE_MLP else VISION_BLOCK_BYTES_PER_PATCH) * patches / GIB
     room = budget_gib - base_peak_gib - 0.5  # margin: allocator fragmentation, CE chunk, workspace
     lm_stored = max(0, min(n_lm, int(room // lm_cost))) if lm_cost > 0 else n_lm
     room -= lm_stored * lm_cost
@@ -210,12 +221,11 @@ def engine_batch(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def run_engine(model, opt, batch, budget_gib: float, steps: int, warmup: int, log) -> dict[str, Any]:
-    from visiontune.kernels import patch_model
     from visiontune.kernels.checkpoint import checkpoint_modules
 
     batch = engine_batch(batch)
     model.base_model.model.gradient_checkpointing_disable()
-    handle = patch_model(model)
+    handle = _patch(model)
     log(f"  engine patch counts: {handle.counts}")
     vis, lm = _vision_blocks(model), _lm_layers(model)
     # probe: everything checkpointed, one step, measure the floor
@@ -256,12 +266,11 @@ def run_engine(model, opt, batch, budget_gib: float, steps: int, warmup: int, lo
 def run_engine_lean(model, opt, batch, steps: int, warmup: int) -> dict[str, Any]:
     """The engine at its lowest memory: every vision block and LM layer recomputed in backward, and the
     layer inputs (all that a checkpointed layer keeps) parked in pinned CPU memory until then."""
-    from visiontune.kernels import patch_model
     from visiontune.kernels.checkpoint import checkpoint_modules
 
     batch = engine_batch(batch)
     model.base_model.model.gradient_checkpointing_disable()
-    handle = patch_model(model)
+    handle = _patch(model)
     ck = checkpoint_modules(_vision_blocks(model) + _lm_layers(model), mode="recompute_offload")
     res = _measured(model, opt, batch, steps, warmup)
     ck.remove()
@@ -307,10 +316,9 @@ def _reset() -> None:
 def _engine_step(model, opt, batch, n_vis_ck: int, n_lm_ck: int):
     """The engine as benchmarked (patched, packed batch, the given layers checkpointed), warmed up by one
     step; yields the packed batch and undoes the patch and the checkpointing afterwards."""
-    from visiontune.kernels import patch_model
     from visiontune.kernels.checkpoint import checkpoint_modules
 
-    handle = patch_model(model)
+    handle = _patch(model)
     batch = engine_batch(batch)
     ck = checkpoint_modules(_vision_blocks(model)[:n_vis_ck] + _lm_layers(model)[:n_lm_ck])
     try:
@@ -422,7 +430,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-lean", action="store_true", help="skip the lowest-memory engine run")
     ap.add_argument("--cprofile", default="", help="comma-separated config indices to cProfile (CPU side)")
     ap.add_argument("--profile", default="0,3", help="comma-separated config indices to profile ('' for none)")
+    ap.add_argument("--recompute-mlp", action="store_true",
+                    help="engine columns patch with recompute_mlp=True (MLPs rerun gate/up in backward)")
     args = ap.parse_args(argv)
+    global RECOMPUTE_MLP
+    RECOMPUTE_MLP = args.recompute_mlp
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_f = open(out_dir / "bench_log.txt", "a")
@@ -487,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(row)
         del batch
         _reset()
-        json.dump(dict(results=results, peak_flops=peak, flop_params=n_flop), open(out_dir / "bench_engine.json", "w"), indent=1)
+        json.dump(dict(results=results, peak_flops=peak, flop_params=n_flop, recompute_mlp=RECOMPUTE_MLP),
+                  open(out_dir / "bench_engine.json", "w"), indent=1)
     for idx in [int(i) for i in args.profile.split(",") if i.strip()] if not args.quick else []:
         cfg = CONFIGS[idx]
         row = next((r for r in results if tuple(r["config"]) == cfg and not r["engine"].get("oom")), None)

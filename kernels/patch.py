@@ -309,22 +309,24 @@ def _layernorm_forward(m: nn.LayerNorm) -> Callable:
     return forward
 
 
-def _gated_mlp_forward(m: nn.Module, orig: Callable, names: tuple[str, str, str], act: str) -> Callable:
+def _gated_mlp_forward(m: nn.Module, orig: Callable, names: tuple[str, str, str], act: str,
+                       recompute: bool) -> Callable:
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         ps = [lora_params(getattr(m, n), x) for n in names]
         if args or kwargs or any(p is None for p in ps):
             return orig(x, *args, **kwargs)
-        return gated_mlp(x, *ps, act=act)
+        return gated_mlp(x, *ps, act=act, recompute=recompute)
 
     return forward
 
 
-def _plain_mlp_forward(m: nn.Module, orig: Callable, names: tuple[str, str], act: str) -> Callable:
+def _plain_mlp_forward(m: nn.Module, orig: Callable, names: tuple[str, str], act: str,
+                       recompute: bool) -> Callable:
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         ps = [lora_params(getattr(m, n), x) for n in names]
         if args or kwargs or any(p is None for p in ps):
             return orig(x, *args, **kwargs)
-        return plain_mlp(x, *ps, act=act)
+        return plain_mlp(x, *ps, act=act, recompute=recompute)
 
     return forward
 
@@ -503,14 +505,16 @@ def _model_on_cuda(model: nn.Module) -> bool:
 
 
 def patch_model(model: nn.Module, enabled: bool | None = None, *, fused_cross_entropy: bool = True,
-                attention: bool = True) -> PatchHandle:
+                attention: bool = True, recompute_mlp: bool = False) -> PatchHandle:
     """Patch the fused kernels into ``model`` (a transformers VLM, optionally PEFT-wrapped).
 
     ``enabled=None``: on when CUDA is available and the model's parameters are on CUDA; ``False``: a
     no-op (returns an inactive handle); ``True``: patch even on the CPU (the patched forwards then run
     the torch references, or the Triton kernels under ``TRITON_INTERPRET=1`` with ``force_triton``).
     Unsupported architectures get a warning and an inactive handle. Patching twice returns the
-    existing handle.
+    existing handle. ``recompute_mlp=True``: the fused MLPs keep only their input and rank-r products and
+    run the up/gate (fc1) GEMMs again in backward (``kernels.lora.gated_mlp``): less activation memory
+    than storing them, far cheaper than recomputing whole layers.
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -540,12 +544,12 @@ def patch_model(model: nn.Module, enabled: bool | None = None, *, fused_cross_en
             g, u, d, act_attr = spec.gated_mlps[cls]
             act = identify_activation(getattr(m, act_attr))
             if act is not None:
-                _set_forward(handle, m, _gated_mlp_forward(m, m.forward, (g, u, d), act), "gated_mlp")
+                _set_forward(handle, m, _gated_mlp_forward(m, m.forward, (g, u, d), act, recompute_mlp), "gated_mlp")
         elif cls in spec.plain_mlps:
             f1, f2, act_attr = spec.plain_mlps[cls]
             act = identify_activation(getattr(m, act_attr))
             if act is not None:
-                _set_forward(handle, m, _plain_mlp_forward(m, m.forward, (f1, f2), act), "plain_mlp")
+                _set_forward(handle, m, _plain_mlp_forward(m, m.forward, (f1, f2), act, recompute_mlp), "plain_mlp")
         elif cls in spec.mrope_rotary and hasattr(m, "mrope_section") and hasattr(m, "inv_freq"):
             _set_forward(handle, m, _mrope_forward(m, m.forward, spec.mrope_rotary[cls]), "mrope")
         elif attention and cls in spec.text_attention:

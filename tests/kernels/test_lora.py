@@ -50,19 +50,33 @@ def test_lora_linear_cpu(triton_cpu, shape, n_out, bias, lora):
 
 @pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
 @pytest.mark.parametrize("rows,hid,inter,bias", [(1, 8, 12, False), (13, 20, 36, True)])
-def test_gated_mlp_cpu(triton_cpu, act, rows, hid, inter, bias):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_gated_mlp_cpu(triton_cpu, act, rows, hid, inter, bias, recompute):
     ps = [_params(hid, inter, 3, bias), _params(hid, inter, 3, bias), _params(inter, hid, 3, bias)]
     x, dy = torch.randn(rows, hid), torch.randn(rows, hid)
-    _check(lambda x, *p: gated_mlp(x, *p, act=act), lambda x, *p: gated_mlp_reference(x, *p, act=act),
-           x, ps, dy, 1e-5, 1e-4)
+    _check(lambda x, *p: gated_mlp(x, *p, act=act, recompute=recompute),
+           lambda x, *p: gated_mlp_reference(x, *p, act=act), x, ps, dy, 1e-5, 1e-4)
 
 
 @pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "quick_gelu", "silu"])
-def test_plain_mlp_cpu(triton_cpu, act):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_plain_mlp_cpu(triton_cpu, act, recompute):
     ps = [_params(24, 40, 4, True), _params(40, 24, 4, True)]
     x, dy = torch.randn(2, 7, 24), torch.randn(2, 7, 24)
-    _check(lambda x, *p: plain_mlp(x, *p, act=act), lambda x, *p: plain_mlp_reference(x, *p, act=act),
-           x, ps, dy, 1e-5, 1e-4)
+    _check(lambda x, *p: plain_mlp(x, *p, act=act, recompute=recompute),
+           lambda x, *p: plain_mlp_reference(x, *p, act=act), x, ps, dy, 1e-5, 1e-4)
+
+
+def test_mlp_recompute_keeps_no_intermediate_activation(triton_cpu):
+    """recompute=True: what the MLP Function saves for backward holds no tokens x intermediate tensor."""
+    rows, hid, inter = 11, 16, 48
+    ps = [_params(hid, inter, 2, False), _params(hid, inter, 2, False), _params(inter, hid, 2, False)]
+    x = torch.randn(rows, hid, requires_grad=True)
+    for recompute, expect_big in ((False, True), (True, False)):
+        y = gated_mlp(x, *ps, act="silu", recompute=recompute)
+        saved = [t for t in y.grad_fn.saved_tensors if t is not None]
+        big = any(t.shape == (rows, inter) for t in saved)
+        assert big == expect_big, (recompute, [tuple(t.shape) for t in saved])
 
 
 def test_gated_mlp_cpu_partial_lora(triton_cpu):
@@ -74,7 +88,8 @@ def test_gated_mlp_cpu_partial_lora(triton_cpu):
 
 
 @pytest.mark.gpu
-def test_lora_gated_mlp_gpu_bf16(cuda_device):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_lora_gated_mlp_gpu_bf16(cuda_device, recompute):
     """Qwen2.5-VL-7B MLP shapes, bf16 base, fp32 adapters (PEFT's autocast_adapter_dtype)."""
     rows, hid, inter = 4096, 3584, 18944
     ps = [_params(hid, inter, 16, False, device=cuda_device, dtype=torch.bfloat16, lora_dtype=torch.float32),
@@ -84,8 +99,16 @@ def test_lora_gated_mlp_gpu_bf16(cuda_device):
     dy = torch.randn(rows, hid, device=cuda_device).bfloat16()
     leaves = [t for p in ps for t in _trainables(p)]
     xx = x.clone().requires_grad_()
-    y = gated_mlp(xx, *ps, act="silu")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    y = gated_mlp(xx, *ps, act="silu", recompute=recompute)
+    held = torch.cuda.memory_allocated() - before  # output + what the Function saved for backward
     got = (y.detach(), *torch.autograd.grad(y, [xx, *leaves], dy))
+    inter_bytes = rows * inter * 2
+    if recompute:  # gate and up outputs (2 x rows x inter bf16) are not kept
+        assert held < inter_bytes, (held, inter_bytes)
+    else:
+        assert held >= 2 * inter_bytes, (held, inter_bytes)
     ps32 = [[t.float() if torch.is_tensor(t) else t for t in p] for p in ps]
     leaves32 = [t for p in ps32 for t in p[2:4]]
     xr = x.float().requires_grad_()
@@ -94,7 +117,7 @@ def test_lora_gated_mlp_gpu_bf16(cuda_device):
     names = ["out", "dx", "dA_gate", "dB_gate", "dA_up", "dB_up", "dA_down", "dB_down"]
     for name, g, w in zip(names, got, want):
         err = rel_err(g, w)
-        record_gpu_error("lora_gated_mlp", name, err, 2e-2)
+        record_gpu_error(f"lora_gated_mlp{'[recompute]' if recompute else ''}", name, err, 2e-2)
         assert torch.isfinite(g).all() and err < 2e-2, (name, err)
 
 
