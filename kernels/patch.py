@@ -141,6 +141,8 @@ class PatchHandle:
         self.counts: dict[str, int] = {}
         self._undo: list[Callable[[], None]] = []
         self._model = model
+        #: read by the patched MLPs at every call: True -> keep only inputs, rerun gate/up in backward
+        self.recompute_mlp = False
 
     def _count(self, kind: str) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -310,23 +312,23 @@ def _layernorm_forward(m: nn.LayerNorm) -> Callable:
 
 
 def _gated_mlp_forward(m: nn.Module, orig: Callable, names: tuple[str, str, str], act: str,
-                       recompute: bool) -> Callable:
+                       handle: PatchHandle) -> Callable:
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         ps = [lora_params(getattr(m, n), x) for n in names]
         if args or kwargs or any(p is None for p in ps):
             return orig(x, *args, **kwargs)
-        return gated_mlp(x, *ps, act=act, recompute=recompute)
+        return gated_mlp(x, *ps, act=act, recompute=handle.recompute_mlp)
 
     return forward
 
 
 def _plain_mlp_forward(m: nn.Module, orig: Callable, names: tuple[str, str], act: str,
-                       recompute: bool) -> Callable:
+                       handle: PatchHandle) -> Callable:
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         ps = [lora_params(getattr(m, n), x) for n in names]
         if args or kwargs or any(p is None for p in ps):
             return orig(x, *args, **kwargs)
-        return plain_mlp(x, *ps, act=act, recompute=recompute)
+        return plain_mlp(x, *ps, act=act, recompute=handle.recompute_mlp)
 
     return forward
 
@@ -512,9 +514,10 @@ def patch_model(model: nn.Module, enabled: bool | None = None, *, fused_cross_en
     no-op (returns an inactive handle); ``True``: patch even on the CPU (the patched forwards then run
     the torch references, or the Triton kernels under ``TRITON_INTERPRET=1`` with ``force_triton``).
     Unsupported architectures get a warning and an inactive handle. Patching twice returns the
-    existing handle. ``recompute_mlp=True``: the fused MLPs keep only their input and rank-r products and
-    run the up/gate (fc1) GEMMs again in backward (``kernels.lora.gated_mlp``): less activation memory
-    than storing them, far cheaper than recomputing whole layers.
+    existing handle. ``recompute_mlp=True`` (also settable later as ``handle.recompute_mlp``): the fused
+    MLPs keep only their input and rank-r products and run the up/gate (fc1) GEMMs again in backward
+    (``kernels.lora.gated_mlp``): less activation memory than storing them, far cheaper than recomputing
+    whole layers.
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -531,6 +534,7 @@ def patch_model(model: nn.Module, enabled: bool | None = None, *, fused_cross_en
                       f"(supported: {', '.join(KERNEL_REGISTRY)})", stacklevel=2)
         return PatchHandle(None, model_type, active=False)
     handle = PatchHandle(model, model_type, active=True)
+    handle.recompute_mlp = bool(recompute_mlp)
     ce_done = False
     for m in model.modules():
         cls = type(m).__name__
@@ -544,12 +548,12 @@ def patch_model(model: nn.Module, enabled: bool | None = None, *, fused_cross_en
             g, u, d, act_attr = spec.gated_mlps[cls]
             act = identify_activation(getattr(m, act_attr))
             if act is not None:
-                _set_forward(handle, m, _gated_mlp_forward(m, m.forward, (g, u, d), act, recompute_mlp), "gated_mlp")
+                _set_forward(handle, m, _gated_mlp_forward(m, m.forward, (g, u, d), act, handle), "gated_mlp")
         elif cls in spec.plain_mlps:
             f1, f2, act_attr = spec.plain_mlps[cls]
             act = identify_activation(getattr(m, act_attr))
             if act is not None:
-                _set_forward(handle, m, _plain_mlp_forward(m, m.forward, (f1, f2), act, recompute_mlp), "plain_mlp")
+                _set_forward(handle, m, _plain_mlp_forward(m, m.forward, (f1, f2), act, handle), "plain_mlp")
         elif cls in spec.mrope_rotary and hasattr(m, "mrope_section") and hasattr(m, "inv_freq"):
             _set_forward(handle, m, _mrope_forward(m, m.forward, spec.mrope_rotary[cls]), "mrope")
         elif attention and cls in spec.text_attention:

@@ -75,8 +75,9 @@ class ModelConfig:
     dtype: Optional[str] = _f(None, "torch dtype name; None picks bfloat16 on GPUs that support it, float32 otherwise.")
     load_in_4bit: bool = _f(False, "Load the frozen base in 4-bit NF4 (bitsandbytes, CUDA only).")
     use_gradient_checkpointing: Union[bool, str, float] = _f(
-        False, "True, False, 'offload' (checkpoint and keep saved inputs on the CPU) or a fraction in (0, 1): selective "
-        "checkpointing of every vision block and that share of the LM layers (faster than True, more memory).")
+        False, "True, False, 'offload' (checkpoint and keep saved inputs on the CPU), 'mlp' (CUDA engine: only the MLPs "
+        "recompute their gate/up projections; fastest memory saver at small batches) or a fraction in (0, 1): "
+        "selective checkpointing of every vision block and that share of the LM layers (faster than True, more memory).")
     use_fused_kernels: bool = _f(True, "Patch in visiontune's Triton kernels where CUDA is present (ignored on CPU).")
 
 

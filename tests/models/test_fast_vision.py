@@ -197,6 +197,21 @@ def test_get_peft_model_checkpointing_argument_installs_it(tiny_model_dir):
                                        use_gradient_checkpointing="always")
 
 
+def test_mlp_mode_checkpoints_no_layer_and_sets_the_kernel_patch(tiny_model_dir):
+    """'mlp': no layer wrapper; the kernel patch (patched by hand here, on the CPU) recomputes MLPs."""
+    from visiontune.kernels import patch_model
+
+    model, _ = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), use_gradient_checkpointing=False)
+    handle = patch_model(model, enabled=True)
+    assert handle.recompute_mlp is False
+    peft = FastVisionModel.get_peft_model(model, r=4, use_gradient_checkpointing="mlp")
+    assert getattr(peft.get_base_model(), "vt_checkpoint_handle", None) is None
+    assert handle.recompute_mlp is True
+    FastVisionModel.for_training(peft, use_gradient_checkpointing=True)
+    assert handle.recompute_mlp is False and peft.get_base_model().vt_checkpoint_handle is not None
+    handle.unpatch()
+
+
 @pytest.mark.parametrize("bad", [0.0, 1.0, 1.5, -0.2, "half"])
 def test_selective_checkpointing_rejects_bad_fractions(tiny_model_dir, bad):
     with pytest.raises(ValueError, match="fraction strictly between 0 and 1"):
@@ -205,13 +220,17 @@ def test_selective_checkpointing_rejects_bad_fractions(tiny_model_dir, bad):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("mode", [0.5, True, "offload"])
+@pytest.mark.parametrize("mode", [0.5, True, "offload", "mlp"])
 def test_checkpointing_modes_on_the_gpu_engine(tiny_model_dir, mode):
     """bf16 + Triton kernels on CUDA: every mode gives the loss and LoRA gradients of no checkpointing
     (loss rtol 1e-2; gradients ||diff|| / ||ref|| < 2e-2: recomputation may reorder bf16 reductions)."""
     _, ref_loss, ref_grads, _, _ = _grads_and_calls_gpu(tiny_model_dir, False)
-    _, loss, grads, v1, l1 = _grads_and_calls_gpu(tiny_model_dir, mode)
-    assert v1 == [2] * len(v1) and l1[0] == 2
+    model, loss, grads, v1, l1 = _grads_and_calls_gpu(tiny_model_dir, mode)
+    if mode == "mlp":  # no layer runs twice; the patched MLPs recompute inside their own backward
+        assert v1 == [1] * len(v1) and l1 == [1] * len(l1)
+        assert model.get_base_model()._visiontune_kernel_handle.recompute_mlp is True
+    else:
+        assert v1 == [2] * len(v1) and l1[0] == 2
     torch.testing.assert_close(loss.float(), ref_loss.float(), atol=0, rtol=1e-2)
     for n, g in grads.items():
         ref = ref_grads[n].float()

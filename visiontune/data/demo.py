@@ -88,7 +88,7 @@ def _size(kind: str, n_digits: int, rng: np.random.Generator) -> tuple[int, int]
         h = int(rng.integers(28, 90))
         h = min(h, int(290 / aspect))
     elif kind == "large":  # long side over 1000 px: normalization scales it down
-        h = int(rng.integers(500, 1100))
+        h = int(rng.integers(440, 760))
     else:  # typical scan: long side within 300-1000 px
         h = int(rng.integers(120, 400))
         h = min(h, int(1000 / aspect))
