@@ -221,6 +221,9 @@ def engine_batch(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def run_engine(model, opt, batch, budget_gib: float, steps: int, warmup: int, log) -> dict[str, Any]:
+    """The fastest engine setting found under ``budget_gib``: the fewest checkpointed layers (vision blocks
+    first) whose measured peak fits. Checkpointed layers recompute on the GPU; if even all of them
+    recomputing does not fit, their inputs are parked in pinned CPU memory too (``recompute_offload``)."""
     from visiontune.kernels.checkpoint import checkpoint_modules
 
     batch = engine_batch(batch)
@@ -228,16 +231,22 @@ def run_engine(model, opt, batch, budget_gib: float, steps: int, warmup: int, lo
     handle = _patch(model)
     log(f"  engine patch counts: {handle.counts}")
     vis, lm = _vision_blocks(model), _lm_layers(model)
+    mode = "recompute"
     # probe: everything checkpointed, one step, measure the floor
-    ck = checkpoint_modules(vis + lm)
+    ck = checkpoint_modules(vis + lm, mode=mode)
     _reset()
     train_steps(model, opt, batch, 1, 0)
     base = torch.cuda.max_memory_allocated() / GIB
     ck.remove()
+    if base > budget_gib:
+        mode = "recompute_offload"
+        log(f"  all layers recomputing peak at {base:.2f} GiB > budget {budget_gib:.2f}: inputs offloaded too")
     n_vis_ck, n_lm_ck = choose_checkpointing(model, batch, budget_gib, base)
+    if mode == "recompute_offload":
+        n_vis_ck, n_lm_ck = len(vis), len(lm)
     result: dict[str, Any] = {}
     while True:
-        ck = checkpoint_modules(vis[:n_vis_ck] + lm[:n_lm_ck])
+        ck = checkpoint_modules(vis[:n_vis_ck] + lm[:n_lm_ck], mode=mode)
         _reset()
         try:
             sec, loss = train_steps(model, opt, batch, steps, warmup)
@@ -249,7 +258,8 @@ def run_engine(model, opt, batch, budget_gib: float, steps: int, warmup: int, lo
                 continue
             result = dict(sec_per_step=sec, loss=loss, peak_gib=peak,
                           reserved_gib=torch.cuda.max_memory_reserved() / GIB, floor_gib=base,
-                          vision_checkpointed=n_vis_ck, lm_checkpointed=n_lm_ck)
+                          vision_checkpointed=n_vis_ck, lm_checkpointed=n_lm_ck, checkpoint_mode=mode,
+                          over_budget=peak > budget_gib)
             break
         except torch.OutOfMemoryError:
             ck.remove()
@@ -313,14 +323,14 @@ def _reset() -> None:
 
 
 @contextlib.contextmanager
-def _engine_step(model, opt, batch, n_vis_ck: int, n_lm_ck: int):
+def _engine_step(model, opt, batch, n_vis_ck: int, n_lm_ck: int, mode: str = "recompute"):
     """The engine as benchmarked (patched, packed batch, the given layers checkpointed), warmed up by one
     step; yields the packed batch and undoes the patch and the checkpointing afterwards."""
     from visiontune.kernels.checkpoint import checkpoint_modules
 
     handle = _patch(model)
     batch = engine_batch(batch)
-    ck = checkpoint_modules(_vision_blocks(model)[:n_vis_ck] + _lm_layers(model)[:n_lm_ck])
+    ck = checkpoint_modules(_vision_blocks(model)[:n_vis_ck] + _lm_layers(model)[:n_lm_ck], mode=mode)
     try:
         train_steps(model, opt, batch, 1, 1)
         yield batch
@@ -329,11 +339,12 @@ def _engine_step(model, opt, batch, n_vis_ck: int, n_lm_ck: int):
         handle.unpatch()
 
 
-def profile_engine(model, opt, batch, out_dir: Path, n_vis_ck: int, n_lm_ck: int, tag: str, log) -> None:
+def profile_engine(model, opt, batch, out_dir: Path, n_vis_ck: int, n_lm_ck: int, tag: str, log,
+                   mode: str = "recompute") -> None:
     """torch.profiler over one engine step: top kernels to a file, kernel families + GPU-busy share logged."""
     from torch.profiler import ProfilerActivity, profile
 
-    with _engine_step(model, opt, batch, n_vis_ck, n_lm_ck) as packed:
+    with _engine_step(model, opt, batch, n_vis_ck, n_lm_ck, mode) as packed:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -376,7 +387,8 @@ def profile_engine(model, opt, batch, out_dir: Path, n_vis_ck: int, n_lm_ck: int
     log(summary)
 
 
-def cprofile_engine(model, opt, batch, out_dir: Path, n_vis_ck: int, n_lm_ck: int, tag: str, log) -> None:
+def cprofile_engine(model, opt, batch, out_dir: Path, n_vis_ck: int, n_lm_ck: int, tag: str, log,
+                    mode: str = "recompute") -> None:
     """cProfile over one engine step (CPU side: where the Python time goes when the GPU waits), and the
     GPU->CPU syncs of another step, by the Python line that caused them (each one drains the GPU queue)."""
     import cProfile
@@ -385,7 +397,7 @@ def cprofile_engine(model, opt, batch, out_dir: Path, n_vis_ck: int, n_lm_ck: in
     import warnings
     from collections import Counter
 
-    with _engine_step(model, opt, batch, n_vis_ck, n_lm_ck) as packed:
+    with _engine_step(model, opt, batch, n_vis_ck, n_lm_ck, mode) as packed:
         prof = cProfile.Profile()
         prof.enable()
         train_steps(model, opt, packed, 1, 0)
@@ -430,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-lean", action="store_true", help="skip the lowest-memory engine run")
     ap.add_argument("--cprofile", default="", help="comma-separated config indices to cProfile (CPU side)")
     ap.add_argument("--profile", default="0,3", help="comma-separated config indices to profile ('' for none)")
+    ap.add_argument("--budget", choices=("stock", "peer"), default="stock",
+                    help="engine column's memory budget: stock's peak, or the lower of it and the peer's figure")
     ap.add_argument("--recompute-mlp", action="store_true",
                     help="engine columns patch with recompute_mlp=True (MLPs rerun gate/up in backward)")
     args = ap.parse_args(argv)
@@ -479,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{cfg} stock: {row['stock']}")
         stock_peak = row.get("stock", {}).get("peak_gib")
         budget = stock_peak if stock_peak else min(70.0, total_gib - 8)
+        peer_gib = REFERENCE["peer"].get(tuple(cfg), (None, None))[1]
+        if args.budget == "peer" and peer_gib:  # the goal's memory bar: below stock's peak AND the peer's
+            budget = min(budget, peer_gib - 0.01)
         row["engine_budget_gib"] = budget
         row["engine"] = run_engine(model, opt, batch, budget, steps, warmup, log)
         log(f"{cfg} engine: {row['engine']}")
@@ -499,20 +516,21 @@ def main(argv: list[str] | None = None) -> int:
         results.append(row)
         del batch
         _reset()
-        json.dump(dict(results=results, peak_flops=peak, flop_params=n_flop, recompute_mlp=RECOMPUTE_MLP),
+        json.dump(dict(results=results, peak_flops=peak, flop_params=n_flop, recompute_mlp=RECOMPUTE_MLP,
+                       budget=args.budget),
                   open(out_dir / "bench_engine.json", "w"), indent=1)
     for idx in [int(i) for i in args.profile.split(",") if i.strip()] if not args.quick else []:
         cfg = CONFIGS[idx]
         row = next((r for r in results if tuple(r["config"]) == cfg and not r["engine"].get("oom")), None)
         if row is not None:
             profile_engine(model, opt, make_batch(*cfg, device), out_dir, row["engine"]["vision_checkpointed"],
-                           row["engine"]["lm_checkpointed"], f"cfg{idx}", log)
+                           row["engine"]["lm_checkpointed"], f"cfg{idx}", log, row["engine"]["checkpoint_mode"])
     for idx in [int(i) for i in args.cprofile.split(",") if i.strip()]:
         cfg = CONFIGS[idx]
         row = next((r for r in results if tuple(r["config"]) == cfg and not r["engine"].get("oom")), None)
         if row is not None:
             cprofile_engine(model, opt, make_batch(*cfg, device), out_dir, row["engine"]["vision_checkpointed"],
-                            row["engine"]["lm_checkpointed"], f"cfg{idx}", log)
+                            row["engine"]["lm_checkpointed"], f"cfg{idx}", log, row["engine"]["checkpoint_mode"])
     # the table, printed last
     hdr = (f"{'config (B,px,text)':<20}{'tokens':>7} | {'stock tok/s':>11}{'GiB':>6}{'MFU':>6} | "
            f"{'engine tok/s':>12}{'GiB':>6}{'MFU':>6}{'ckpt v/l':>9} | {'speedup':>7}{'mem':>6} | "
@@ -531,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
 
         ef = fmt(e)
         ck = f"{e.get('vision_checkpointed', '-')}/{e.get('lm_checkpointed', '-')}"
+        if e.get("checkpoint_mode") == "recompute_offload":
+            ck += "+off"
         sp = f"{r['speedup']:>6.2f}x{r['memory_ratio']:>6.2f}" if "speedup" in r else f"{'-':>7}{'-':>6}"
         peer = REFERENCE["peer"].get(cfg)
         lean = fmt(r.get("engine_lean", {}))
