@@ -20,8 +20,12 @@ frozen matmuls, flash varlen attention for the vision windows and the text, chun
 *selective* checkpointing: layers keep their activations while a memory budget allows, vision blocks are
 checkpointed first (3.3x cheaper to recompute per byte freed than LM layers). The budget is the stock
 run's peak for the same config (so the engine never uses more memory than stock), or 70 GiB where
-stock ran out of memory. Lean (``--no-lean`` skips it): the engine with every layer recomputed and the
-layer inputs kept in pinned CPU memory, its lowest-memory setting. Every column uses ``AdamW(fused=True)``.
+stock ran out of memory. Second engine column ("lean"; ``--no-peer-budget`` skips it): the same search
+under the lower of stock's peak and the peer's reported memory, falling back to parking the checkpointed
+layers' inputs in pinned CPU memory when recomputing every layer alone does not fit.
+``--recompute-mlp``: every engine run patches with ``recompute_mlp=True`` (the fused MLPs of layers that
+keep their activations rerun gate/up in backward instead of storing them). Every column uses
+``AdamW(fused=True)``.
 
 Usage (GPU): ``python benchmarks/bench_engine.py --out $OUT`` ; ``--quick`` for a smoke run.
 Never run as a unit test.
@@ -240,10 +244,14 @@ def run_engine(model, opt, batch, budget_gib: float, steps: int, warmup: int, lo
     ck.remove()
     if base > budget_gib:
         mode = "recompute_offload"
-        log(f"  all layers recomputing peak at {base:.2f} GiB > budget {budget_gib:.2f}: inputs offloaded too")
+        ck = checkpoint_modules(vis + lm, mode=mode)
+        _reset()
+        train_steps(model, opt, batch, 1, 0)
+        log(f"  all layers recomputing peak at {base:.2f} GiB > budget {budget_gib:.2f}: checkpointed layers' "
+            f"inputs offloaded too (floor {torch.cuda.max_memory_allocated() / GIB:.2f} GiB)")
+        base = torch.cuda.max_memory_allocated() / GIB
+        ck.remove()
     n_vis_ck, n_lm_ck = choose_checkpointing(model, batch, budget_gib, base)
-    if mode == "recompute_offload":
-        n_vis_ck, n_lm_ck = len(vis), len(lm)
     result: dict[str, Any] = {}
     while True:
         ck = checkpoint_modules(vis[:n_vis_ck] + lm[:n_lm_ck], mode=mode)
@@ -271,21 +279,6 @@ def run_engine(model, opt, batch, budget_gib: float, steps: int, warmup: int, lo
             n_vis_ck, n_lm_ck = _more_checkpointing(n_vis_ck, n_lm_ck, len(vis), len(lm))
     handle.unpatch()
     return result
-
-
-def run_engine_lean(model, opt, batch, steps: int, warmup: int) -> dict[str, Any]:
-    """The engine at its lowest memory: every vision block and LM layer recomputed in backward, and the
-    layer inputs (all that a checkpointed layer keeps) parked in pinned CPU memory until then."""
-    from visiontune.kernels.checkpoint import checkpoint_modules
-
-    batch = engine_batch(batch)
-    model.base_model.model.gradient_checkpointing_disable()
-    handle = _patch(model)
-    ck = checkpoint_modules(_vision_blocks(model) + _lm_layers(model), mode="recompute_offload")
-    res = _measured(model, opt, batch, steps, warmup)
-    ck.remove()
-    handle.unpatch()
-    return res
 
 
 def _measured(model, opt, batch, steps: int, warmup: int) -> dict[str, Any]:
@@ -439,11 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="first config only, 1+1 steps")
     ap.add_argument("--configs", default="", help="comma-separated indices into CONFIGS")
     ap.add_argument("--no-stock", action="store_true")
-    ap.add_argument("--no-lean", action="store_true", help="skip the lowest-memory engine run")
+    ap.add_argument("--no-peer-budget", action="store_true",
+                    help="skip the second engine run, the one under the lower of stock's and the peer's memory")
     ap.add_argument("--cprofile", default="", help="comma-separated config indices to cProfile (CPU side)")
     ap.add_argument("--profile", default="0,3", help="comma-separated config indices to profile ('' for none)")
-    ap.add_argument("--budget", choices=("stock", "peer"), default="stock",
-                    help="engine column's memory budget: stock's peak, or the lower of it and the peer's figure")
     ap.add_argument("--recompute-mlp", action="store_true",
                     help="engine columns patch with recompute_mlp=True (MLPs rerun gate/up in backward)")
     args = ap.parse_args(argv)
@@ -493,15 +485,14 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{cfg} stock: {row['stock']}")
         stock_peak = row.get("stock", {}).get("peak_gib")
         budget = stock_peak if stock_peak else min(70.0, total_gib - 8)
-        peer_gib = REFERENCE["peer"].get(tuple(cfg), (None, None))[1]
-        if args.budget == "peer" and peer_gib:  # the goal's memory bar: below stock's peak AND the peer's
-            budget = min(budget, peer_gib - 0.01)
         row["engine_budget_gib"] = budget
         row["engine"] = run_engine(model, opt, batch, budget, steps, warmup, log)
         log(f"{cfg} engine: {row['engine']}")
-        if not args.no_lean:
-            row["engine_lean"] = run_engine_lean(model, opt, batch, steps, warmup)
-            log(f"{cfg} engine (lean): {row['engine_lean']}")
+        peer_gib = REFERENCE["peer"].get(tuple(cfg), (None, None))[1]
+        if not args.no_peer_budget and peer_gib:  # the goal's memory bar: under stock's peak AND the peer's
+            row["peer_budget_gib"] = min(budget, peer_gib - 0.01)
+            row["engine_lean"] = run_engine(model, opt, batch, row["peer_budget_gib"], steps, warmup, log)
+            log(f"{cfg} engine under the peer's memory: {row['engine_lean']}")
         for k in ("stock", "engine", "engine_lean"):
             r = row.get(k)
             if r and not r.get("oom"):
@@ -516,8 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(row)
         del batch
         _reset()
-        json.dump(dict(results=results, peak_flops=peak, flop_params=n_flop, recompute_mlp=RECOMPUTE_MLP,
-                       budget=args.budget),
+        json.dump(dict(results=results, peak_flops=peak, flop_params=n_flop, recompute_mlp=RECOMPUTE_MLP),
                   open(out_dir / "bench_engine.json", "w"), indent=1)
     for idx in [int(i) for i in args.profile.split(",") if i.strip()] if not args.quick else []:
         cfg = CONFIGS[idx]
@@ -534,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     # the table, printed last
     hdr = (f"{'config (B,px,text)':<20}{'tokens':>7} | {'stock tok/s':>11}{'GiB':>6}{'MFU':>6} | "
            f"{'engine tok/s':>12}{'GiB':>6}{'MFU':>6}{'ckpt v/l':>9} | {'speedup':>7}{'mem':>6} | "
-           f"{'lean tok/s':>11}{'GiB':>6}{'MFU':>6} | {'speedup':>7}{'mem':>6} | {'peer tok/s (GiB)':>17}")
+           f"{'lean tok/s':>11}{'GiB':>6}{'MFU':>6}{'ckpt v/l':>11} | {'speedup':>7}{'mem':>6} | {'peer tok/s (GiB)':>17}")
     lines = [hdr, "-" * len(hdr)]
     for r in results:
         s, e = r.get("stock", {}), r["engine"]
@@ -554,10 +544,14 @@ def main(argv: list[str] | None = None) -> int:
         sp = f"{r['speedup']:>6.2f}x{r['memory_ratio']:>6.2f}" if "speedup" in r else f"{'-':>7}{'-':>6}"
         peer = REFERENCE["peer"].get(cfg)
         lean = fmt(r.get("engine_lean", {}))
+        le = r.get("engine_lean", {})
+        lck = f"{le.get('vision_checkpointed', '-')}/{le.get('lm_checkpointed', '-')}"
+        if le.get("checkpoint_mode") == "recompute_offload":
+            lck += "+off"
         lsp = f"{r['lean_speedup']:>6.2f}x{r['lean_memory_ratio']:>6.2f}" if "lean_speedup" in r else f"{'-':>7}{'-':>6}"
         peer_s = f"{peer[0]} ({peer[1]})" if peer else "-"
         lines.append(f"{str(cfg):<20}{r['tokens_per_step']:>7} | {fmt(s)} | {ef:>24}{ck:>9} | {sp} | "
-                     f"{lean} | {lsp} | {peer_s:>17}")
+                     f"{lean}{lck:>11} | {lsp} | {peer_s:>17}")
     table = "\n".join(lines)
     (out_dir / "bench_table.txt").write_text(table + "\n")
     log(table)

@@ -96,6 +96,16 @@ class _NotOneTensor(Exception):
     """The wrapped module returned something other than one tensor (older layers return tuples)."""
 
 
+_REPLAYING = [0]  # > 0 while a checkpointed layer's forward is being replayed in backward
+
+
+def replaying() -> bool:
+    """True inside the backward-time recomputation of a checkpointed layer. The fused MLPs then keep
+    their gate/up outputs even with ``recompute_mlp`` on: they are used moments later by that layer's
+    backward, so recomputing them a second time would only cost GEMMs."""
+    return _REPLAYING[0] > 0
+
+
 class _Recompute(torch.autograd.Function):
     """Run ``run(x)`` saving nothing but ``x`` (on the GPU, or a pinned-CPU copy); recompute in backward.
 
@@ -137,8 +147,12 @@ class _Recompute(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
-            with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
-                out = ctx.run(x)
+            _REPLAYING[0] += 1
+            try:
+                with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
+                    out = ctx.run(x)
+            finally:
+                _REPLAYING[0] -= 1
         grads = torch.autograd.grad(out, (x, *ctx.params), grad_out, allow_unused=True)
         ctx.run = ctx.keep = ctx.params = None
         return (None, None, grads[0] if ctx.x_grad else None, *grads[1:])

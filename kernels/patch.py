@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from visiontune.kernels._common import use_triton
 from visiontune.kernels.activations import ACTIVATIONS, act_reference
 from visiontune.kernels.attention import varlen_attention
+from visiontune.kernels.checkpoint import replaying
 from visiontune.kernels.cross_entropy import fused_linear_cross_entropy
 from visiontune.kernels.layernorm import layer_norm
 from visiontune.kernels.lora import gated_mlp, lora_linear, plain_mlp
@@ -317,7 +318,7 @@ def _gated_mlp_forward(m: nn.Module, orig: Callable, names: tuple[str, str, str]
         ps = [lora_params(getattr(m, n), x) for n in names]
         if args or kwargs or any(p is None for p in ps):
             return orig(x, *args, **kwargs)
-        return gated_mlp(x, *ps, act=act, recompute=handle.recompute_mlp)
+        return gated_mlp(x, *ps, act=act, recompute=handle.recompute_mlp and not replaying())
 
     return forward
 
@@ -328,7 +329,7 @@ def _plain_mlp_forward(m: nn.Module, orig: Callable, names: tuple[str, str], act
         ps = [lora_params(getattr(m, n), x) for n in names]
         if args or kwargs or any(p is None for p in ps):
             return orig(x, *args, **kwargs)
-        return plain_mlp(x, *ps, act=act, recompute=handle.recompute_mlp)
+        return plain_mlp(x, *ps, act=act, recompute=handle.recompute_mlp and not replaying())
 
     return forward
 

@@ -180,3 +180,28 @@ def test_recompute_offload_gpu_frees_layer_inputs_same_grads():
     torch.testing.assert_close(gx_cpu, gx_gpu, atol=0, rtol=0)
     for a, b in zip(gp_cpu, gp_gpu):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "recompute_offload"])
+def test_replaying_is_true_only_inside_the_backward_recomputation(mode):
+    """The patched MLPs read replaying() to skip their own gate/up recompute inside a replayed layer."""
+    from visiontune.kernels.checkpoint import replaying
+
+    seen: list[bool] = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 6)
+
+        def forward(self, x):
+            seen.append(replaying())
+            return self.lin(x).tanh()
+
+    layer = Probe()
+    handle = checkpoint_modules([layer], mode=mode)
+    x = torch.randn(3, 6, requires_grad=True)
+    layer(x).sum().backward()
+    handle.remove()
+    assert seen == [False, True] and not replaying()
+    assert layer.lin.weight.grad is not None and layer.lin.weight.grad.abs().sum() > 0
