@@ -57,7 +57,7 @@ class DataConfig:
     instruction: str = _f("Transcribe the handwritten digits in this image.", "User instruction placed before the image(s) in each conversation.")
     split_ratios: list = _f([0.8, 0.1, 0.1], "Train / validation / test shares; split by a hash of each record, stable when rows are added.")
     seed: int = _f(3407, "Seed of the hash-based split and of the demo data generator.")
-    demo_samples: int = _f(600, "Number of samples the demo data generator writes.")
+    demo_samples: int = _f(3000, "Number of samples the demo data generator writes.")
 
 
 @dataclass
@@ -102,9 +102,10 @@ class CollatorConfig:
     """How conversations become batches (VisionDataCollator arguments)."""
 
     resize: Optional[Union[str, int, list]] = _f(
-        "min", "'min'/'max' (model default image size), a side length in px (the side resize_dimension picks; "
-        "aspect kept), [w, h], or null to keep images as they are.")
-    resize_dimension: Union[int, str] = _f(0, "Which side drives the aspect-preserving resize: 0 (width), 1 (height), 'max' or 'min'.")
+        64, "'min'/'max' (model default image size), a side length in px (the side resize_dimension picks; "
+        "aspect kept), [w, h], or null to keep images as they are. The demo reads its one-line digit strings at "
+        "64 px high (4 vision patches of the tiny Qwen3-VL); real models and documents want 'min' or more.")
+    resize_dimension: Union[int, str] = _f(1, "Which side drives the aspect-preserving resize: 0 (width), 1 (height), 'max' or 'min'.")
     snap_to_patch_size: bool = _f(True, "Round image sides to the vision patch size (times merge size where the model merges).")
     train_on_responses_only: bool = _f(True, "Compute the loss only on assistant answers, found by the chat template's markers.")
     completion_only_loss: bool = _f(True, "Mask everything that is not an assistant answer (by the template's own structure).")
@@ -119,16 +120,16 @@ class TrainConfig:
     """The training run."""
 
     output_dir: str = _f("outputs/train", "Folder for checkpoints and the final adapter.")
-    learning_rate: float = _f(2e-3, "Peak learning rate (linear decay after warmup).")
-    warmup_steps: int = _f(5, "Linear warmup steps.")
-    max_steps: int = _f(150, "Optimizer steps; > 0 overrides num_train_epochs.")
+    learning_rate: float = _f(3e-3, "Peak learning rate (linear decay after warmup).")
+    warmup_steps: int = _f(20, "Linear warmup steps.")
+    max_steps: int = _f(1200, "Optimizer steps; > 0 overrides num_train_epochs.")
     num_train_epochs: float = _f(1.0, "Epochs, used when max_steps <= 0.")
-    per_device_train_batch_size: int = _f(8, "Samples per device per micro-batch.")
+    per_device_train_batch_size: int = _f(16, "Samples per device per micro-batch.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
-    save_steps: int = _f(25, "Checkpoint every this many steps (a killed run resumes from the last one).")
-    logging_steps: int = _f(5, "Log metrics every this many steps.")
+    save_steps: int = _f(100, "Checkpoint every this many steps (a killed run resumes from the last one).")
+    logging_steps: int = _f(10, "Log metrics every this many steps.")
     seed: int = _f(3407, "Seed of data order, dropout and LoRA init.")
 
 
@@ -137,7 +138,7 @@ class EvalConfig:
     """Evaluation on the held-out split."""
 
     split: str = _f("test", "Which split to evaluate on.")
-    max_samples: int = _f(40, "Evaluate at most this many samples (0 = all).")
+    max_samples: int = _f(100, "Evaluate at most this many samples (0 = all).")
     max_new_tokens: int = _f(12, "Generation length limit.")
     batch_size: int = _f(8, "Generation batch size.")
     primary_metric: str = _f("cer", "Metric that decides promotion: cer (lower is better), exact_match, bleu or rougeL.")
