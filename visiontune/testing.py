@@ -262,11 +262,12 @@ SPECS: dict[str, TinySpec] = {
 
 # Sizes of the tiny models. "test" is the smallest that exercises every code path (unit tests, CI).
 # "demo" is the one the bundled demo trains: it must learn to read digit strings within the demo's
-# 10-minute CPU budget. Measured on the demo task (qwen3_vl, 1,500 LoRA steps, batch 8, one core):
-# the "test" width stays at the bag-of-digits plateau, and so does the "demo" width with the usual
-# text rope_theta of 1e4: with head_dim 16 the w-axis M-RoPE channels then rotate so slowly that image
-# columns a few tokens apart look alike to the language model (coloured-square strings: 6% exact match
-# at theta 1e4 vs 58% at theta 3). Width 4x gave no gain over 2x (E27/E28 in the closing note of stop 10).
+# 10-minute CPU budget. Measured with 1,000-1,500-step LoRA probes on one core (README, "What the demo
+# model learns"): with head_dim 16 and the usual text rope_theta of 1e4, M-RoPE's width channels rotate
+# so slowly that image columns a few tokens apart look alike to the language model (strings of coloured
+# squares after 1,000 steps: 6% exact match for the test-size Qwen2.5-VL at 1e4, 58% for this size at 3);
+# 4x the test width instead of 2x gained nothing (10.6% vs 9.5% of digits in place after 1,500 steps,
+# old demo layout).
 TINY_SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "test": {},
     "demo": {
