@@ -100,10 +100,10 @@ _KINDS = ("in_range", "small", "large", "strip")
 _KIND_P = (0.76, 0.08, 0.08, 0.08)
 
 
-def _page(job: tuple[int, int, str]) -> tuple[str, bytes, str]:
+def _page(job: tuple[int, int]) -> tuple[str, bytes, str]:
     """Render record ``k``: (kind, PNG bytes, digit string). Its own RNG stream (seed, k): the bytes do not
     depend on how the records are split across worker processes."""
-    k, seed, _ = job
+    k, seed = job
     images, targets = _DIGITS
     rng = np.random.default_rng([seed, k])
     kind = str(rng.choice(_KINDS, p=_KIND_P))
@@ -146,7 +146,7 @@ def generate_demo(out_dir: str | Path, n: int = 600, seed: int = 3407) -> dict[s
         "duplicate_image": n // 2,
         "truncated_png": (2 * n) // 3,
     }
-    jobs = [(k, seed, "") for k in range(n)]
+    jobs = [(k, seed) for k in range(n)]
     workers = worker_count(n)
     bar = tqdm(total=n, desc="demo pages", unit="img", disable=n < 200)
     with (mp.get_context("fork").Pool(workers) if workers > 1 else _Serial()) as pool:
