@@ -235,22 +235,22 @@ def run_engine(model, opt, batch, budget_gib: float, steps: int, warmup: int, lo
     handle = _patch(model)
     log(f"  engine patch counts: {handle.counts}")
     vis, lm = _vision_blocks(model), _lm_layers(model)
-    mode = "recompute"
-    # probe: everything checkpointed, one step, measure the floor
-    ck = checkpoint_modules(vis + lm, mode=mode)
-    _reset()
-    train_steps(model, opt, batch, 1, 0)
-    base = torch.cuda.max_memory_allocated() / GIB
-    ck.remove()
-    if base > budget_gib:
-        mode = "recompute_offload"
+
+    def floor(mode: str) -> float:
+        """Peak of one step with every layer checkpointed in ``mode``."""
         ck = checkpoint_modules(vis + lm, mode=mode)
         _reset()
         train_steps(model, opt, batch, 1, 0)
-        log(f"  all layers recomputing peak at {base:.2f} GiB > budget {budget_gib:.2f}: checkpointed layers' "
-            f"inputs offloaded too (floor {torch.cuda.max_memory_allocated() / GIB:.2f} GiB)")
-        base = torch.cuda.max_memory_allocated() / GIB
         ck.remove()
+        return torch.cuda.max_memory_allocated() / GIB
+
+    mode = "recompute"
+    base = floor(mode)
+    if base > budget_gib:
+        mode = "recompute_offload"
+        recompute_floor, base = base, floor(mode)
+        log(f"  all layers recomputing peak at {recompute_floor:.2f} GiB > budget {budget_gib:.2f}: checkpointed "
+            f"layers' inputs offloaded too (floor {base:.2f} GiB)")
     n_vis_ck, n_lm_ck = choose_checkpointing(model, batch, budget_gib, base)
     result: dict[str, Any] = {}
     while True:

@@ -68,16 +68,12 @@ def _lowp(p: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tens
 
 def _fwd_linear(x2: torch.Tensor, w, b, a, bm, scale):
     """y = x2 W^T (+b) (+ s (x2 A^T) B^T); returns (y, x2 A^T or None)."""
-    y = torch.addmm(b.to(x2.dtype), x2, w.t()) if b is not None else torch.mm(x2, w.t())
-    xa = None
-    if a is not None:
-        xa = torch.mm(x2, _lowp(a, x2.dtype).t())
-        y.addmm_(xa, _lowp(bm, x2.dtype, scale).t())
-    return y, xa
+    xa = torch.mm(x2, _lowp(a, x2.dtype).t()) if a is not None else None
+    return _linear_from_xa(x2, w, b, bm, xa, scale), xa
 
 
-def _refwd_linear(x2: torch.Tensor, w, b, bm, xa, scale) -> torch.Tensor:
-    """The output of :func:`_fwd_linear` again, from its saved rank-r product ``xa`` (backward recompute)."""
+def _linear_from_xa(x2: torch.Tensor, w, b, bm, xa, scale) -> torch.Tensor:
+    """y of :func:`_fwd_linear` given the rank-r product ``xa`` (also how backward recomputes y)."""
     y = torch.addmm(b.to(x2.dtype), x2, w.t()) if b is not None else torch.mm(x2, w.t())
     if xa is not None:
         y.addmm_(xa, _lowp(bm, x2.dtype, scale).t())
@@ -159,8 +155,8 @@ class LoRAGatedMLPFunction(torch.autograd.Function):
         (x2, g, u, xag, xau, had, wg, bg, ag, bmg, wu, bu, au, bmu, wd, bd, ad, bmd) = ctx.saved_tensors
         sg, su, sd = ctx.scales
         if g is None:
-            g = _refwd_linear(x2, wg, bg, bmg, xag, sg)
-            u = _refwd_linear(x2, wu, bu, bmu, xau, su)
+            g = _linear_from_xa(x2, wg, bg, bmg, xag, sg)
+            u = _linear_from_xa(x2, wu, bu, bmu, xau, su)
         dy2 = dy.reshape(-1, dy.shape[-1])
         dh = torch.mm(dy2, wd.to(dy2.dtype))
         dad = dbmd = None
@@ -210,7 +206,7 @@ class LoRAPlainMLPFunction(torch.autograd.Function):
         x2, z, xa1, ha2, w1, b1, a1, bm1, w2, b2, a2, bm2 = ctx.saved_tensors
         s1, s2 = ctx.scales
         if z is None:
-            z = _refwd_linear(x2, w1, b1, bm1, xa1, s1)
+            z = _linear_from_xa(x2, w1, b1, bm1, xa1, s1)
         dy2 = dy.reshape(-1, dy.shape[-1])
         code = ACTIVATIONS[ctx.act]
         h = None

@@ -125,8 +125,7 @@ class FastVisionModel:
 
     @staticmethod
     def _set_checkpointing(model: torch.nn.Module, mode: Union[bool, str, float]) -> None:
-        _install_checkpointing(model, _checkpoint_plan(mode))
-        _set_mlp_recompute(model, mode)
+        _apply_checkpointing(model, mode)
         if mode is not False:
             model.config.use_cache = False
 
@@ -193,8 +192,7 @@ class FastVisionModel:
         peft_model.vt_processor = processor
         peft_model.max_seq_length = max_len
         peft_model.vt_gradient_checkpointing = ckpt
-        _install_checkpointing(peft_model, _checkpoint_plan(ckpt))  # Unsloth passes it here, too
-        _set_mlp_recompute(peft_model, ckpt)
+        _apply_checkpointing(peft_model, ckpt)  # Unsloth passes it here, too
         return peft_model
 
     @staticmethod
@@ -218,11 +216,9 @@ class FastVisionModel:
             _check_checkpointing(use_gradient_checkpointing)
         mode = getattr(model, "vt_gradient_checkpointing", False) if use_gradient_checkpointing is None else use_gradient_checkpointing
         base = _base(model)
-        plan = _checkpoint_plan(mode)
-        if plan is not None:
+        if _checkpoint_plan(mode) is not None:
             _hf_checkpointing_off(base)
-        _install_checkpointing(base, plan)
-        _set_mlp_recompute(base, mode)
+        _apply_checkpointing(base, mode)
         _set_use_cache(model, False)
         processor = getattr(model, "vt_processor", None)
         if processor is not None:
@@ -282,8 +278,10 @@ def _install_checkpointing(model: torch.nn.Module, plan: Optional[tuple[float, s
     base.vt_checkpoint_plan = plan
 
 
-def _set_mlp_recompute(model: torch.nn.Module, mode: Any) -> None:
-    """``use_gradient_checkpointing="mlp"``: tell the kernel patch's fused MLPs to recompute gate/up."""
+def _apply_checkpointing(model: torch.nn.Module, mode: Any) -> None:
+    """Put ``use_gradient_checkpointing=mode`` in force: the layer wrappers, and for ``"mlp"`` the kernel
+    patch's fused MLPs recomputing gate/up (a patched model's handle reads ``recompute_mlp`` per call)."""
+    _install_checkpointing(model, _checkpoint_plan(mode))
     handle = getattr(_base(model), "_visiontune_kernel_handle", None)
     if handle is not None and handle.active:
         handle.recompute_mlp = mode == "mlp"
