@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=int, default=0, help="index into bench_engine.CONFIGS")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per round and variant")
-    ap.add_argument("--ckpt", default="31,18", help="vision,LM layers checkpointed (bench_engine's choice at config 0)")
+    ap.add_argument("--ckpt", default="31,18", help="vision,LM layers checkpointed (bench_engine's choice at config 0 without --recompute-mlp)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     mod, attr = SWITCHES[a.switch]

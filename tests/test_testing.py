@@ -20,7 +20,7 @@ def test_demo_size_widens_qwen3_vl_and_lowers_text_rope_theta(tmp_path):
     for key, value in preset["vision"].items():
         assert getattr(cfg.vision_config, key) == value, key
     rope = cfg.text_config.rope_parameters
-    assert rope["rope_theta"] == preset["text_rope_theta"]["value"]
+    assert rope["rope_theta"] == preset["text_rope_theta"] == 3.0
     assert rope["mrope_interleaved"] is True and rope["mrope_section"] == [2, 3, 3]  # the rest is kept
     assert json.loads((out / "visiontune_tiny.json").read_text()) == {"architecture": "qwen3_vl", "seed": 1, "size": "demo"}
 
