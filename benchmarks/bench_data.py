@@ -76,7 +76,8 @@ def main() -> None:
         (raw / "annotations.jsonl").write_text("".join(json.dumps({"image": n, "text": t}) + "\n" for n, t in rows))
         gen_s = time.perf_counter() - t0
         mb = sum(p.stat().st_size for p in raw.iterdir()) / 1e6
-        cfg = from_dict({"data": {"raw_dir": str(raw), "work_dir": str(Path(tmp) / "work"), "image_format": args.format}})
+        cfg = from_dict({"data": {"raw_dir": str(raw), "work_dir": str(Path(tmp) / "work")},
+                          "normalize": {"image_format": args.format}})
 
         t0 = time.perf_counter()
         v = validate_stage(cfg)

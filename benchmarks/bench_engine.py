@@ -216,7 +216,7 @@ def engine_batch(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     attention through the varlen kernel with exact per-sample boundaries. The first label of every
     sample is <vision_start>'s, already -100, so the loss is over exactly the same tokens as stock.
     """
-    from visiontune.kernels.packing import pack_padded_batch
+    from visiontune.models.packing import pack_padded_batch
 
     ids = batch["input_ids"]
     packed = pack_padded_batch(ids, torch.ones_like(ids), batch["labels"], batch["position_ids"])
@@ -228,7 +228,7 @@ def run_engine(model, opt, batch, budget_gib: float, steps: int, warmup: int, lo
     """The fastest engine setting found under ``budget_gib``: the fewest checkpointed layers (vision blocks
     first) whose measured peak fits. Checkpointed layers recompute on the GPU; if even all of them
     recomputing does not fit, their inputs are parked in pinned CPU memory too (``recompute_offload``)."""
-    from visiontune.kernels.checkpoint import checkpoint_modules
+    from visiontune.models.checkpointing import checkpoint_modules
 
     batch = engine_batch(batch)
     model.base_model.model.gradient_checkpointing_disable()
@@ -319,7 +319,7 @@ def _reset() -> None:
 def _engine_step(model, opt, batch, n_vis_ck: int, n_lm_ck: int, mode: str = "recompute"):
     """The engine as benchmarked (patched, packed batch, the given layers checkpointed), warmed up by one
     step; yields the packed batch and undoes the patch and the checkpointing afterwards."""
-    from visiontune.kernels.checkpoint import checkpoint_modules
+    from visiontune.models.checkpointing import checkpoint_modules
 
     handle = _patch(model)
     batch = engine_batch(batch)

@@ -1,9 +1,10 @@
 """The retraining flow: validate -> normalize -> convert -> train -> evaluate -> register.
 
-Read it top to bottom: each line is one stage, a Prefect task wrapping the same function that
-``dvc.yaml`` runs, so ``visiontune run`` (this flow) and ``dvc repro`` are two front doors to one
-pipeline. Runs on Prefect's ephemeral local server by default; set ``PREFECT_API_URL`` to use a real
-one. ``serve`` registers the flow on a cron schedule (needs a running Prefect server).
+One Prefect task per stage of the registry (:mod:`visiontune.stages`), in its order; each task wraps
+the same function that ``dvc.yaml`` runs, so ``visiontune run`` (this flow) and ``dvc repro`` are two
+front doors to one pipeline. Runs on Prefect's ephemeral local server by default; set
+``PREFECT_API_URL`` to use a real one. ``serve`` registers the flow on a cron schedule (needs a running
+Prefect server).
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from typing import Any, Optional
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, get_run_logger  # noqa: E402
-from prefect.artifacts import create_markdown_artifact
 
-from visiontune.config import PipelineConfig, load_params
-from visiontune.tasks.data import convert_task, normalize_task, validate_task
-from visiontune.tasks.model import evaluate_task, register_task, train_task
+from visiontune import stages  # noqa: E402
+from visiontune.config import PipelineConfig, load_params  # noqa: E402
+from visiontune.tasks.stages import TASKS  # noqa: E402
 
 DEMO_RAW_DIR = "data/raw"
 
@@ -39,38 +39,24 @@ def ensure_raw_data(cfg: PipelineConfig) -> str:
             f"{raw} does not exist or is empty: point data.raw_dir in params.yaml at your image folder, "
             "or fetch the versioned data with `dvc pull`"
         )
-    from visiontune.data.demo import demo_stage
-
-    demo_stage(cfg)
+    stages.get("demo-data").function()(cfg)
     return "generated demo data"
-
-
-def _validation_markdown(summary: dict[str, Any]) -> str:
-    lines = ["# Validation", "", f"{summary['valid']} valid / {summary['records']} records, "
-             f"{summary['quarantined']} quarantined (ratio {summary['failure_ratio']:.3f})", "",
-             "| reason | records |", "|---|---|"]
-    lines += [f"| {reason} | {count} |" for reason, count in sorted(summary.get("failures_by_reason", {}).items())]
-    return "\n".join(lines)
 
 
 @flow(name="visiontune-retrain")
 def retrain_flow(params: str = "params.yaml", overrides: Optional[list[str]] = None) -> dict[str, Any]:
-    """Run the whole pipeline with the settings in ``params`` (plus ``section.key=value`` overrides)."""
+    """Run the whole pipeline with the settings in ``params`` (plus ``section.key=value`` overrides).
+
+    Returns each stage's result under its name.
+    """
     logger = get_run_logger()
     cfg = load_params(params, overrides)
     logger.info("raw data: %s", ensure_raw_data(cfg))
-
-    validation = validate_task(cfg)
-    create_markdown_artifact(key="validation-summary", markdown=_validation_markdown(validation),
-                             description="Records validated and quarantined, by reason")
-    normalize_task(cfg)
-    convert_task(cfg)
-    trained = train_task(cfg)
-    evaluation = evaluate_task(cfg)
-    decision = register_task(cfg)
-
-    logger.info("final loss %s; evaluation %s; decision %s", trained.get("final_loss"), evaluation, decision)
-    return {"validation": validation, "train": trained, "evaluation": evaluation, "register": decision}
+    results: dict[str, Any] = {}
+    for stage in stages.pipeline():
+        results[stage.name] = TASKS[stage.name](cfg)
+        logger.info("%s: %s", stage.name, stages.summary_line(stage.name, results[stage.name]))
+    return results
 
 
 def serve(cron: str, name: str = "visiontune-retrain", params: str = "params.yaml",

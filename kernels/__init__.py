@@ -5,18 +5,20 @@ One op per module, each with its Triton kernels, autograd Function and pure-torc
 (RoPE, M-RoPE, vision 2D RoPE), :mod:`~visiontune.kernels.activations` (SwiGLU/GeGLU/GELU),
 :mod:`~visiontune.kernels.lora` (LoRA fused with the frozen base matmul, fused LoRA MLPs),
 :mod:`~visiontune.kernels.cross_entropy` (chunked linear + CE), :mod:`~visiontune.kernels.attention`
-(packed varlen attention), plus :mod:`~visiontune.kernels.checkpoint` (selective checkpointing / CPU
-offload) and :mod:`~visiontune.kernels.packing` (padding-free batches).
+(packed varlen attention).
 
-:func:`patch_model` swaps them into a supported model (one registry, :mod:`~visiontune.kernels.patch`);
-it is a no-op on the CPU unless forced. Importing this package imports torch but compiles nothing.
+:func:`patch_model` (:mod:`~visiontune.kernels.patch`) swaps them into a supported model, driven by each
+architecture's kernel map in :data:`visiontune.models.archs.REGISTRY`; it is a no-op on the CPU unless
+forced. Ops and the patcher only: selective checkpointing and padding-free packing are
+:mod:`visiontune.models.checkpointing` and :mod:`visiontune.models.packing`. Importing this package
+imports torch but compiles nothing.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["patch_model", "unpatch_model", "KERNEL_REGISTRY", "pack_padded_batch", "checkpoint_modules"]
+__all__ = ["patch_model", "unpatch_model"]
 
 
 def patch_model(model: Any, enabled: bool | None = None, **kwargs: Any) -> Any:
@@ -35,19 +37,3 @@ def unpatch_model(model: Any) -> None:
     from visiontune.kernels.patch import unpatch_model as _unpatch
 
     _unpatch(model)
-
-
-def __getattr__(name: str) -> Any:
-    if name == "KERNEL_REGISTRY":
-        from visiontune.kernels.patch import KERNEL_REGISTRY
-
-        return KERNEL_REGISTRY
-    if name == "pack_padded_batch":
-        from visiontune.kernels.packing import pack_padded_batch
-
-        return pack_padded_batch
-    if name == "checkpoint_modules":
-        from visiontune.kernels.checkpoint import checkpoint_modules
-
-        return checkpoint_modules
-    raise AttributeError(f"module 'visiontune.kernels' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Shared helpers for the fused-kernel engine: when to use Triton, launch sizing.
+"""Shared helpers for the fused-kernel engine: when to take the fused path, launch sizing.
 
 The kernels run on CUDA tensors. On the CPU they run only under ``TRITON_INTERPRET=1`` *and* when
 forced (tests, the CPU convergence check), because the interpreter is ~1000x slower than the
@@ -44,8 +44,13 @@ def force_triton(enabled: bool = True) -> Iterator[None]:
         _FORCE_TRITON = old
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """Whether the op on tensor ``t`` should take the Triton path (else the torch reference)."""
+def use_fused(t: torch.Tensor) -> bool:
+    """Whether the op on tensor ``t`` takes its fused path (else its pure-torch reference).
+
+    The fused path is the op's Triton kernels, except for :func:`~visiontune.kernels.lora.lora_linear`,
+    whose fused Function is cuBLAS GEMMs only; all ops share this one gate: CUDA with Triton installed,
+    or CPU tensors under ``TRITON_INTERPRET=1`` inside :func:`force_triton`.
+    """
     if not HAS_TRITON:
         return False
     if t.is_cuda:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from visiontune.kernels._common import HAS_TRITON, interpret_mode, use_triton
+from visiontune.kernels._common import HAS_TRITON, interpret_mode, use_fused
 
 #: activation names (transformers' ACT2FN keys) -> kernel code
 ACTIVATIONS: dict[str, int] = {
@@ -182,13 +182,13 @@ def glu_reference(g: torch.Tensor, u: torch.Tensor, act: str) -> torch.Tensor:
 
 def glu(g: torch.Tensor, u: torch.Tensor, act: str = "silu") -> torch.Tensor:
     """SwiGLU (``act='silu'``) / GeGLU (``act='gelu_pytorch_tanh'``): Triton when available, else reference."""
-    if use_triton(g) and act in ACTIVATIONS:
+    if use_fused(g) and act in ACTIVATIONS:
         return GLUFunction.apply(g, u, act)
     return glu_reference(g, u, act)
 
 
 def activation(x: torch.Tensor, act: str = "gelu_pytorch_tanh") -> torch.Tensor:
     """Plain activation (vision MLPs): Triton when available, else reference."""
-    if use_triton(x) and act in ACTIVATIONS:
+    if use_fused(x) and act in ACTIVATIONS:
         return ActFunction.apply(x, act)
     return act_reference(x, act)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from visiontune.kernels._common import HAS_TRITON, next_pow2, use_triton
+from visiontune.kernels._common import HAS_TRITON, next_pow2, use_fused
 
 if HAS_TRITON:
     import triton
@@ -126,7 +126,7 @@ def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: to
     ``h``: (..., H); ``weight``: (V, H); ``labels``: same leading shape as h (already shifted for
     causal LM). Triton chunked path on CUDA (or forced under the interpreter), else the reference.
     """
-    if use_triton(h):
+    if use_fused(h):
         if normalizer is not None and not torch.is_tensor(normalizer):
             normalizer = torch.tensor(float(normalizer))
         return FusedLinearCrossEntropyFunction.apply(h, weight, labels, int(ignore_index), normalizer, chunk_size)

@@ -14,7 +14,7 @@ from visiontune.kernels._common import (
     reduction_programs,
     row_warps,
     rows_per_program,
-    use_triton,
+    use_fused,
 )
 
 if HAS_TRITON:
@@ -128,7 +128,7 @@ class LayerNormFunction(torch.autograd.Function):
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                eps: float) -> torch.Tensor:
     """LayerNorm over the last dim; Triton on CUDA (or forced under the interpreter), else reference."""
-    if use_triton(x):
+    if use_fused(x):
         n = x.shape[-1]
         w = weight if weight is not None else torch.ones(n, dtype=x.dtype, device=x.device)
         b = bias if bias is not None else torch.zeros(n, dtype=w.dtype, device=x.device)

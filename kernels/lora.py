@@ -32,7 +32,7 @@ from visiontune.kernels.activations import (
     glu_forward_kernel,
     glu_reference,
 )
-from visiontune.kernels._common import use_triton
+from visiontune.kernels._common import use_fused
 
 
 def lora_linear_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, a: torch.Tensor | None,
@@ -126,7 +126,7 @@ class LoRALinearFunction(torch.autograd.Function):
 def lora_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, a: torch.Tensor | None = None,
                 bm: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
     """Fused frozen-base + LoRA linear (torch GEMMs); reference path off the engine."""
-    if use_triton(x):
+    if use_fused(x):  # no Triton here: the cuBLAS Function runs wherever the engine's Triton ops run
         return LoRALinearFunction.apply(x, w, b, a, bm, float(scale))
     return lora_linear_reference(x, w, b, a, bm, scale)
 
@@ -251,7 +251,7 @@ def gated_mlp(x: torch.Tensor, gate: LinearParams, up: LinearParams, down: Linea
     2 x tokens x intermediate fewer bytes held per MLP (Qwen2.5-VL-7B LM: 74 KiB per token), for 2 more
     GEMMs, cheaper than recomputing the whole layer when memory is what limits.
     """
-    if use_triton(x) and act in ACTIVATIONS:
+    if use_fused(x) and act in ACTIVATIONS:
         scales = (float(gate[4]), float(up[4]), float(down[4]))
         return LoRAGatedMLPFunction.apply(x, *gate[:4], *up[:4], *down[:4], scales, act, bool(recompute))
     return gated_mlp_reference(x, gate, up, down, act)
@@ -261,6 +261,6 @@ def plain_mlp(x: torch.Tensor, fc1: LinearParams, fc2: LinearParams, act: str = 
               recompute: bool = False) -> torch.Tensor:
     """Fused LoRA plain MLP (vision towers); reference path off the engine. ``recompute``: as in
     :func:`gated_mlp` (fc1 runs again in backward instead of keeping its output)."""
-    if use_triton(x) and act in ACTIVATIONS:
+    if use_fused(x) and act in ACTIVATIONS:
         return LoRAPlainMLPFunction.apply(x, *fc1[:4], *fc2[:4], (float(fc1[4]), float(fc2[4])), act, bool(recompute))
     return plain_mlp_reference(x, fc1, fc2, act)

@@ -1,11 +1,13 @@
 """One registry, one ``patch_model``: swaps visiontune's fused kernels into a transformers VLM.
 
-Every supported architecture is described as data (:data:`KERNEL_REGISTRY`: ``model_type`` ->
-:class:`ArchKernelMap`): which module classes are RMSNorms (and with which convention), which are gated
-or plain MLPs (attribute names of their projections and activation), which rotary-embedding modules
-compute Qwen's M-RoPE, which attention modules are Qwen-style text / vision attention that can run
-packed varlen attention, and which modeling modules' ``apply_rotary_pos_emb`` may be swapped. A single
-walker (:func:`patch_model`) applies it to any model; there is no per-model ``apply_*`` function.
+Every supported architecture's kernel map is part of its entry in the architecture registry
+(:data:`visiontune.models.archs.REGISTRY`, ``ArchSpec.kernels``, a
+:class:`~visiontune.models.archspec.KernelMap`): which module classes are RMSNorms (and with which
+convention), which are gated or plain MLPs (attribute names of their projections and activation), which
+rotary-embedding modules compute Qwen's M-RoPE, which attention modules are Qwen-style text / vision
+attention that can run packed varlen attention, and which modeling modules' ``apply_rotary_pos_emb`` may
+be swapped. A single walker (:func:`patch_model`) applies it to any model; there is no per-model
+``apply_*`` function.
 
 Patching is reversible: module ``forward``s are replaced on *instances* (the class is untouched), the
 few module-level function swaps are reference-counted, and :meth:`PatchHandle.unpatch` (or
@@ -27,18 +29,16 @@ import importlib
 import inspect
 import warnings
 import weakref
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from visiontune.kernels._common import use_triton
+from visiontune.kernels._common import use_fused
 from visiontune.kernels.activations import ACTIVATIONS, act_reference
 from visiontune.kernels.attention import varlen_attention
-from visiontune.kernels.checkpoint import replaying
 from visiontune.kernels.cross_entropy import fused_linear_cross_entropy
 from visiontune.kernels.layernorm import layer_norm
 from visiontune.kernels.lora import gated_mlp, lora_linear, plain_mlp
@@ -49,85 +49,9 @@ from visiontune.kernels.rope import (
     mrope_axis_map,
     mrope_cos_sin,
 )
-
-_LLAMA_NORM = (0.0, True)  # w * x_hat.to(dtype)
-_GEMMA_NORM = (1.0, False)  # (x_hat * (1 + w)).to(dtype)
-
-
-@dataclass(frozen=True)
-class ArchKernelMap:
-    """Which modules of one architecture get which kernel (class names as in transformers 5.x)."""
-
-    rms_norms: Mapping[str, tuple[float, bool]] = field(default_factory=dict)
-    """RMSNorm class -> (weight offset, cast x_hat to the input dtype before the weight)."""
-    gated_mlps: Mapping[str, tuple[str, str, str, str]] = field(default_factory=dict)
-    """``down(act(gate(x)) * up(x))`` class -> (gate, up, down, activation) attribute names."""
-    plain_mlps: Mapping[str, tuple[str, str, str]] = field(default_factory=dict)
-    """``fc2(act(fc1(x)))`` class -> (fc1, fc2, activation) attribute names."""
-    layer_norms: bool = True
-    """Swap every ``nn.LayerNorm`` (vision towers)."""
-    mrope_rotary: Mapping[str, bool] = field(default_factory=dict)
-    """M-RoPE rotary-embedding class -> interleaved (Qwen3-VL) or contiguous sections (Qwen2/2.5-VL)."""
-    text_attention: tuple[str, ...] = ()
-    """Qwen-style text attention classes (q/k/v/o_proj, optional q_norm/k_norm): fused LoRA, Triton RoPE,
-    packed varlen attention (``cu_seq_lens_q`` from :func:`pack_padded_batch`, else one sequence a row)."""
-    vision_attention: tuple[str, ...] = ()
-    """Qwen-VL vision attention classes (qkv/proj, ``cu_seqlens``): one varlen call instead of a loop."""
-    rope_modules: tuple[str, ...] = ()
-    """Modeling modules whose module-level ``apply_rotary_pos_emb`` is swapped for the Triton RoPE."""
-    fused_cross_entropy: bool = True
-
-
-_QWEN2_MODS = "transformers.models.qwen2_vl.modeling_qwen2_vl"
-
-KERNEL_REGISTRY: dict[str, ArchKernelMap] = {
-    "qwen2_vl": ArchKernelMap(
-        rms_norms={"Qwen2RMSNorm": _LLAMA_NORM, "Qwen2VLRMSNorm": _LLAMA_NORM},
-        gated_mlps={"Qwen2MLP": ("gate_proj", "up_proj", "down_proj", "act_fn")},
-        plain_mlps={"VisionMlp": ("fc1", "fc2", "act")},
-        mrope_rotary={"Qwen2VLRotaryEmbedding": False},
-        text_attention=("Qwen2VLAttention",),
-        vision_attention=("VisionAttention", "VisionSdpaAttention"),
-    ),
-    "qwen2_5_vl": ArchKernelMap(
-        rms_norms={"Qwen2_5_VLRMSNorm": _LLAMA_NORM, "Qwen2RMSNorm": _LLAMA_NORM},
-        gated_mlps={"Qwen2MLP": ("gate_proj", "up_proj", "down_proj", "act_fn"),
-                    "Qwen2_5_VLMLP": ("gate_proj", "up_proj", "down_proj", "act_fn")},
-        mrope_rotary={"Qwen2_5_VLRotaryEmbedding": False},
-        text_attention=("Qwen2_5_VLAttention",),
-        vision_attention=("Qwen2_5_VLVisionAttention",),
-    ),
-    "qwen3_vl": ArchKernelMap(
-        rms_norms={"Qwen3VLTextRMSNorm": _LLAMA_NORM},
-        gated_mlps={"Qwen3VLTextMLP": ("gate_proj", "up_proj", "down_proj", "act_fn")},
-        plain_mlps={"Qwen3VLVisionMLP": ("linear_fc1", "linear_fc2", "act_fn")},
-        mrope_rotary={"Qwen3VLTextRotaryEmbedding": True},
-        text_attention=("Qwen3VLTextAttention",),
-        vision_attention=("Qwen3VLVisionAttention",),
-    ),
-    "mllama": ArchKernelMap(
-        rms_norms={"MllamaTextRMSNorm": _LLAMA_NORM},
-        gated_mlps={"MllamaTextMLP": ("gate_proj", "up_proj", "down_proj", "act_fn")},
-        plain_mlps={"MllamaVisionMLP": ("fc1", "fc2", "activation_fn")},
-        rope_modules=("transformers.models.mllama.modeling_mllama",),
-    ),
-    "gemma3": ArchKernelMap(
-        rms_norms={"Gemma3RMSNorm": _GEMMA_NORM},
-        gated_mlps={"Gemma3MLP": ("gate_proj", "up_proj", "down_proj", "act_fn")},
-        plain_mlps={"SiglipMLP": ("fc1", "fc2", "activation_fn")},
-        rope_modules=("transformers.models.gemma3.modeling_gemma3",),
-    ),
-    "mistral3": ArchKernelMap(
-        rms_norms={"Mistral3RMSNorm": _LLAMA_NORM, "MistralRMSNorm": _LLAMA_NORM, "PixtralRMSNorm": _LLAMA_NORM,
-                   "Ministral3RMSNorm": _LLAMA_NORM, "MinistralRMSNorm": _LLAMA_NORM},
-        gated_mlps={"MistralMLP": ("gate_proj", "up_proj", "down_proj", "act_fn"),
-                    "PixtralMLP": ("gate_proj", "up_proj", "down_proj", "act_fn"),
-                    "Ministral3MLP": ("gate_proj", "up_proj", "down_proj", "act_fn"),
-                    "MinistralMLP": ("gate_proj", "up_proj", "down_proj", "act_fn")},
-        rope_modules=("transformers.models.mistral.modeling_mistral",),
-    ),
-}
-
+from visiontune.models.archs import REGISTRY
+from visiontune.models.checkpointing import replaying
+from visiontune.models.state import vision_state
 
 # --------------------------------------------------------------------------------------------------
 # handle
@@ -152,8 +76,8 @@ class PatchHandle:
         """Restore every patched forward and module-level function."""
         while self._undo:
             self._undo.pop()()
-        if self._model is not None and getattr(self._model, "_visiontune_kernel_handle", None) is self:
-            del self._model._visiontune_kernel_handle
+        if self._model is not None and vision_state(self._model).kernel_handle is self:
+            vision_state(self._model).kernel_handle = None
         self.active = False
 
     def __repr__(self) -> str:
@@ -454,7 +378,7 @@ def _vision_attention_forward(m: nn.Module, orig: Callable) -> Callable:
 
 def _rope_function(orig: Callable) -> Callable:
     def apply(q, k, cos, sin, unsqueeze_dim=1):
-        if (use_triton(q) and q.ndim == 4 and cos.ndim == 3 and unsqueeze_dim in (1, 2)
+        if (use_fused(q) and q.ndim == 4 and cos.ndim == 3 and unsqueeze_dim in (1, 2)
                 and cos.shape[-1] == q.shape[-1] and q.shape[-1] % 2 == 0 and cos.shape == sin.shape
                 and cos.dtype == q.dtype):
             return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
@@ -526,57 +450,58 @@ def patch_model(model: nn.Module, enabled: bool | None = None, *, fused_cross_en
         enabled = torch.cuda.is_available() and _model_on_cuda(model)
     if not enabled:
         return PatchHandle(None, model_type, active=False)
-    existing = getattr(model, "_visiontune_kernel_handle", None)
+    existing = vision_state(model).kernel_handle
     if existing is not None and existing.active:
         return existing
-    spec = KERNEL_REGISTRY.get(model_type)
-    if spec is None:
+    arch = REGISTRY.get(model_type)
+    if arch is None:
         warnings.warn(f"visiontune.kernels: no kernel map for model_type {model_type!r}; running unpatched "
-                      f"(supported: {', '.join(KERNEL_REGISTRY)})", stacklevel=2)
+                      f"(supported: {', '.join(REGISTRY)})", stacklevel=2)
         return PatchHandle(None, model_type, active=False)
+    kmap = arch.kernels
     handle = PatchHandle(model, model_type, active=True)
     handle.recompute_mlp = bool(recompute_mlp)
     ce_done = False
     for m in model.modules():
         cls = type(m).__name__
-        if cls in spec.rms_norms and isinstance(getattr(m, "weight", None), torch.Tensor):
-            offset, cast = spec.rms_norms[cls]
+        if cls in kmap.rms_norms and isinstance(getattr(m, "weight", None), torch.Tensor):
+            offset, cast = kmap.rms_norms[cls]
             _set_forward(handle, m, _rmsnorm_forward(m, offset, cast), "rms_norm")
-        elif spec.layer_norms and isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1 \
+        elif kmap.layer_norms and isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1 \
                 and m.weight is not None and m.bias is not None:
             _set_forward(handle, m, _layernorm_forward(m), "layer_norm")
-        elif cls in spec.gated_mlps:
-            g, u, d, act_attr = spec.gated_mlps[cls]
+        elif cls in kmap.gated_mlps:
+            g, u, d, act_attr = kmap.gated_mlps[cls]
             act = identify_activation(getattr(m, act_attr))
             if act is not None:
                 _set_forward(handle, m, _gated_mlp_forward(m, m.forward, (g, u, d), act, handle), "gated_mlp")
-        elif cls in spec.plain_mlps:
-            f1, f2, act_attr = spec.plain_mlps[cls]
+        elif cls in kmap.plain_mlps:
+            f1, f2, act_attr = kmap.plain_mlps[cls]
             act = identify_activation(getattr(m, act_attr))
             if act is not None:
                 _set_forward(handle, m, _plain_mlp_forward(m, m.forward, (f1, f2), act, handle), "plain_mlp")
-        elif cls in spec.mrope_rotary and hasattr(m, "mrope_section") and hasattr(m, "inv_freq"):
-            _set_forward(handle, m, _mrope_forward(m, m.forward, spec.mrope_rotary[cls]), "mrope")
-        elif attention and cls in spec.text_attention:
+        elif cls in kmap.mrope_rotary and hasattr(m, "mrope_section") and hasattr(m, "inv_freq"):
+            _set_forward(handle, m, _mrope_forward(m, m.forward, kmap.mrope_rotary[cls]), "mrope")
+        elif attention and cls in kmap.text_attention:
             _set_forward(handle, m, _text_attention_forward(m, m.forward), "text_attention")
-        elif attention and cls in spec.vision_attention and hasattr(m, "qkv"):
+        elif attention and cls in kmap.vision_attention and hasattr(m, "qkv"):
             _set_forward(handle, m, _vision_attention_forward(m, m.forward), "vision_attention")
-        elif (fused_cross_entropy and spec.fused_cross_entropy and not ce_done
+        elif (fused_cross_entropy and kmap.fused_cross_entropy and not ce_done
               and cls.endswith("ForConditionalGeneration") and isinstance(getattr(m, "lm_head", None), nn.Linear)):
             _set_forward(handle, m, _fused_ce_forward(m, m.forward), "fused_cross_entropy")
             ce_done = True
-    for mod_name in spec.rope_modules:
+    for mod_name in kmap.rope_modules:
         _swap_global(handle, mod_name, "apply_rotary_pos_emb", _rope_function)
-    model._visiontune_kernel_handle = handle
+    vision_state(model).kernel_handle = handle
     return handle
 
 
 def unpatch_model(model: nn.Module) -> None:
     """Undo :func:`patch_model` on ``model`` (no-op if it was not patched)."""
-    handle = getattr(model, "_visiontune_kernel_handle", None)
+    handle = vision_state(model).kernel_handle
     if handle is not None:
         handle.unpatch()
 
 
-__all__ = ["ACTIVATIONS", "ArchKernelMap", "KERNEL_REGISTRY", "PatchHandle", "identify_activation",
+__all__ = ["ACTIVATIONS", "PatchHandle", "identify_activation",
            "lora_params", "patch_model", "unpatch_model"]

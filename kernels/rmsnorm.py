@@ -20,7 +20,7 @@ from visiontune.kernels._common import (
     reduction_programs,
     row_warps,
     rows_per_program,
-    use_triton,
+    use_fused,
 )
 
 if HAS_TRITON:
@@ -128,6 +128,6 @@ class RMSNormFunction(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
              cast_before_weight: bool = True) -> torch.Tensor:
     """RMSNorm over the last dim; Triton on CUDA (or forced under the interpreter), else reference."""
-    if use_triton(x):
+    if use_fused(x):
         return RMSNormFunction.apply(x, weight, float(eps), float(offset), bool(cast_before_weight))
     return rms_norm_reference(x, weight, eps, offset, cast_before_weight)

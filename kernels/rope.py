@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from visiontune.kernels._common import HAS_TRITON, next_pow2, rows_per_program, use_triton
+from visiontune.kernels._common import HAS_TRITON, next_pow2, rows_per_program, use_fused
 
 if HAS_TRITON:
     import triton
@@ -128,7 +128,7 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     q/k are (B, H, S, D) with ``unsqueeze_dim=1`` or (B, S, H, D) with ``unsqueeze_dim=2``; cos/sin are
     (B or 1, S, D). Anything else (partial rotary, odd broadcasting) takes the reference.
     """
-    ok = (use_triton(q) and q.ndim == 4 and k.ndim == 4 and cos.ndim == 3 and unsqueeze_dim in (1, 2)
+    ok = (use_fused(q) and q.ndim == 4 and k.ndim == 4 and cos.ndim == 3 and unsqueeze_dim in (1, 2)
           and cos.shape[-1] == q.shape[-1] and q.shape[-1] % 2 == 0 and cos.shape == sin.shape)
     if not ok:
         return rotary_reference(q, k, cos, sin, unsqueeze_dim)
@@ -156,7 +156,7 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
 def apply_rotary_pos_emb_vision(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop-in for the Qwen-VL towers' ``apply_rotary_pos_emb_vision``: q/k (S, H, D), cos/sin (S, D)."""
-    ok = (use_triton(q) and q.ndim == 3 and cos.ndim == 2 and cos.shape[-1] == q.shape[-1]
+    ok = (use_fused(q) and q.ndim == 3 and cos.ndim == 2 and cos.shape[-1] == q.shape[-1]
           and q.shape[-1] % 2 == 0)
     if not ok:
         return vision_rotary_reference(q, k, cos, sin)
@@ -199,7 +199,7 @@ def mrope_cos_sin_reference(position_ids: torch.Tensor, inv_freq: torch.Tensor, 
 def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, axis: torch.Tensor,
                   scaling: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """M-RoPE cos/sin straight from (3, B, S) integer positions in one Triton pass (no autograd needed)."""
-    if not use_triton(position_ids):
+    if not use_fused(position_ids):
         return mrope_cos_sin_reference(position_ids, inv_freq, axis, scaling, dtype)
     _, b, s = position_ids.shape
     half = inv_freq.shape[0]

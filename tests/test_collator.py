@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from visiontune import FastVisionModel, VisionDataCollator
-from visiontune.collator import SampleTooLongError, load_image, target_size
+from visiontune.collator import SampleTooLongError
+from visiontune.images import load_image
 from visiontune.testing import ARCHITECTURES
 
 
@@ -128,27 +129,6 @@ def test_images_from_paths_bytes_and_arrow_dicts(tmp_path, tiny_model_dir):
         load_image(str(tmp_path / "nope.png"))
 
 
-@pytest.mark.parametrize("resize,dim,expected", [
-    (None, 0, (400, 100)), ((64, 32), 0, (64, 32)), ("min", 0, (224, 56)), ("min", 1, (896, 224)),
-    ("max", "max", (448, 112)), ("max", "min", (1792, 448)), (56, 1, (224, 56)), (200, 0, (200, 50)),
-    (50, "max", (50, 12)),
-])
-def test_target_size(resize, dim, expected):
-    assert target_size(400, 100, resize, dim, (224, 448), None) == expected
-
-
-def test_target_size_snaps_and_validates():
-    assert target_size(400, 100, "min", 0, (224, 448), 28) == (224, 56)
-    assert target_size(401, 99, None, 0, (224, 448), 28) == (392, 112)
-    assert target_size(10, 10, None, 0, (224, 448), 28) == (28, 28)  # never below one patch
-    with pytest.raises(ValueError, match="resize="):
-        target_size(1, 1, "medium", 0, (1, 1), None)
-    with pytest.raises(ValueError, match="resize_dimension"):
-        target_size(1, 1, "min", 2, (1, 1), None)
-    with pytest.raises(ValueError, match="positive"):
-        target_size(1, 1, 0, 0, (1, 1), None)
-
-
 def test_resize_and_snap_reach_the_processor(tiny_model_dir):
     model, processor = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"))
     collator = VisionDataCollator(model, processor, resize=(112, 56), snap_to_patch_size=True)
@@ -241,8 +221,10 @@ def test_padding_free_refuses_what_would_mix_samples(tiny_model_dir):
 def test_padding_free_on_the_gpu_engine(arch, tiny_model_dir):
     """The default GPU path (bf16, Triton kernels, flash varlen attention) trains a packed row like the
     padded batch. bf16 at width 64: loss rtol 2e-2, gradients ||diff|| / ||ref|| < 5e-2."""
+    from visiontune.models.state import vision_state
+
     model, processor = FastVisionModel.from_pretrained(tiny_model_dir(arch), use_gradient_checkpointing=False)
-    assert next(model.parameters()).is_cuda and getattr(model, "vt_kernel_handle", None) is not None
+    assert next(model.parameters()).is_cuda and vision_state(model).kernel_handle is not None
     model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, random_state=7)
     FastVisionModel.for_training(model)
     samples = [_single(1, "4071"), _multi(2), _single(3, "9")]

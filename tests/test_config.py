@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from visiontune.config import (ConfigError, PipelineConfig, RecordingConfig, describe, from_dict, load_params,
-                               to_yaml)
+from visiontune.config import ConfigError, PipelineConfig, describe, from_dict, load_params, to_yaml
+from visiontune.stages import RecordingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,6 +32,7 @@ def test_repo_params_yaml_matches_config_exactly():
 def test_roundtrip_yaml(tmp_path):
     cfg = PipelineConfig()
     cfg.train.max_steps = 7
+    cfg = dataclasses.replace(cfg, images=dataclasses.replace(cfg.images, resize=[64, 32]))
     p = tmp_path / "p.yaml"
     p.write_text(to_yaml(cfg))
     assert load_params(p) == cfg
@@ -55,10 +56,25 @@ def test_type_errors_and_coercion():
 
 
 def test_overrides(tmp_path):
-    cfg = load_params(tmp_path / "missing-ok.yaml", ["train.max_steps=3", "lora.target_modules=[q_proj, v_proj]"])
+    params = tmp_path / "p.yaml"
+    params.write_text("train:\n  max_steps: 9\n")
+    cfg = load_params(params, ["train.max_steps=3", "lora.target_modules=[q_proj, v_proj]"])
     assert cfg.train.max_steps == 3 and cfg.lora.target_modules == ["q_proj", "v_proj"]
     with pytest.raises(ConfigError, match="section.key=value"):
-        load_params(tmp_path / "x.yaml", ["max_steps=3"])
+        load_params(params, ["max_steps=3"])
+    # A bad override is blamed on the override, not on the file.
+    with pytest.raises(ConfigError, match=r"--set train.max_steps=ten: train.max_steps"):
+        load_params(params, ["train.max_steps=ten"])
+
+
+def test_missing_params_file_is_an_error_even_with_overrides(tmp_path):
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "missing.yaml", ["train.max_steps=3"])
+
+
+def test_image_rule_is_validated_when_the_config_loads():
+    with pytest.raises(ConfigError, match="section 'images'.*resize=-64"):
+        from_dict({"images": {"resize": -64}})
 
 
 def test_bad_yaml_is_reported_with_the_file(tmp_path):
@@ -70,8 +86,8 @@ def test_bad_yaml_is_reported_with_the_file(tmp_path):
 
 def test_recording_config_records_reads():
     rec = RecordingConfig(PipelineConfig())
-    _ = rec.train.max_steps, rec.data.min_px
-    assert rec.accessed == {"train.max_steps", "data.min_px"}
+    _ = rec.train.max_steps, rec.normalize.min_px
+    assert rec.accessed == {"train.max_steps", "normalize.min_px"}
     with pytest.raises(AttributeError):
         rec.train.max_steps = 3
 

@@ -5,7 +5,8 @@ processor (so ``input_ids`` and ``pixel_values`` are exactly what the processor 
 conversation); this class adds what the processor does not do:
 
 * images from PIL objects, paths, bytes or Arrow's ``{"bytes", "path"}`` dicts, any number per sample,
-  resized (``resize``, ``resize_dimension``) and snapped to the vision patch grid;
+  resized (``resize``, ``resize_dimension``) and snapped to the vision patch grid by the same
+  :class:`~visiontune.images.ImageRule` that evaluation and serving use;
 * labels in which padding, image placeholder tokens and everything that is not an assistant answer are
   ``ignore_index`` (found from the chat template itself, or by ``instruction_part``/``response_part``);
 * a token budget: a sample longer than ``max_seq_length`` is cut only after its last image token; if
@@ -20,112 +21,33 @@ conversation); this class adds what the processor does not do:
 from __future__ import annotations
 
 import inspect
-import io
 import logging
-import math
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
-from PIL import Image, ImageOps
 
-from visiontune.models.archs import ArchSpec, get_spec, image_size_bounds
+from visiontune.images import ImageRule, load_image
+from visiontune.inference import chat_parts, model_resizer
+from visiontune.models.archs import REGISTRY, ArchSpec, get_spec
+from visiontune.models.archspec import ImageTokens
+from visiontune.models.packing import pack_padded_batch
+from visiontune.models.state import base_model, padding_side, vision_state
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
-# Tokens that stand for image content or image structure; never a training target.
-_IMAGE_TOKEN_ATTRS = ("image_token", "video_token", "boi_token", "eoi_token", "image_break_token", "image_end_token",
-                      "vision_bos_token", "vision_eos_token")
-_IMAGE_TOKEN_STRINGS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|image|>",
-                        "<start_of_image>", "<end_of_image>", "<image_soft_token>", "[IMG]", "[IMG_BREAK]", "[IMG_END]")
+# Tokens that stand for image content or image structure in any registered architecture (so a model
+# without an ArchSpec still gets the common ones masked); never a training target.
+_IMAGE_TOKENS = ImageTokens.union(spec.image_tokens for spec in REGISTRY.values())
 
 
 class SampleTooLongError(ValueError):
     """Every sample of a batch needed more than ``max_seq_length`` tokens before its last image ended."""
-
-
-def load_image(value: Any, base_dir: Optional[Path] = None) -> Image.Image:
-    """A PIL RGB image from a PIL image, a path, raw bytes or an Arrow ``{"bytes", "path"}`` dict.
-
-    EXIF orientation is applied (phone photos are stored rotated).
-    """
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, Image.Image):
-        img = value
-    elif isinstance(value, (bytes, bytearray)):
-        img = Image.open(io.BytesIO(value))
-    elif isinstance(value, (str, Path)):
-        path = Path(value)
-        if not path.is_absolute() and base_dir is not None and not path.exists():
-            path = base_dir / path
-        if not path.exists():
-            raise FileNotFoundError(f"image {str(value)!r} not found (looked in {path.parent}); fix the path in your data")
-        img = Image.open(path)
-    else:
-        raise TypeError(f"unsupported image value of type {type(value).__name__}: expected a PIL image, path, bytes or dict")
-    img = ImageOps.exif_transpose(img) if hasattr(img, "getexif") else img
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def target_size(w: int, h: int, resize: Any, resize_dimension: Union[int, str], bounds: tuple[int, int],
-                multiple: Optional[int]) -> tuple[int, int]:
-    """The (width, height) an image of size ``(w, h)`` is resized to. Pure function (tested directly)."""
-    if resize is None:
-        nw, nh = w, h
-    elif isinstance(resize, (tuple, list)):
-        if len(resize) != 2 or not all(isinstance(x, int) and x > 0 for x in resize):
-            raise ValueError(f"resize={resize!r}: a size must be two positive integers (width, height)")
-        nw, nh = int(resize[0]), int(resize[1])
-    elif resize in ("min", "max") or (isinstance(resize, int) and not isinstance(resize, bool)):
-        if isinstance(resize, int):
-            if resize <= 0:
-                raise ValueError(f"resize={resize!r}: a side length must be a positive integer")
-            side = resize
-        else:
-            side = bounds[0] if resize == "min" else bounds[1]
-        if resize_dimension == 0:
-            drive = w
-        elif resize_dimension == 1:
-            drive = h
-        elif resize_dimension == "max":
-            drive = max(w, h)
-        elif resize_dimension == "min":
-            drive = min(w, h)
-        else:
-            raise ValueError(f"resize_dimension={resize_dimension!r}: expected 0, 1, 'max' or 'min'")
-        scale = side / drive
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    else:
-        raise ValueError(f"resize={resize!r}: expected 'min', 'max', a side length in px, a (width, height) tuple or None")
-    if multiple:
-        nw = max(multiple, round(nw / multiple) * multiple)
-        nh = max(multiple, round(nh / multiple) * multiple)
-    return nw, nh
-
-
-def _image_parts(messages: list[dict]) -> list[Any]:
-    return [p.get("image") for m in messages if isinstance(m.get("content"), list) for p in m["content"]
-            if isinstance(p, dict) and p.get("type") == "image"]
-
-
-def _clean_messages(messages: list[dict]) -> list[dict]:
-    """Messages for the chat template: image parts become ``{"type": "image"}`` and Arrow's None keys go."""
-    out = []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, list):
-            parts = []
-            for p in content:
-                if p.get("type") == "image":
-                    parts.append({"type": "image"})
-                elif p.get("type") == "text":
-                    parts.append({"type": "text", "text": p.get("text") or ""})
-            content = parts
-        out.append({"role": m["role"], "content": content})
-    return out
 
 
 def _find(seq: list[int], pattern: list[int], start: int = 0) -> int:
@@ -143,20 +65,19 @@ def _find(seq: list[int], pattern: list[int], start: int = 0) -> int:
 _IMAGE_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "image_sizes",
                "aspect_ratio_ids", "aspect_ratio_mask")
 
-# Architectures whose samples can share one packed row: causal text attention everywhere, image
-# features placed by token id. Mllama (per-sample cross-attention masks) and Gemma 3 (bidirectional
-# attention inside each image) would need per-sample masks that a packed row does not carry.
-PADDING_FREE_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mistral3")
-
 
 def _check_padding_free(model: Any, config: Any) -> None:
+    """Refuse ``padding_free=True`` unless the architecture can pack (``ArchSpec.padding_free``) and the
+    model's attention keeps packed samples apart."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in PADDING_FREE_TYPES:
+    spec = REGISTRY.get(model_type)
+    if spec is None or not spec.padding_free:
+        supported = ", ".join(t for t, s in REGISTRY.items() if s.padding_free)
         raise ValueError(
             f"padding_free=True is not supported for model_type {model_type!r} (supported: "
-            f"{', '.join(PADDING_FREE_TYPES)}): its image attention needs per-sample masks. Use padding_free=False."
+            f"{supported}): its image attention needs per-sample masks. Use padding_free=False."
         )
-    handle = getattr(model, "_visiontune_kernel_handle", None)
+    handle = vision_state(model).kernel_handle
     attn_impl = str(getattr(config, "_attn_implementation", "") or "")
     if not (handle is not None and handle.active) and not attn_impl.startswith("flash_attention"):
         raise ValueError(
@@ -169,9 +90,7 @@ def _check_padding_free(model: Any, config: Any) -> None:
 
 def _mrope_positions(model: Any, batch: dict[str, Any], mask: torch.Tensor) -> Optional[torch.Tensor]:
     """The model's own M-RoPE positions (3, B, S) for a padded batch, or None for 1-D RoPE models."""
-    from visiontune.models.fast_vision import _base
-
-    base = _base(model)
+    base = base_model(model)
     inner = getattr(base, "model", base)
     fn = getattr(inner, "get_rope_index", None)
     if fn is None:
@@ -193,7 +112,7 @@ class VisionDataCollator:
         processor: Any,
         max_seq_length: Optional[int] = None,
         formatting_func: Optional[Callable[[dict], dict]] = None,
-        resize: Union[str, tuple, list, None] = "min",
+        resize: Union[str, int, tuple, list, None] = ImageRule.resize,
         ignore_index: int = -100,
         train_on_responses_only: bool = False,
         instruction_part: Optional[str] = None,
@@ -202,8 +121,8 @@ class VisionDataCollator:
         num_proc: Optional[int] = None,
         completion_only_loss: bool = True,
         pad_to_multiple_of: Optional[int] = None,
-        resize_dimension: Union[int, str] = 0,
-        snap_to_patch_size: bool = False,
+        resize_dimension: Union[int, str] = ImageRule.resize_dimension,
+        snap_to_patch_size: bool = ImageRule.snap_to_patch_size,
         image_root: Optional[Union[str, Path]] = None,
         padding_free: bool = False,
     ):
@@ -219,27 +138,19 @@ class VisionDataCollator:
             self.spec = None
         self.max_seq_length = max_seq_length if max_seq_length is not None else getattr(model, "max_seq_length", None)
         self.formatting_func = formatting_func
-        if resize_dimension not in (0, 1, "max", "min"):
-            raise ValueError(f"resize_dimension={resize_dimension!r}: expected 0, 1, 'max' or 'min'")
-        if isinstance(resize, list):
-            resize = tuple(resize)
-        target_size(64, 32, resize, resize_dimension, (64, 64), None)  # validates `resize` early
-        self.resize = resize
-        self.resize_dimension = resize_dimension
+        self.rule = ImageRule(resize, resize_dimension, snap_to_patch_size)  # validated here, before any batch
         self.ignore_index = ignore_index
         self.train_on_responses_only = train_on_responses_only or bool(instruction_part or response_part)
         self.force_match = force_match
         self.num_proc = num_proc
         self.completion_only_loss = completion_only_loss
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.snap_to_patch_size = snap_to_patch_size
         self.image_root = Path(image_root) if image_root else None
         self.padding_free = padding_free
         self._model = model if padding_free else None
         if padding_free:
             _check_padding_free(model, base_cfg)
-        self.bounds = image_size_bounds(self.spec, base_cfg, processor) if self.spec else (448, 1024)
-        self.patch_multiple = self.spec.patch_multiple(base_cfg) if (self.spec and snap_to_patch_size) else None
+        self.resizer = model_resizer(self.rule, base_cfg, processor)
         self.image_token_ids = self._image_token_ids()
         self.pad_token_id = self.tokenizer.pad_token_id
         self.dropped = 0  # samples dropped because their image tokens did not fit
@@ -259,16 +170,15 @@ class VisionDataCollator:
     def _image_token_ids(self) -> set[int]:
         ids: set[int] = set()
         for holder in (self.processor, self.tokenizer):
-            for attr in _IMAGE_TOKEN_ATTRS:
+            for attr in _IMAGE_TOKENS.attrs:
                 tok = getattr(holder, attr, None)
                 if isinstance(tok, str):
                     tid = self.tokenizer.convert_tokens_to_ids(tok)
                     if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
                         ids.add(tid)
         vocab = self.tokenizer.get_vocab()
-        ids.update(vocab[t] for t in _IMAGE_TOKEN_STRINGS if t in vocab)
-        for attr in ("image_token_id", "image_token_index", "video_token_id", "boi_token_index", "eoi_token_index",
-                     "vision_start_token_id", "vision_end_token_id"):
+        ids.update(vocab[t] for t in _IMAGE_TOKENS.strings if t in vocab)
+        for attr in _IMAGE_TOKENS.config_ids:
             v = getattr(self.config, attr, None)
             if isinstance(v, int):
                 ids.add(v)
@@ -332,9 +242,7 @@ class VisionDataCollator:
 
     def _load_images(self, values: list[Any]) -> list[Image.Image]:
         def one(v: Any) -> Image.Image:
-            img = load_image(v, self.image_root)
-            size = target_size(img.width, img.height, self.resize, self.resize_dimension, self.bounds, self.patch_multiple)
-            return img if size == img.size else img.resize(size, Image.Resampling.BICUBIC)
+            return self.resizer(load_image(v, self.image_root))
 
         if self.num_proc and self.num_proc > 1 and len(values) > 1:
             with ThreadPoolExecutor(self.num_proc) as pool:
@@ -382,15 +290,11 @@ class VisionDataCollator:
     def _encode(self, texts: list[str], images: list[list[Image.Image]]) -> Any:
         kwargs: dict[str, Any] = dict(text=texts, return_tensors="pt", padding=True)
         if any(images):
-            kwargs["images"] = images if all(images) else images  # nested: one list per sample
+            kwargs["images"] = images  # nested: one list per sample
         if self.pad_to_multiple_of:
             kwargs["pad_to_multiple_of"] = self.pad_to_multiple_of
-        old_side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "right"
-        try:
+        with padding_side(self.tokenizer, "right"):
             return self.processor(**kwargs)
-        finally:
-            self.tokenizer.padding_side = old_side
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if not examples:
@@ -406,10 +310,10 @@ class VisionDataCollator:
                     f"{list(ex) if isinstance(ex, dict) else type(ex).__name__}; convert with "
                     "visiontune.data.to_conversation or pass formatting_func"
                 )
-            clean = _clean_messages(messages)
+            clean, values = chat_parts(messages)
             convs.append(clean)
             texts.append(self._render(clean))
-            images.append(self._load_images(_image_parts(messages)))
+            images.append(self._load_images(values))
 
         batch = self._encode(texts, images)
         limit = self.max_seq_length
@@ -466,8 +370,6 @@ class VisionDataCollator:
         computed on the padded batch before packing, so every sample sees exactly the positions it would
         see alone. ``cu_seq_lens_*`` tell the attention where each sample ends.
         """
-        from visiontune.kernels.packing import pack_padded_batch
-
         mask = batch.pop("attention_mask")
         positions = _mrope_positions(self._model, batch, mask)
         packed = pack_padded_batch(batch.pop("input_ids"), mask, batch.pop("labels"), positions, self.ignore_index)
@@ -478,12 +380,3 @@ class VisionDataCollator:
             else:
                 packed[key] = value
         return packed
-
-    def token_counts(self, examples: list[dict]) -> list[int]:
-        """Tokens (text + image) each sample needs, without truncation: for budgeting before training."""
-        counts = []
-        for ex in examples:
-            messages = ex["messages"] if "messages" in ex else ex
-            batch = self._encode([self._render(_clean_messages(messages))], [self._load_images(_image_parts(messages))])
-            counts.append(int(batch["attention_mask"].sum()))
-        return counts

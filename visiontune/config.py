@@ -5,6 +5,13 @@ Every setting of the pipeline lives here, once: its type, its default and its do
 the CLI's ``--set section.key=value`` overrides map onto the same fields, and no other module reads a
 default from anywhere else. Unknown keys are errors (a typo in ``params.yaml`` must not be silently
 ignored).
+
+Sections are scoped by consumer (as litgpt's TrainArgs / EvalArgs): a stage reads its own section
+(``validate``, ``normalize``, ``convert``, ``demo``, ``train`` with its ``lora`` and ``collator``, ``eval``,
+``register``) plus the shared ones (``data``: where the data lives; ``model``: the base model; ``images``:
+how images are sized for the model, in training and inference alike; ``tracking``: MLflow). A stage may
+also read the output locations of the stages upstream of it (e.g. ``train.output_dir``). The exact keys
+each stage reads are listed once, in :mod:`visiontune.stages`.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from visiontune.images import ImageRule
+
 
 def _f(default: Any, help: str) -> Any:
     """A dataclass field with a default and its documentation."""
@@ -29,7 +38,7 @@ def _f(default: Any, help: str) -> Any:
 
 @dataclass
 class DataConfig:
-    """Raw data, validation and normalization (the data stage)."""
+    """Where the raw data lives and how its annotation table is read (shared by the data stages)."""
 
     raw_dir: str = _f("data/raw", "Folder of raw images plus an annotation file; read-only to the pipeline.")
     annotations: str = _f(
@@ -40,9 +49,21 @@ class DataConfig:
     text_column: str = _f("text", "Column holding the target text (caption, transcription, answer).")
     question_column: Optional[str] = _f(None, "Optional column holding a per-row question (QA data).")
     extra_images_column: Optional[str] = _f(None, "Optional column holding a list of extra image paths per row.")
-    work_dir: str = _f("data", "Folder where the stages write their outputs (validated/, normalized/, dataset/).")
-    min_px: int = _f(300, "Smallest allowed image side after normalization, in pixels.")
-    max_px: int = _f(1000, "Largest allowed image side after normalization, in pixels.")
+    work_dir: str = _f("data", "Folder where the data stages write their outputs (validated/, normalized/, dataset/, metrics/).")
+
+
+@dataclass
+class DemoConfig:
+    """The bundled demo data generator (``visiontune demo-data``)."""
+
+    samples: int = _f(3000, "Number of pages the demo data generator writes.")
+    seed: int = _f(3407, "Seed of the demo data generator (same seed, same bytes: data.dvc's hash holds).")
+
+
+@dataclass
+class ValidateConfig:
+    """The validate stage: which raw records are accepted (the rest are quarantined with a reason)."""
+
     accept_min_px: int = _f(8, "Images whose shorter side is below this are rejected (too small to upscale meaningfully).")
     accept_max_px: int = _f(20000, "Images whose longer side is above this are rejected.")
     max_pixels: int = _f(40_000_000, "Images with more pixels than this are rejected as decompression bombs.")
@@ -51,18 +72,31 @@ class DataConfig:
     min_text_chars: int = _f(1, "Shortest allowed target text, in characters (after stripping).")
     max_text_chars: int = _f(4000, "Longest allowed target text, in characters.")
     max_failure_ratio: float = _f(0.2, "The validate stage fails when more than this share of records is quarantined.")
+
+
+@dataclass
+class NormalizeConfig:
+    """The normalize stage: every valid image brought into one pixel range, content-addressed."""
+
+    min_px: int = _f(300, "Smallest allowed image side after normalization, in pixels.")
+    max_px: int = _f(1000, "Largest allowed image side after normalization, in pixels.")
     uniform_size: Optional[list] = _f(None, "If set, [width, height]: every image is padded/resized to exactly this size.")
-    snap_to_patch: int = _f(0, "If > 0, image sides are rounded to a multiple of this (e.g. 28 for Qwen2-VL).")
+    multiple_of: int = _f(0, "If > 0, image sides are rounded to a multiple of this (e.g. 28 for Qwen2-VL); 0 keeps them.")
     image_format: str = _f("png", "Format of normalized images: 'png' (lossless) or 'jpeg' (quality 95; smaller and faster to write).")
-    instruction: str = _f("Transcribe the handwritten digits in this image.", "User instruction placed before the image(s) in each conversation.")
+
+
+@dataclass
+class ConvertConfig:
+    """The convert stage: normalized records -> conversations, split into train / validation / test."""
+
+    instruction: str = _f("Transcribe the handwritten digits in this image.", "User instruction placed before the image(s) in each conversation; recorded with the model as the served default prompt.")
     split_ratios: list = _f([0.8, 0.1, 0.1], "Train / validation / test shares; split by a hash of each record, stable when rows are added.")
-    seed: int = _f(3407, "Seed of the hash-based split and of the demo data generator.")
-    demo_samples: int = _f(3000, "Number of samples the demo data generator writes.")
+    seed: int = _f(3407, "Seed of the hash-based split.")
 
 
 @dataclass
 class ModelConfig:
-    """The base model and how it is loaded."""
+    """The base model and how it is loaded (shared by train, evaluate and register)."""
 
     name_or_path: str = _f(
         "models/tiny-qwen3-vl-demo",
@@ -71,6 +105,7 @@ class ModelConfig:
     )
     tiny_architecture: str = _f("qwen3_vl", "Architecture of the tiny demo model built when name_or_path does not exist yet and starts with models/tiny-.")
     tiny_size: str = _f("demo", "Size preset of that tiny model (visiontune.testing.TINY_SIZES): 'demo' (learns the demo task within its CPU budget) or 'test' (smallest; what the unit tests use).")
+    tiny_seed: int = _f(3407, "Seed of that tiny model's random weights.")
     max_seq_length: int = _f(1024, "Longest sequence (text + image tokens) a sample may have.")
     dtype: Optional[str] = _f(None, "torch dtype name; None picks bfloat16 on GPUs that support it, float32 otherwise.")
     load_in_4bit: bool = _f(False, "Load the frozen base in 4-bit NF4 (bitsandbytes, CUDA only).")
@@ -83,7 +118,7 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    """LoRA adapter settings (names as in Unsloth's get_peft_model)."""
+    """LoRA adapter settings of the train stage (names as in Unsloth's get_peft_model)."""
 
     finetune_vision_layers: bool = _f(True, "Put LoRA on the vision tower's blocks.")
     finetune_language_layers: bool = _f(True, "Put LoRA on the language model's blocks.")
@@ -99,14 +134,8 @@ class LoraConfig:
 
 @dataclass
 class CollatorConfig:
-    """How conversations become batches (VisionDataCollator arguments)."""
+    """How the train stage turns conversations into batches (VisionDataCollator arguments; image sizing is `images`)."""
 
-    resize: Optional[Union[str, int, list]] = _f(
-        64, "'min'/'max' (model default image size), a side length in px (the side resize_dimension picks; "
-        "aspect kept), [w, h], or null to keep images as they are. The demo reads its one-line digit strings at "
-        "64 px high (4 vision patches of the tiny Qwen3-VL); real models and documents want 'min' or more.")
-    resize_dimension: Union[int, str] = _f(1, "Which side drives the aspect-preserving resize: 0 (width), 1 (height), 'max' or 'min'.")
-    snap_to_patch_size: bool = _f(True, "Round image sides to the vision patch size (times merge size where the model merges).")
     train_on_responses_only: bool = _f(True, "Compute the loss only on assistant answers, found by the chat template's markers.")
     completion_only_loss: bool = _f(True, "Mask everything that is not an assistant answer (by the template's own structure).")
     pad_to_multiple_of: Optional[int] = _f(None, "Pad each batch's length to a multiple of this.")
@@ -117,7 +146,7 @@ class CollatorConfig:
 
 @dataclass
 class TrainConfig:
-    """The training run."""
+    """The train stage."""
 
     output_dir: str = _f("outputs/train", "Folder for checkpoints and the final adapter.")
     learning_rate: float = _f(3e-3, "Peak learning rate (linear decay after warmup).")
@@ -135,13 +164,13 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation on the held-out split."""
+    """The evaluate stage: held-out split, base vs fine-tuned."""
 
     split: str = _f("test", "Which split to evaluate on.")
     max_samples: int = _f(100, "Evaluate at most this many samples (0 = all).")
     max_new_tokens: int = _f(12, "Generation length limit.")
     batch_size: int = _f(8, "Generation batch size.")
-    primary_metric: str = _f("cer", "Metric that decides promotion: cer (lower is better), exact_match, bleu or rougeL.")
+    primary_metric: str = _f("cer", "Metric that decides promotion: cer (lower is better), exact_match, bleu or rougeL (recorded in the metrics file, which register reads).")
     metrics_file: str = _f("outputs/eval/metrics.json", "DVC metrics file written by the evaluate stage.")
     predictions_file: str = _f("outputs/eval/predictions.csv", "Per-sample CSV (reference, base and fine-tuned prediction, CER): DVC plots data, also logged to MLflow.")
     grid_file: str = _f("outputs/eval/predictions.png", "PNG grid of sample images with reference and prediction, also logged to MLflow.")
@@ -151,30 +180,47 @@ class EvalConfig:
 
 @dataclass
 class RegisterConfig:
-    """MLflow tracking and registry promotion."""
+    """The register stage: MLflow model, registry version and champion/challenger promotion."""
 
-    tracking_uri: Optional[str] = _f(None, "MLflow tracking URI; None uses $MLFLOW_TRACKING_URI or the embedded sqlite:///mlflow/mlflow.db.")
-    experiment: str = _f("visiontune", "MLflow experiment name.")
     model_name: str = _f("visiontune-demo", "Registered model name.")
     promotion_margin: float = _f(0.0, "The new version becomes champion only if it beats the champion's primary metric by more than this.")
     artifact_name: str = _f("model", "Name of the logged MLflow model (log_model(name=...)) inside the training run.")
     log_base_model: bool = _f(True, "Log a local base model directory as a model artifact so the model loads anywhere; False (or a hub id) stores only the id/path.")
     input_example: bool = _f(True, "Log an input example with the model; MLflow then loads the model once to validate it (turn off for large models).")
     max_new_tokens: int = _f(64, "Default generation length of the served model (overridable per request with params={'max_new_tokens': n}).")
+    batch_size: int = _f(8, "Generation batch size of the served model.")
     promotions_log: str = _f("mlflow/promotions.jsonl", "Local JSON-lines log of every promotion decision (also logged to the run as register/decision.json).")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking (shared by train, evaluate and register)."""
+
+    uri: Optional[str] = _f(None, "MLflow tracking URI; None uses $MLFLOW_TRACKING_URI or the embedded sqlite:///mlflow/mlflow.db.")
+    experiment: str = _f("visiontune", "MLflow experiment name.")
+
+
+def _section(cls: type) -> Any:
+    return field(default_factory=cls, metadata={"help": cls.__doc__})
 
 
 @dataclass
 class PipelineConfig:
     """All settings of one pipeline run; params.yaml holds exactly these sections."""
 
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": DataConfig.__doc__})
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": ModelConfig.__doc__})
-    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": LoraConfig.__doc__})
-    collator: CollatorConfig = field(default_factory=CollatorConfig, metadata={"help": CollatorConfig.__doc__})
-    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": TrainConfig.__doc__})
-    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": EvalConfig.__doc__})
-    register: RegisterConfig = field(default_factory=RegisterConfig, metadata={"help": RegisterConfig.__doc__})
+    data: DataConfig = _section(DataConfig)
+    demo: DemoConfig = _section(DemoConfig)
+    validate: ValidateConfig = _section(ValidateConfig)
+    normalize: NormalizeConfig = _section(NormalizeConfig)
+    convert: ConvertConfig = _section(ConvertConfig)
+    model: ModelConfig = _section(ModelConfig)
+    images: ImageRule = _section(ImageRule)
+    lora: LoraConfig = _section(LoraConfig)
+    collator: CollatorConfig = _section(CollatorConfig)
+    train: TrainConfig = _section(TrainConfig)
+    eval: EvalConfig = _section(EvalConfig)
+    register: RegisterConfig = _section(RegisterConfig)
+    tracking: TrackingConfig = _section(TrackingConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -252,12 +298,19 @@ def from_dict(raw: dict, source: str = "<dict>") -> PipelineConfig:
                 f"(see `visiontune config` for their meaning)"
             )
         kwargs = {k: _check_type(f"{source}: {name}.{k}", v, types_[k]) for k, v in values.items()}
-        built[name] = cls(**kwargs)
+        try:
+            built[name] = cls(**kwargs)
+        except ValueError as e:  # a section that validates its own values (e.g. images)
+            raise ConfigError(f"{source}: section '{name}': {e}") from e
     return PipelineConfig(**built)
 
 
 def load_params(path: str | Path = "params.yaml", overrides: Optional[list[str]] = None) -> PipelineConfig:
-    """Read ``params.yaml`` (missing keys take the dataclass defaults) and apply ``section.key=value`` overrides."""
+    """Read ``params.yaml`` (missing keys take the dataclass defaults) and apply ``section.key=value`` overrides.
+
+    Only the default ``params.yaml`` may be absent (then the defaults apply); any other named file must
+    exist. Errors name where the bad value came from: the file or the ``--set`` override.
+    """
     path = Path(path)
     raw: dict = {}
     if path.exists():
@@ -265,16 +318,19 @@ def load_params(path: str | Path = "params.yaml", overrides: Optional[list[str]]
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e}); fix the file or regenerate it with `visiontune config --write`") from e
-    elif overrides is None and str(path) != "params.yaml":
+    elif str(path) != "params.yaml":
         raise ConfigError(f"{path}: params file not found; pass an existing file or create one with `visiontune config --write {path}`")
+    cfg = from_dict(raw, source=str(path))
     for item in overrides or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.max_steps=20")
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.max_steps=20")
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)
-        raw.setdefault(section, {})
-        raw[section][name] = yaml.safe_load(value)
-    return from_dict(raw, source=str(path))
+        if not isinstance(raw.get(section, {}), dict):
+            raw[section] = {}
+        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+        cfg = from_dict(raw, source=f"--set {item}")
+    return cfg
 
 
 def describe() -> str:
@@ -294,37 +350,3 @@ def describe() -> str:
 
 def to_yaml(cfg: PipelineConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-
-class _SectionView:
-    """Read-only view of one config section that records which keys are read."""
-
-    def __init__(self, name: str, section: Any, log: set):
-        object.__setattr__(self, "_name", name)
-        object.__setattr__(self, "_section", section)
-        object.__setattr__(self, "_log", log)
-
-    def __getattr__(self, key: str) -> Any:
-        value = getattr(self._section, key)
-        self._log.add(f"{self._name}.{key}")
-        return value
-
-    def __setattr__(self, key: str, value: Any) -> None:
-        raise AttributeError("config sections are read-only inside a stage")
-
-
-class RecordingConfig:
-    """Wraps a :class:`PipelineConfig` and records every ``section.key`` a stage reads.
-
-    Tests run each stage through this and compare ``accessed`` with the stage's ``params`` list in
-    ``dvc.yaml``, so DVC re-runs a stage exactly when a setting it uses changes.
-    """
-
-    def __init__(self, cfg: PipelineConfig):
-        self._cfg = cfg
-        self.accessed: set[str] = set()
-
-    def __getattr__(self, section: str) -> Any:
-        if section in {f.name for f in dataclasses.fields(PipelineConfig)}:
-            return _SectionView(section, getattr(self._cfg, section), self.accessed)
-        return getattr(self._cfg, section)

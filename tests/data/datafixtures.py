@@ -89,8 +89,19 @@ def ext_of(name: str) -> str:
     return ".jpg" if name in ("good_jpg", "truncated_jpg", "cmyk", "exif_rotated") else ".png"
 
 
-def make_cfg(raw: Path, work: Path, **data) -> PipelineConfig:
-    return from_dict({"data": {"raw_dir": str(raw), "work_dir": str(work), **data}})
+def make_cfg(raw: Path, work: Path, **settings) -> PipelineConfig:
+    """A config for the data stages; each keyword goes to the data-stage section that has that setting
+    (``samples`` is the demo section's)."""
+    import dataclasses
+
+    sections: dict[str, dict] = {"data": {"raw_dir": str(raw), "work_dir": str(work)}}
+    fields = {name: {f.name for f in dataclasses.fields(getattr(PipelineConfig(), name))}
+              for name in ("data", "validate", "normalize", "convert", "demo")}
+    for key, value in settings.items():
+        section = next((s for s, names in fields.items() if key in names), None)
+        assert section is not None, f"make_cfg: no data-stage section has a setting {key!r}"
+        sections.setdefault(section, {})[key] = value
+    return from_dict(sections)
 
 
 def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:

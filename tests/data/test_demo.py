@@ -34,7 +34,7 @@ def test_demo_refuses_to_overwrite_user_data(tmp_path):
     raw.mkdir()
     (raw / "annotations.jsonl").write_text("{}\n")
     with pytest.raises(ValueError, match="refusing to overwrite"):
-        demo_stage(make_cfg(raw, tmp_path / "w", demo_samples=10))
+        demo_stage(make_cfg(raw, tmp_path / "w", samples=10))
 
 
 def test_all_three_stages_leave_raw_bytes_and_mtimes_unchanged(demo_raw, tmp_path):

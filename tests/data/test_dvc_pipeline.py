@@ -1,4 +1,7 @@
-"""Real DVC in a temporary git repo: repro, no-op re-run, one param -> one stage, push/pull to a local remote."""
+"""Real DVC in a temporary git repo: repro, no-op re-run, one param -> one stage, push/pull to a local remote.
+
+The whole pipeline through DVC, and its agreement with the Prefect cache keys, is in tests/test_stages.py.
+"""
 
 from __future__ import annotations
 
@@ -43,8 +46,7 @@ def dvc_repo(tmp_path: Path) -> Path:
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     data_stages = {k: stages[k] for k in ("validate", "normalize", "convert")}
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": data_stages}, sort_keys=False))
-    shutil.copytree(REPO / "visiontune" / "data", repo / "visiontune" / "data",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "visiontune", repo / "visiontune", ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "params.yaml").write_text(to_yaml(PipelineConfig()))
     generate_demo(repo / "data" / "raw", n=24, seed=5)
     sh(repo, "dvc", "add", "-q", "data/raw")
@@ -64,12 +66,12 @@ def test_repro_noop_param_change_and_push_pull(dvc_repo: Path, tmp_path: Path):
         assert f"Stage '{s}' didn't change, skipping" in again
 
     params = yaml.safe_load((dvc_repo / "params.yaml").read_text())
-    params["data"]["instruction"] = "Write down the digits."
+    params["convert"]["instruction"] = "Write down the digits."
     (dvc_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh(dvc_repo, "dvc", "repro")
     assert ran(out) == {"convert"}, out
 
-    params["data"]["max_px"] = 800
+    params["normalize"]["max_px"] = 800
     (dvc_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh(dvc_repo, "dvc", "repro")
     assert "normalize" in ran(out) and "validate" not in ran(out)
@@ -85,44 +87,3 @@ def test_repro_noop_param_change_and_push_pull(dvc_repo: Path, tmp_path: Path):
     assert (dvc_repo / "data" / "normalized" / "manifest.json").read_bytes() == manifest
     assert (dvc_repo / "data" / "raw" / "annotations.jsonl").is_file()
     assert ran(sh(dvc_repo, "dvc", "repro")) == set()
-
-
-def test_full_pipeline_repro_then_noop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """All six stages of the real dvc.yaml through `dvc repro` (tiny settings), then a no-op re-run.
-
-    Guards the model stages' declarations: e.g. a plot declared inside the train stage's output folder
-    made DVC refuse the whole pipeline ("output paths ... overlap").
-    """
-    from visiontune.data.demo import generate_demo
-
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    sh(repo, "git", "init", "-q")
-    sh(repo, "dvc", "init", "-q")
-    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copytree(REPO / "visiontune", repo / "visiontune", ignore=shutil.ignore_patterns("__pycache__"))
-    cfg = PipelineConfig()
-    cfg.train.max_steps, cfg.train.save_steps, cfg.train.logging_steps = 2, 2, 1
-    cfg.eval.max_samples, cfg.eval.max_new_tokens, cfg.eval.grid_samples = 3, 3, 2
-    cfg.register.input_example, cfg.register.max_new_tokens = False, 3
-    (repo / "params.yaml").write_text(to_yaml(cfg))
-    generate_demo(repo / "data" / "raw", n=30, seed=5)
-    sh(repo, "dvc", "add", "-q", "data/raw")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the embedded store inside the temp repo
-
-    stages = ("validate", "normalize", "convert", "train", "evaluate", "register")
-    out = sh(repo, "dvc", "repro")
-    assert {s for s in stages if f"Running stage '{s}'" in out} == set(stages), out
-    assert (repo / cfg.train.output_dir / "adapter").is_dir()
-    assert (repo / cfg.register.promotions_log).is_file()
-    assert "finetuned" in (repo / cfg.eval.metrics_file).read_text()
-
-    again = sh(repo, "dvc", "repro")
-    for s in stages:
-        assert f"Stage '{s}' didn't change, skipping" in again, again
-
-    # The top-level loss plot names the train stage's output folder literally: keep the two in step.
-    plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
-    assert any(f"{cfg.train.output_dir}/loss.json" in p for p in plots)
-    shown = sh(repo, "dvc", "plots", "show", "--json")
-    assert "loss.json" in shown

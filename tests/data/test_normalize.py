@@ -1,51 +1,17 @@
-"""Normalization: RGB, EXIF applied, sides in range, aspect kept, content-addressed and idempotent."""
+"""Normalization: EXIF applied, sides in range, aspect kept, content-addressed and idempotent (the RGB
+conversion and the size rule themselves: tests/test_images.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from datafixtures import gradient, make_cfg, snapshot
-from visiontune.data.normalize import normalize_image, normalize_stage, output_name, target_size, to_rgb
+from visiontune.data.normalize import normalize_image, normalize_stage, output_name
 from visiontune.data.validate import validate_stage
-
-
-@pytest.mark.parametrize(
-    "size, expected",
-    [
-        ((400, 300), (400, 300)),  # in range: untouched
-        ((100, 50), (600, 300)),  # too small: short side up to 300
-        ((3000, 2000), (1000, 667)),  # too large: long side down to 1000
-        ((1400, 200), (1000, 143)),  # strip: the long side bound wins, aspect kept
-        ((250, 1200), (208, 1000)),
-    ],
-)
-def test_target_size(size, expected):
-    assert target_size(*size, min_px=300, max_px=1000) == expected
-
-
-def test_target_size_snaps_to_patch_multiple_within_bounds():
-    w, h = target_size(1234, 567, 300, 1000, snap=28)
-    assert w % 28 == 0 and h % 28 == 0 and w <= 1000 and h >= 300
-
-
-@pytest.mark.parametrize("mode", ["CMYK", "P", "LA", "RGBA", "L", "1"])
-def test_every_mode_becomes_rgb(mode):
-    assert to_rgb(gradient(40, 30, mode)).mode == "RGB"
-
-
-def test_transparency_composited_on_white_and_16_bit_scaled():
-    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
-    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
-    i16 = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
-    assert i16.mode.startswith("I")
-    assert to_rgb(i16).getpixel((0, 0)) == (255, 255, 255)  # not clipped garbage
-    half = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
-    assert to_rgb(half).getpixel((0, 0))[0] == 128
 
 
 def test_exif_orientation_applied():

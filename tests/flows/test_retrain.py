@@ -15,10 +15,10 @@ import yaml
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 TINY = {
-    "data": {"demo_samples": 40},
+    "demo": {"samples": 40},
     "model": {"max_seq_length": 512},
     "lora": {"r": 4, "lora_alpha": 8},
-    "collator": {"resize": [112, 56]},
+    "images": {"resize": [112, 56]},
     "train": {"max_steps": 3, "save_steps": 3, "logging_steps": 1, "per_device_train_batch_size": 2},
     "eval": {"max_samples": 3, "max_new_tokens": 3, "grid_samples": 2},
     "register": {"input_example": False},
@@ -51,7 +51,7 @@ def test_flow_runs_end_to_end_and_caches(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = _params(tmp_path)
     first = retrain_flow(params=str(params))
-    assert first["validation"]["valid"] > 0
+    assert first["validate"]["valid"] > 0
     assert first["train"]["global_step"] == 3
     assert first["register"]["decision"] == "champion" and first["register"]["version"] == "1"
     assert Path("data/raw").exists() and Path("outputs/eval/metrics.json").exists()

@@ -29,6 +29,17 @@ def test_registry_covers_all_supported_architectures():
     assert set(REGISTRY) == set(ARCHITECTURES)
 
 
+def test_everything_per_architecture_derives_from_the_registry():
+    assert ARCHITECTURES == tuple(REGISTRY)
+    assert {t for t, s in REGISTRY.items() if s.padding_free} == {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mistral3"}
+
+
+@pytest.mark.parametrize("arch", list(REGISTRY))
+def test_image_tokens_are_special_tokens_of_the_tiny_tokenizer(arch):
+    spec = REGISTRY[arch]
+    assert spec.image_tokens.strings and set(spec.image_tokens.strings) <= set(spec.tiny.special_tokens)
+
+
 def test_every_linear_layer_is_classified(arch_model):
     arch, model = arch_model
     spec = get_spec(model)

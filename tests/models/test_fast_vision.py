@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from visiontune import FastVisionModel, VisionDataCollator
+from visiontune.models.state import vision_state
 from visiontune.testing import ARCHITECTURES
 
 
@@ -137,7 +138,7 @@ def test_train_generate_train_cycle(tiny_model_dir, checkpointing):
 
 def _grads_and_calls(tiny_model_dir, checkpointing):
     """Loss, LoRA grads and per-layer forward-call counts of one fwd+bwd step on the tiny Qwen2.5-VL."""
-    from visiontune.kernels.checkpoint import layer_stacks
+    from visiontune.models.checkpointing import layer_stacks
 
     model, processor = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), use_gradient_checkpointing=checkpointing,
                                                        use_fused_kernels=False)
@@ -180,18 +181,18 @@ def test_checkpointing_recomputes_chosen_layers_with_same_grads(tiny_model_dir, 
 
     # for_inference: the wrappers stay but are inert without grad; for_training(False) removes them.
     FastVisionModel.for_inference(model)
-    assert model.get_base_model().vt_checkpoint_handle is not None
+    assert vision_state(model).checkpoint_handle is not None
     FastVisionModel.for_training(model, use_gradient_checkpointing=False)
-    assert model.get_base_model().vt_checkpoint_handle is None
+    assert vision_state(model).checkpoint_handle is None
 
 
 def test_get_peft_model_checkpointing_argument_installs_it(tiny_model_dir):
     # Unsloth-style: checkpointing chosen in get_peft_model (from_pretrained had it off).
     model, _ = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), use_gradient_checkpointing=False)
-    assert getattr(model, "vt_checkpoint_handle", None) is None
+    assert vision_state(model).checkpoint_handle is None
     peft = FastVisionModel.get_peft_model(model, r=4, use_gradient_checkpointing="unsloth")
-    base = peft.get_base_model()
-    assert base.vt_checkpoint_plan == (1.0, "recompute_offload") and len(base.vt_checkpoint_handle) > 0
+    state = vision_state(peft)
+    assert state.checkpoint_plan == (1.0, "recompute_offload") and len(state.checkpoint_handle) > 0
     with pytest.raises(ValueError, match="use_gradient_checkpointing"):
         FastVisionModel.get_peft_model(FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"))[0],
                                        use_gradient_checkpointing="always")
@@ -205,10 +206,10 @@ def test_mlp_mode_checkpoints_no_layer_and_sets_the_kernel_patch(tiny_model_dir)
     handle = patch_model(model, enabled=True)
     assert handle.recompute_mlp is False
     peft = FastVisionModel.get_peft_model(model, r=4, use_gradient_checkpointing="mlp")
-    assert getattr(peft.get_base_model(), "vt_checkpoint_handle", None) is None
+    assert vision_state(peft).checkpoint_handle is None
     assert handle.recompute_mlp is True
     FastVisionModel.for_training(peft, use_gradient_checkpointing=True)
-    assert handle.recompute_mlp is False and peft.get_base_model().vt_checkpoint_handle is not None
+    assert handle.recompute_mlp is False and vision_state(peft).checkpoint_handle is not None
     handle.unpatch()
 
 
@@ -228,7 +229,7 @@ def test_checkpointing_modes_on_the_gpu_engine(tiny_model_dir, mode):
     model, loss, grads, v1, l1 = _grads_and_calls_gpu(tiny_model_dir, mode)
     if mode == "mlp":  # no layer runs twice; the patched MLPs recompute inside their own backward
         assert v1 == [1] * len(v1) and l1 == [1] * len(l1)
-        assert model.get_base_model()._visiontune_kernel_handle.recompute_mlp is True
+        assert vision_state(model).kernel_handle.recompute_mlp is True
     else:
         assert v1 == [2] * len(v1) and l1[0] == 2
     torch.testing.assert_close(loss.float(), ref_loss.float(), atol=0, rtol=1e-2)
@@ -238,7 +239,7 @@ def test_checkpointing_modes_on_the_gpu_engine(tiny_model_dir, mode):
 
 
 def _grads_and_calls_gpu(tiny_model_dir, checkpointing):
-    from visiontune.kernels.checkpoint import layer_stacks
+    from visiontune.models.checkpointing import layer_stacks
 
     model, processor = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), use_gradient_checkpointing=checkpointing)
     assert next(model.parameters()).is_cuda

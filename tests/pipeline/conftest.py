@@ -72,8 +72,8 @@ def _make_cfg(tmp: Path, assets: dict[str, Any], base: str | None = None, **sect
         "model": {"name_or_path": base or assets["base"], "use_fused_kernels": False},
         "train": {"output_dir": str(tmp / "outputs" / "train")},
         "eval": {"max_new_tokens": 4, "batch_size": 3, "max_samples": 0, "grid_samples": 4},
-        "register": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "vt-test", "model_name": "vt-test",
-                     "input_example": False, "max_new_tokens": 4},
+        "register": {"model_name": "vt-test", "input_example": False, "max_new_tokens": 4, "batch_size": 3},
+        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "vt-test"},
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
@@ -86,8 +86,8 @@ def _start_training_run(cfg: Any, adapter: str, base: str, tracking_uri: str | N
 
     from visiontune.pipeline.tracking import setup_mlflow, write_run_file
 
-    uri = tracking_uri or cfg.register.tracking_uri
-    exp_id = setup_mlflow(uri, cfg.register.experiment)
+    uri = tracking_uri or cfg.tracking.uri
+    exp_id = setup_mlflow(uri, cfg.tracking.experiment)
     with mlflow.start_run(experiment_id=exp_id) as run:
         mlflow.log_param("model.name_or_path", base)
         mlflow.log_metric("train_loss", 1.0)
@@ -98,11 +98,16 @@ def _start_training_run(cfg: Any, adapter: str, base: str, tracking_uri: str | N
 
 def _write_metrics(cfg: Any, **finetuned: float) -> Path:
     """An evaluate-stage metrics file with the given fine-tuned scores (the register stage's input)."""
+    from visiontune.data.io import hash_tree
+    from visiontune.pipeline.tracking import read_run_file
+
     scores = {"exact_match": 0.0, "cer": 1.0, "bleu": 0.0, "rougeL": 0.0, **finetuned}
+    run = read_run_file(cfg.train.output_dir)  # the metrics belong to this run's adapter, as evaluate writes them
     path = Path(cfg.eval.metrics_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"finetuned": scores, "base": scores, "primary_metric": cfg.eval.primary_metric,
-                                "n_samples": 5}))
+                                "n_samples": 5, "mlflow_run_id": run["mlflow_run_id"],
+                                "adapter_sha256": hash_tree([run["adapter_dir"]])}))
     return path
 
 

@@ -1,9 +1,8 @@
-"""Evaluate stage: metric values on hand-checkable strings, batched generation, and the whole stage
-against a tiny model + adapter + dataset + real MLflow run (SQLite store in tmp_path)."""
+"""Evaluate stage: metric values on hand-checkable strings and the whole stage against a tiny model +
+adapter + dataset + real MLflow run (SQLite store in tmp_path). Generation itself: tests/test_inference.py."""
 
 from __future__ import annotations
 
-import base64
 import csv
 import json
 
@@ -12,15 +11,10 @@ from PIL import Image
 
 from visiontune.pipeline.evaluate import (
     METRICS,
-    PARAMS,
     compute_metrics,
-    decode_image_value,
     evaluate_stage,
-    generate_answers,
     sample_cer,
-    split_conversation,
 )
-from visiontune.testing import ARCHITECTURES
 
 
 def test_metrics_on_hand_computed_strings():
@@ -49,53 +43,17 @@ def test_metrics_errors_say_what_is_wrong():
         compute_metrics(["a", "b"], ["a", "  "])
 
 
-def test_split_conversation_and_image_values(tmp_path):
-    conv = {"messages": [
-        {"role": "user", "content": [{"type": "text", "text": "q1", "image": None}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "a1", "image": None}]},
-        {"role": "user", "content": [{"type": "text", "text": "q2", "image": None}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "a2", "image": None}]},
-    ]}
-    prompt, ref = split_conversation(conv["messages"])
-    assert ref == "a2" and len(prompt) == 3  # multi-turn: earlier turns stay in the prompt
-    assert split_conversation(conv["messages"][:1]) == (conv["messages"][:1], None)
-    path = tmp_path / "x.png"
-    Image.new("RGB", (4, 4)).save(path)
-    assert decode_image_value(str(path)) == str(path)
-    assert decode_image_value(base64.b64encode(path.read_bytes()).decode()) == path.read_bytes()
-    with pytest.raises(FileNotFoundError, match="neither an existing file nor base64"):
-        decode_image_value("no/such/file.png")
-
-
-def test_batched_generation_matches_one_by_one(assets):
-    """Left padding done right: a sample's greedy answer does not depend on its batch neighbours."""
-    import datasets
-
-    from visiontune.models.fast_vision import FastVisionModel
-
-    samples = list(datasets.load_from_disk(assets["work_dir"] + "/dataset")["test"])
-    model, processor = FastVisionModel.from_pretrained(assets["base"], use_gradient_checkpointing=False,
-                                                       use_fused_kernels=False)
-    kw = dict(max_new_tokens=4, resize="min", snap_to_patch_size=True, progress=False)
-    batched = generate_answers(model, processor, samples, batch_size=5, **kw)
-    single = generate_answers(model, processor, samples, batch_size=1, **kw)
-    assert batched == single
-    assert len(batched) == len(samples) and all(isinstance(a, str) for a in batched)
-    assert processor.tokenizer.padding_side == "right"  # restored for training
-    with pytest.raises(ValueError, match="max_new_tokens=0"):
-        generate_answers(model, processor, samples, max_new_tokens=0, batch_size=1)
-
-
 def test_evaluate_stage_end_to_end(make_cfg, start_training_run, assets, project):
     import mlflow
 
-    from visiontune.config import RecordingConfig
+    from visiontune import stages
+    from visiontune.stages import RecordingConfig
 
     cfg = make_cfg()
     run_id = start_training_run(cfg, assets["adapter"], assets["base"])
     recorded = RecordingConfig(cfg)
     summary = evaluate_stage(recorded)
-    assert recorded.accessed == set(PARAMS)  # PARAMS (for dvc.yaml) lists exactly what the stage reads
+    assert recorded.accessed == set(stages.get("evaluate").params)  # the registry lists exactly what it reads
 
     metrics = json.loads((project / "outputs/eval/metrics.json").read_text())
     assert metrics["n_samples"] == 5 and metrics["primary_metric"] == "cer" and metrics["split"] == "test"
@@ -116,7 +74,7 @@ def test_evaluate_stage_end_to_end(make_cfg, start_training_run, assets, project
     with Image.open(project / "outputs/eval/predictions.png") as grid:
         assert grid.width > 300 and grid.height > 200
 
-    client = mlflow.MlflowClient(cfg.register.tracking_uri)
+    client = mlflow.MlflowClient(cfg.tracking.uri)
     logged = client.get_run(run_id).data.metrics
     for k in METRICS:
         assert logged[f"eval_{k}"] == pytest.approx(metrics["finetuned"][k])
@@ -135,25 +93,3 @@ def test_evaluate_stage_errors(make_cfg, start_training_run, assets):
         evaluate_stage(cfg)
     with pytest.raises(ValueError, match="primary_metric='wer'"):
         evaluate_stage(make_cfg(eval={"primary_metric": "wer"}))
-
-
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_generation_on_every_architecture(tiny_model_dir, arch):
-    """Every supported architecture's processor/chat template goes through the same generation path, and
-    batching (left padding, different prompt and image sizes) does not change the greedy answers."""
-    import numpy as np
-
-    from visiontune.models.fast_vision import FastVisionModel
-
-    rng = np.random.RandomState(0)
-    images = [Image.fromarray((rng.rand(40 + 8 * i, 56, 3) * 255).astype("uint8")) for i in range(3)]
-    samples = [{"messages": [
-        {"role": "user", "content": [{"type": "image", "image": images[i]}, {"type": "text", "text": "Read" + " it" * i}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "1"}]},
-    ]} for i in range(3)]
-    model, processor = FastVisionModel.from_pretrained(tiny_model_dir(arch), use_gradient_checkpointing=False,
-                                                       use_fused_kernels=False)
-    kw = dict(max_new_tokens=3, resize="min", snap_to_patch_size=True, progress=False)
-    batched = generate_answers(model, processor, samples, batch_size=3, **kw)
-    assert batched == generate_answers(model, processor, samples, batch_size=1, **kw)
-    assert len(batched) == 3 and all(isinstance(a, str) for a in batched)

@@ -39,7 +39,7 @@ def test_champion_loads_and_generates_in_a_fresh_process(make_cfg, start_trainin
     from peft import PeftModel
 
     from visiontune.models.fast_vision import FastVisionModel
-    from visiontune.pipeline.evaluate import generate_answers
+    from visiontune.inference import generate_answers
     from visiontune.pipeline.register import register_stage
 
     base_copy = project / "models" / "tiny-base"
@@ -62,7 +62,7 @@ def test_champion_loads_and_generates_in_a_fresh_process(make_cfg, start_trainin
     script = FRESH_PROCESS.format(name=cfg.register.model_name, repo=str(Path(__file__).resolve().parents[2]))
     elsewhere = project / "elsewhere"
     elsewhere.mkdir()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.register.tracking_uri, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking.uri, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", script, image, encode_image(image)], cwd=elsewhere, env=env,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -77,8 +77,7 @@ def test_champion_loads_and_generates_in_a_fresh_process(make_cfg, start_trainin
     model = PeftModel.from_pretrained(model, assets["adapter"])
     sample = {"messages": [{"role": "user", "content": [{"type": "image", "image": image},
                                                         {"type": "text", "text": "Read."}]}]}
-    kw = dict(resize=cfg.collator.resize, resize_dimension=cfg.collator.resize_dimension,
-              snap_to_patch_size=cfg.collator.snap_to_patch_size, progress=False)
+    kw = dict(rule=cfg.images, progress=False)
     expected = generate_answers(model, processor, [sample], max_new_tokens=cfg.register.max_new_tokens, batch_size=1, **kw)
     assert out[0] == expected[0]
     one_token = generate_answers(model, processor, [sample], max_new_tokens=1, batch_size=1, **kw)
@@ -92,3 +91,12 @@ def test_input_frames():
     assert len(_build_samples([{"image": "a.png", "prompt": "x"}])) == 1
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['prompt'\]"):
         _build_samples(pd.DataFrame({"image": ["a.png"]}))
+
+
+def test_prompt_defaults_to_the_recorded_instruction():
+    samples = _build_samples(pd.DataFrame({"image": ["a.png", "b.png"], "prompt": ["Read.", None]}), "Transcribe.")
+    assert samples[0]["messages"][0]["content"][1]["text"] == "Read."
+    assert samples[1]["messages"][0]["content"][1]["text"] == "Transcribe."
+    only_images = _build_samples(pd.DataFrame({"image": ["a.png"]}), "Transcribe.")
+    assert only_images[0]["messages"][0]["content"] == [{"type": "image", "image": "a.png"},
+                                                         {"type": "text", "text": "Transcribe."}]

@@ -58,8 +58,8 @@ def _register(cfg, start_training_run, write_metrics, assets, **scores):
 def test_promotion_and_non_promotion_are_recorded(make_cfg, start_training_run, write_metrics, assets, project):
     import mlflow
 
-    from visiontune.config import RecordingConfig
-    from visiontune.pipeline.register import PARAMS
+    from visiontune import stages
+    from visiontune.stages import RecordingConfig
 
     cfg = make_cfg()
     name = cfg.register.model_name
@@ -67,11 +67,11 @@ def test_promotion_and_non_promotion_are_recorded(make_cfg, start_training_run, 
     write_metrics(cfg, cer=0.5)
     recording = RecordingConfig(cfg)
     first = register_stage(recording)
-    assert recording.accessed == set(PARAMS)  # PARAMS (for dvc.yaml) lists exactly what the stage reads
+    assert recording.accessed == set(stages.get("register").params)  # the registry lists exactly what it reads
     assert (first["version"], first["decision"], first["champion_version"]) == ("1", CHAMPION, None)
 
     worse = _register(cfg, start_training_run, write_metrics, assets, cer=0.7)
-    client = mlflow.MlflowClient(cfg.register.tracking_uri)
+    client = mlflow.MlflowClient(cfg.tracking.uri)
     assert worse["decision"] == CHALLENGER and worse["champion_version"] == "1" and worse["champion_value"] == 0.5
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "1"  # champion unchanged
     assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == "2"
@@ -89,7 +89,7 @@ def test_promotion_and_non_promotion_are_recorded(make_cfg, start_training_run, 
     assert client.get_model_version(name, "3").tags["decision"] == CHAMPION
     mv2 = client.get_model_version(name, "2")
     local = mlflow.artifacts.download_artifacts(run_id=mv2.run_id, artifact_path="register/decision.json",
-                                                tracking_uri=cfg.register.tracking_uri)
+                                                tracking_uri=cfg.tracking.uri)
     assert json.loads(open(local).read())["decision"] == CHALLENGER
     assert client.get_run(mv2.run_id).data.tags["promotion_decision"] == CHALLENGER
     lines = [json.loads(x) for x in (project / "mlflow" / "promotions.jsonl").read_text().splitlines()]
@@ -126,6 +126,18 @@ def test_register_errors(make_cfg, start_training_run, assets):
         register_stage(cfg)
 
 
+def test_metrics_of_another_run_are_refused(make_cfg, start_training_run, write_metrics, assets):
+    """Evaluate run A, then train run B into the same folder: registering B with A's scores is refused."""
+    cfg = make_cfg()
+    start_training_run(cfg, assets["adapter"], assets["base"])
+    write_metrics(cfg, cer=0.01)  # run A's (excellent) scores
+    start_training_run(cfg, assets["adapter"], assets["base"])  # run B, not evaluated
+    with pytest.raises(ValueError, match="re-run `visiontune evaluate` for this adapter"):
+        register_stage(cfg)
+    write_metrics(cfg, cer=0.5)  # B evaluated: its own scores are accepted
+    assert register_stage(cfg)["value"] == 0.5
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -159,7 +171,7 @@ def test_register_against_a_real_tracking_server(make_cfg, start_training_run, w
                 pytest.fail(f"mlflow server did not come up on {uri}:\n{(project / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        cfg = make_cfg(register={"tracking_uri": None})
+        cfg = make_cfg(tracking={"uri": None})
         run_id = start_training_run(cfg, assets["adapter"], assets["base"], tracking_uri=uri)
         write_metrics(cfg, cer=0.4)
         record = register_stage(cfg)

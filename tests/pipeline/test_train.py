@@ -13,7 +13,9 @@ import pytest
 import torch
 import yaml
 
-from visiontune.config import PipelineConfig, RecordingConfig, from_dict
+from visiontune import stages
+from visiontune.config import PipelineConfig, from_dict
+from visiontune.stages import RecordingConfig
 from visiontune.pipeline import train as train_mod
 
 
@@ -25,9 +27,9 @@ def _cfg(root: Path, work: Path, model_dir: str, **train_overrides) -> dict:
         "data": {"work_dir": str(work)},
         "model": {"name_or_path": model_dir, "max_seq_length": 512},
         "lora": {"r": 4, "lora_alpha": 8},
-        "collator": {"resize": [112, 56]},
+        "images": {"resize": [112, 56]},
         "train": train,
-        "register": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "t"},
+        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "t"},
     }
 
 
@@ -41,7 +43,8 @@ def demo_dataset(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("train-data")
     generate_demo(root / "raw", n=24, seed=5)
-    cfg = from_dict({"data": {"raw_dir": str(root / "raw"), "work_dir": str(root / "work"), "max_failure_ratio": 0.5}})
+    cfg = from_dict({"data": {"raw_dir": str(root / "raw"), "work_dir": str(root / "work")},
+                     "validate": {"max_failure_ratio": 0.5}})
     validate_stage(cfg)
     normalize_stage(cfg)
     convert_stage(cfg)
@@ -55,12 +58,12 @@ def test_train_stage_tracks_in_mlflow_and_reads_exactly_params(tmp_path, demo_da
     cfg = from_dict(_cfg(tmp_path, demo_dataset, tiny_model_dir("qwen2_5_vl")))
     rec = RecordingConfig(cfg)
     record = train_mod.train_stage(rec)  # type: ignore[arg-type]
-    assert rec.accessed == set(train_mod.PARAMS)
+    assert rec.accessed == set(stages.get("train").params)
 
     out = Path(cfg.train.output_dir)
     assert (out / "adapter" / "adapter_config.json").exists() and (out / "loss_curve.png").stat().st_size > 1000
     assert record["global_step"] == 4 and record["final_loss"] is not None
-    client = mlflow.MlflowClient(tracking_uri=cfg.register.tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
     run = client.get_run(record["mlflow_run_id"])
     assert run.data.params["lora.r"] == "4" and run.data.params["train.max_steps"] == "4"
     assert {"loss", "learning_rate", "grad_norm", "tokens_per_s"} <= set(run.data.metrics)
@@ -150,7 +153,7 @@ def test_padding_free_training(tmp_path, demo_dataset, tiny_model_dir, monkeypat
 
     rows = list(load_from_disk(str(demo_dataset / "dataset"))["train"])
     raw = _cfg(tmp_path, demo_dataset, tiny_model_dir("qwen2_5_vl"), max_steps=2)
-    raw["collator"]["padding_free"] = True
+    raw.setdefault("collator", {})["padding_free"] = True
     cfg = from_dict(raw)
     with pytest.raises(ValueError, match="flash_attention_2"):
         train_mod.train(cfg, rows, tmp_path / "refused", mlflow_active=False)

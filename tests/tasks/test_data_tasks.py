@@ -13,7 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 from datafixtures import gradient, png  # noqa: E402  (tests/data/datafixtures.py)
 
 from visiontune.config import PipelineConfig, from_dict
-from visiontune.tasks.data import convert_task, normalize_task, retry_on_transient_io, stage_cache_key, validate_task
+from visiontune.tasks.stages import TASKS, retry_on_transient_io, stage_cache_key
+
+validate_task, normalize_task, convert_task = TASKS["validate"], TASKS["normalize"], TASKS["convert"]
 
 
 def _raw(tmp_path: Path, n: int = 20) -> Path:
@@ -27,8 +29,9 @@ def _raw(tmp_path: Path, n: int = 20) -> Path:
     return raw
 
 
-def _cfg(tmp_path: Path, **data) -> PipelineConfig:
-    return from_dict({"data": {"raw_dir": str(tmp_path / "raw"), "work_dir": str(tmp_path / "w"), **data}})
+def _cfg(tmp_path: Path, convert: dict | None = None, **data) -> PipelineConfig:
+    return from_dict({"data": {"raw_dir": str(tmp_path / "raw"), "work_dir": str(tmp_path / "w"), **data},
+                      "convert": convert or {}})
 
 
 @flow
@@ -58,7 +61,7 @@ def test_tasks_in_a_flow_and_cache_across_runs(tmp_path):
     assert third["normalize"]["written"] == 0 and third["normalize"]["skipped"] == 20  # re-ran, images reused
 
     # A param only convert reads: only convert's key changes.
-    cfg2 = _cfg(tmp_path, instruction="Other words.")
+    cfg2 = _cfg(tmp_path, convert={"instruction": "Other words."})
     for stage in ("validate", "normalize"):
         assert stage_cache_key(stage, cfg2) == stage_cache_key(stage, cfg)
     assert stage_cache_key("convert", cfg2) != stage_cache_key("convert", cfg)

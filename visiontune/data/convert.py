@@ -1,7 +1,7 @@
 """Conversion: validated + normalized records -> a conversation ``DatasetDict`` (train/validation/test).
 
 Each record becomes ``{"messages": [...]}`` (see :mod:`visiontune.data.conversation`) with the
-instruction from ``data.instruction``; multi-image and multi-turn records are kept as such. Images are
+instruction from ``convert.instruction``; multi-image and multi-turn records are kept as such. Images are
 stored as **path strings relative to the repository root** (the working directory the stages run in,
 e.g. ``data/normalized/images/ab/ab12....png``; absolute if ``data.work_dir`` is absolute), so Arrow keeps
 them as plain strings and the dataset stays valid when the repository is cloned and ``dvc pull``-ed
@@ -24,14 +24,14 @@ from visiontune.config import PipelineConfig
 from visiontune.data.conversation import to_conversation
 from visiontune.data.io import dump_json, read_jsonl, write_if_changed
 
-PARAMS = ("data.work_dir", "data.instruction", "data.split_ratios", "data.seed")
 SPLITS = ("train", "validation", "test")
+META_FILE = "visiontune_meta.json"  # inside the dataset folder: settings the model must carry along
 
 
 def assign_split(key: str, seed: int, ratios: list[float]) -> str:
     """The split of a record whose grouping key is ``key`` (deterministic in ``seed``, independent of other rows)."""
     if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
-        raise ValueError(f"data.split_ratios = {ratios!r}: use three non-negative shares [train, validation, test]")
+        raise ValueError(f"convert.split_ratios = {ratios!r}: use three non-negative shares [train, validation, test]")
     u = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
     total = float(sum(ratios))
     acc = 0.0
@@ -109,15 +109,33 @@ def save_dataset(rows: dict[str, list[dict]], path: str | Path) -> None:
     tmp.rename(path)
 
 
+def load_split(dataset_dir: str | Path, split: str, setting: str = "split") -> Any:
+    """One split (a ``datasets.Dataset``) of the DatasetDict :func:`save_dataset` wrote to ``dataset_dir``.
+
+    ``setting`` names where the split name came from (e.g. ``"eval.split"``), for the error message.
+    """
+    import datasets
+
+    path = Path(dataset_dir)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"dataset {path} not found: run the data stages first (`visiontune convert`, or `dvc repro convert`)"
+        )
+    dd = datasets.load_from_disk(str(path))
+    if split not in dd:
+        raise ValueError(f"{setting}={split!r} is not a split of {path}; available: {sorted(dd)}")
+    return dd[split]
+
+
 def convert_stage(cfg: PipelineConfig) -> dict[str, Any]:
     """``visiontune convert``: write ``<work_dir>/dataset`` (DatasetDict) and ``<work_dir>/metrics/convert.json``."""
-    d = cfg.data
-    work = Path(d.work_dir)
+    c = cfg.convert
+    work = Path(cfg.data.work_dir)
     records_path, manifest_path = work / "validated" / "records.jsonl", work / "normalized" / "manifest.json"
     for p, stage in ((records_path, "validate"), (manifest_path, "normalize")):
         if not p.is_file():
             raise FileNotFoundError(f"{p} not found: run `visiontune {stage}` first")
-    instruction, seed, ratios = d.instruction, d.seed, list(d.split_ratios)
+    instruction, seed, ratios = c.instruction, c.seed, list(c.split_ratios)
     rows = build_rows(read_jsonl(records_path), json.loads(manifest_path.read_text()), instruction, seed, ratios)
     out = work / "dataset"
     fingerprint = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
@@ -125,6 +143,9 @@ def convert_stage(cfg: PipelineConfig) -> dict[str, Any]:
     wrote = False
     if not (stamp.is_file() and stamp.read_text().strip() == fingerprint):
         save_dataset(rows, out)
+        # The instruction travels with the data: train records it with the model, and the served model
+        # uses it as the default prompt.
+        (out / META_FILE).write_text(dump_json({"instruction": instruction}))
         stamp.write_text(fingerprint + "\n")
         wrote = True
     counts = {s: len(r) for s, r in rows.items()}
@@ -133,3 +154,10 @@ def convert_stage(cfg: PipelineConfig) -> dict[str, Any]:
                "multi_turn_rows": sum(1 for r in rows.values() for x in r if len(x["messages"]) > 2)}
     write_if_changed(work / "metrics" / "convert.json", dump_json(metrics))
     return {**metrics, "dataset": str(out), "written": wrote}
+
+
+def read_dataset_meta(dataset_dir: str | Path) -> dict[str, Any]:
+    """The settings convert recorded with the dataset (``{"instruction": ...}``); {} for a dataset
+    written by other means."""
+    path = Path(dataset_dir) / META_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -8,9 +8,9 @@ which makes exact match and character error rate meaningful.
 Sizes are mixed on purpose so the later stages have work: most images have their long side within the
 300-1000 px range (their short side is often under 300: a 5-digit line is about 5.6:1), some are too
 small (long side < 300), some too large (> 1000) and some are long strips with wide spacing (aspect 4-7,
-still under ``data.max_aspect_ratio``). A few deliberately bad records (an empty caption, a missing
+still under ``validate.max_aspect_ratio``). A few deliberately bad records (an empty caption, a missing
 file, a duplicated image, a truncated PNG) give validation something to quarantine while staying far
-below ``data.max_failure_ratio``.
+below ``validate.max_failure_ratio``.
 
 Deterministic: one seeded generator, PNGs written without timestamps or metadata, so the bytes (and the
 hash in ``data.dvc``) are identical run to run on the same Pillow/zlib.
@@ -132,7 +132,7 @@ def generate_demo(out_dir: str | Path, n: int = 600, seed: int = 3407) -> dict[s
     from visiontune.data.probe import worker_count
 
     if n < 10:
-        raise ValueError(f"data.demo_samples = {n}: the demo needs at least 10 samples (it plants 4 bad ones)")
+        raise ValueError(f"demo.samples = {n}: the demo needs at least 10 samples (it plants 4 bad ones)")
     digits = load_digits()
     _DIGITS = (digits.images, digits.target)
     out = Path(out_dir)
@@ -192,4 +192,4 @@ def demo_stage(cfg: PipelineConfig) -> dict[str, Any]:
             f"{raw} already holds data that is not the visiontune demo (no {MARKER}); refusing to overwrite it. "
             f"Set data.raw_dir to an empty folder for the demo, e.g. --set data.raw_dir=data/demo_raw"
         )
-    return generate_demo(raw, n=cfg.data.demo_samples, seed=cfg.data.seed)
+    return generate_demo(raw, n=cfg.demo.samples, seed=cfg.demo.seed)

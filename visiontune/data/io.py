@@ -82,11 +82,18 @@ def write_if_changed(path: str | Path, data: bytes | str) -> bool:
         data = data.encode("utf-8")
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return False
+    atomic_write(path, data)
+    return True
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (parents created) through a temporary file and a rename, so a reader or a
+    killed run never sees a half-written file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-    return True
 
 
 def dump_json(obj: Any) -> str:

@@ -3,78 +3,31 @@
 Aspect ratio is kept. An image whose long side exceeds ``max_px`` is scaled down to it; one whose short
 side is below ``min_px`` is scaled up, but never so far that its long side passes ``max_px`` (a 6:1
 strip therefore ends with its long side at ``max_px`` and its short side under ``min_px``: the pixel
-budget wins over the lower bound, and the manifest counts such images). Optional: ``snap_to_patch``
+budget wins over the lower bound, and the manifest counts such images). Optional: ``normalize.multiple_of``
 rounds each side to a multiple of the model's patch size; ``uniform_size`` letterboxes every image onto
 one ``[width, height]`` white canvas.
 
 Outputs are content-addressed: the file name is a hash of the source image's sha256 plus the settings,
 so an image is written once, and a re-run with unchanged inputs and params writes nothing.
-``<work_dir>/normalized/manifest.json`` maps source sha256 -> output path and size.
+``<work_dir>/normalized/manifest.json`` maps source sha256 -> output path and size. The size rule
+(:func:`visiontune.images.bounded_size`) and the RGB conversion (:func:`visiontune.images.to_rgb`) live in
+:mod:`visiontune.images` with the rest of the image code.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 from PIL import Image, ImageOps
 
 from visiontune.config import PipelineConfig
-from visiontune.data.io import dump_json, read_jsonl, write_if_changed
+from visiontune.data.io import atomic_write, dump_json, read_jsonl, write_if_changed
+from visiontune.images import bounded_size, snap_to_multiple, to_rgb
 
-PARAMS = ("data.work_dir", "data.min_px", "data.max_px", "data.uniform_size", "data.snap_to_patch", "data.image_format")
 FORMAT_VERSION = 2  # bump when the resizing code changes its output, so old files are not reused
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB: EXIF orientation applied, transparency composited on white, 16-bit scaled."""
-    im = ImageOps.exif_transpose(im)
-    mode = im.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") else float(a.max()) if a.size and a.max() > 255 else 255.0
-        a = np.clip(a * (255.0 / max(top, 1.0)), 0, 255).round().astype(np.uint8)
-        return Image.fromarray(a, "L").convert("RGB")
-    if mode == "P":
-        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
-        mode = im.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    if mode == "1":
-        im = im.convert("L")
-    return im.convert("RGB") if im.mode != "RGB" else im
-
-
-def target_size(width: int, height: int, min_px: int, max_px: int, snap: int = 0) -> tuple[int, int]:
-    """Output size for a ``width`` x ``height`` image (aspect kept; see the module docstring for the rule)."""
-    if min(width, height) <= 0:
-        raise ValueError(f"image size {width}x{height} is empty")
-    short, long = min(width, height), max(width, height)
-    scale = 1.0
-    if long > max_px:
-        scale = max_px / long
-    elif short < min_px:
-        scale = min(min_px / short, max_px / long)
-    w, h = max(1, round(width * scale)), max(1, round(height * scale))
-    if snap and snap > 0:
-        w, h = _snap(w, snap, min_px, max_px), _snap(h, snap, min_px, max_px)
-    return w, h
-
-
-def _snap(v: int, snap: int, min_px: int, max_px: int) -> int:
-    r = round(v / snap) * snap
-    if r < min_px and math.ceil(v / snap) * snap <= max_px:
-        r = math.ceil(v / snap) * snap
-    if r > max_px:
-        r = (max_px // snap) * snap
-    return max(snap, r)
 
 
 def normalize_image(
@@ -85,14 +38,14 @@ def normalize_image(
     if uniform_size:
         W, H = int(uniform_size[0]), int(uniform_size[1])
         if snap:
-            W, H = max(snap, round(W / snap) * snap), max(snap, round(H / snap) * snap)
+            W, H = snap_to_multiple(W, snap), snap_to_multiple(H, snap)
         s = min(W / im.width, H / im.height)
         w, h = max(1, round(im.width * s)), max(1, round(im.height * s))
         inner = im.resize((w, h), Image.LANCZOS if s < 1 else Image.BICUBIC, reducing_gap=3.0 if s < 0.5 else None)
         canvas = Image.new("RGB", (W, H), (255, 255, 255))
         canvas.paste(inner, ((W - w) // 2, (H - h) // 2))
         return canvas
-    w, h = target_size(im.width, im.height, min_px, max_px, snap)
+    w, h = bounded_size(im.width, im.height, min_px, max_px, snap)
     if (w, h) == im.size:
         return im
     down = w * h < im.width * im.height
@@ -129,14 +82,10 @@ def _work(job: tuple[str, str, dict]) -> dict[str, Any]:
         if im.format == "JPEG" and not sig["uniform_size"]:
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still leaves at least the target size:
             # same result after the resize below, a fraction of the decoding work for large photos.
-            im.draft(im.mode, target_size(im.width, im.height, sig["min_px"], sig["max_px"]))
+            im.draft(im.mode, bounded_size(im.width, im.height, sig["min_px"], sig["max_px"]))
         out = normalize_image(im, sig["min_px"], sig["max_px"], sig["snap_to_patch"], sig["uniform_size"])
     data = _encode(out, sig["image_format"])
-    dst_p = Path(dst)
-    dst_p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst_p.with_name(f".{dst_p.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, dst_p)
+    atomic_write(dst, data)
     return {"width": out.width, "height": out.height, "bytes": len(data), "source_width": sw, "source_height": sh}
 
 
@@ -154,11 +103,11 @@ def normalize_records(
     from visiontune.data.probe import worker_count
 
     if image_format not in ("png", "jpeg"):
-        raise ValueError(f"data.image_format = {image_format!r}: use 'png' or 'jpeg'")
+        raise ValueError(f"normalize.image_format = {image_format!r}: use 'png' or 'jpeg'")
     if not (0 < min_px <= max_px):
-        raise ValueError(f"data.min_px = {min_px}, data.max_px = {max_px}: need 0 < min_px <= max_px")
+        raise ValueError(f"normalize.min_px = {min_px}, normalize.max_px = {max_px}: need 0 < min_px <= max_px")
     if uniform_size is not None and (len(uniform_size) != 2 or min(int(v) for v in uniform_size) <= 0):
-        raise ValueError(f"data.uniform_size = {uniform_size!r}: use null or [width, height] with positive sides")
+        raise ValueError(f"normalize.uniform_size = {uniform_size!r}: use null or [width, height] with positive sides")
     out = Path(out_dir)
     sig = settings_signature(min_px, max_px, snap, uniform_size, image_format)
     manifest_path = out / "manifest.json"
@@ -225,14 +174,14 @@ def manifest_stats(manifest: dict, min_px: int, max_px: int) -> dict[str, Any]:
 
 def normalize_stage(cfg: PipelineConfig) -> dict[str, Any]:
     """``visiontune normalize``: normalize the images of ``<work_dir>/validated/records.jsonl``."""
-    d = cfg.data
-    work = Path(d.work_dir)
+    n = cfg.normalize
+    work = Path(cfg.data.work_dir)
     records_path = work / "validated" / "records.jsonl"
     if not records_path.is_file():
         raise FileNotFoundError(f"{records_path} not found: run `visiontune validate` first (it writes the valid records)")
-    min_px, max_px = d.min_px, d.max_px
+    min_px, max_px = n.min_px, n.max_px
     res = normalize_records(
-        read_jsonl(records_path), work / "normalized", min_px, max_px, d.snap_to_patch, d.uniform_size, d.image_format
+        read_jsonl(records_path), work / "normalized", min_px, max_px, n.multiple_of, n.uniform_size, n.image_format
     )
     stats = manifest_stats(res["manifest"], min_px, max_px)
     write_if_changed(work / "metrics" / "normalize.json", dump_json(stats))

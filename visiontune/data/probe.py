@@ -100,7 +100,7 @@ def _probe_pixels(data: bytes, max_pixels: int, row: dict[str, Any]) -> None:
             except Exception:  # a broken EXIF block is not a broken image
                 row["exif_orientation"] = None
             if w * h > max_pixels or w * h == 0:
-                row["error"] = f"{w}x{h} = {w * h} pixels; not decoded (limit data.max_pixels = {max_pixels})"
+                row["error"] = f"{w}x{h} = {w * h} pixels; not decoded (limit validate.max_pixels = {max_pixels})"
                 return  # decodable stays None: this is a size problem, judged by the pixels expectation
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

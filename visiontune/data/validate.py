@@ -10,7 +10,7 @@ Two metadata tables are built and judged by real Great Expectations 1.x expectat
 Every expectation carries ``meta.reason`` (a short failure kind). Per-record reasons are read back from
 GX's unexpected indexes (``result_format=COMPLETE`` with ``unexpected_index_column_names``), so the GX
 result is the one source of the verdict. A record with any reason is quarantined; the stage fails only
-when the quarantined share exceeds ``data.max_failure_ratio``.
+when the quarantined share exceeds ``validate.max_failure_ratio``.
 
 Outputs (``<work_dir>/validated/``): ``gx_result.json``, ``summary.json``, ``summary.md``,
 ``image_metadata.csv`` / ``record_metadata.csv`` (the tables the suites judged),
@@ -26,63 +26,38 @@ import json
 import logging
 import os
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from visiontune.config import PipelineConfig
+from visiontune.config import PipelineConfig, ValidateConfig
 from visiontune.data.io import RawRow, dump_json, dump_jsonl, read_annotations, write_if_changed
 from visiontune.data.probe import COLUMNS as PROBE_COLUMNS
 from visiontune.data.probe import probe_images
 
 log = logging.getLogger(__name__)
 
-# The params this stage reads; dvc.yaml's validate stage lists exactly these (checked by a test) and the
-# Prefect task's cache key includes their values.
-PARAMS = (
-    "data.raw_dir", "data.annotations", "data.image_column", "data.text_column", "data.question_column",
-    "data.extra_images_column", "data.work_dir", "data.accept_min_px", "data.accept_max_px", "data.max_pixels",
-    "data.max_aspect_ratio", "data.allowed_modes", "data.min_text_chars", "data.max_text_chars",
-    "data.max_failure_ratio",
-)
-
-
-@dataclass(frozen=True)
-class ValidationRules:
-    """The bounds the expectation suites enforce (from ``DataConfig``)."""
-
-    accept_min_px: int = 8
-    accept_max_px: int = 20000
-    max_pixels: int = 40_000_000
-    max_aspect_ratio: float = 8.0
-    allowed_modes: tuple = ("RGB", "RGBA", "L", "LA", "P", "CMYK", "I;16", "I", "1")
-    min_text_chars: int = 1
-    max_text_chars: int = 4000
-
-
-# reason code -> human sentence used in summaries and the quarantine file.
 REASONS = {
     "path_escapes_root": "image path resolves outside the data root (e.g. '../')",
     "missing_file": "referenced image file does not exist",
-    "too_many_pixels": "more pixels than data.max_pixels (decompression bomb guard); not decoded",
+    "too_many_pixels": "more pixels than validate.max_pixels (decompression bomb guard); not decoded",
     "undecodable": "file cannot be decoded as an image (truncated, empty, or not an image)",
-    "mode_not_allowed": "PIL mode not in data.allowed_modes",
-    "too_small": "shorter side below data.accept_min_px",
-    "too_large": "longer side above data.accept_max_px",
-    "extreme_aspect_ratio": "long/short side above data.max_aspect_ratio",
+    "mode_not_allowed": "PIL mode not in validate.allowed_modes",
+    "too_small": "shorter side below validate.accept_min_px",
+    "too_large": "longer side above validate.accept_max_px",
+    "extreme_aspect_ratio": "long/short side above validate.max_aspect_ratio",
     "unparsable_row": "annotation row could not be parsed",
     "no_image": "row references no image",
     "text_not_utf8": "text is not valid UTF-8",
     "missing_text": "text is missing (null)",
-    "text_too_short": "text shorter than data.min_text_chars after stripping (e.g. empty caption)",
-    "text_too_long": "text longer than data.max_text_chars",
+    "text_too_short": "text shorter than validate.min_text_chars after stripping (e.g. empty caption)",
+    "text_too_long": "text longer than validate.max_text_chars",
     "question_missing": "a turn has an answer but an empty question",
     "turn_mismatch": "number of questions and answers differ",
     "duplicate": "same image(s) and question(s) as an earlier record",
 }
 
 
-def build_suites(rules: ValidationRules) -> tuple[Any, Any]:
+def build_suites(rules: ValidateConfig) -> tuple[Any, Any]:
     """The two GX expectation suites (images, records) for ``rules``; each expectation's meta names its reason."""
     import great_expectations as gx
 
@@ -154,7 +129,7 @@ def _answer_lengths(row: RawRow) -> tuple[Optional[int], Optional[int]]:
     return min(lengths), max(len(a) for a in row.answers)
 
 
-def validate_rows(rows: list[RawRow], root: str | Path, rules: ValidationRules) -> dict[str, Any]:
+def validate_rows(rows: list[RawRow], root: str | Path, rules: ValidateConfig) -> dict[str, Any]:
     """Probe every image of ``rows``, run both suites and decide per record.
 
     Returns ``{"images": DataFrame, "records": DataFrame, "gx": {"images": result, "records": result},
@@ -232,15 +207,6 @@ def validate_rows(rows: list[RawRow], root: str | Path, rules: ValidationRules) 
     return {"images": images, "probed": probed, "owners": owners, "records": records, "gx": {"images": img_result, "records": rec_result}, "reasons": dict(reasons)}
 
 
-def rules_from_config(cfg: PipelineConfig) -> ValidationRules:
-    d = cfg.data
-    return ValidationRules(
-        accept_min_px=d.accept_min_px, accept_max_px=d.accept_max_px, max_pixels=d.max_pixels,
-        max_aspect_ratio=d.max_aspect_ratio, allowed_modes=tuple(d.allowed_modes),
-        min_text_chars=d.min_text_chars, max_text_chars=d.max_text_chars,
-    )
-
-
 def _image_path(raw_dir: Path, ref: str) -> str:
     """Path of a raw image as the later stages open it: relative to the working directory, posix style."""
     p = Path(ref)
@@ -288,63 +254,44 @@ def _summary_markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def validate_stage(cfg: PipelineConfig) -> dict[str, Any]:
-    """``visiontune validate``: read ``data.annotations`` under ``data.raw_dir``, validate, write outputs.
-
-    Raises FileNotFoundError for a missing raw folder/annotation file, ValueError for a bad annotation
-    format and when the quarantined share exceeds ``data.max_failure_ratio`` (outputs are written first,
-    so the quarantine file can be inspected).
-    """
-    d = cfg.data
-    raw_dir = Path(d.raw_dir)
-    if not raw_dir.is_dir():
-        raise FileNotFoundError(
-            f"{raw_dir} not found: set data.raw_dir to your folder of images and captions file, or run "
-            f"`visiontune demo-data` to write the bundled demo there"
-        )
-    rows = read_annotations(raw_dir, d.annotations, d.image_column, d.text_column, d.question_column, d.extra_images_column)
-    rules = rules_from_config(cfg)
-    max_failure_ratio = d.max_failure_ratio
-    out = Path(d.work_dir) / "validated"
-    metrics_path = Path(d.work_dir) / "metrics" / "validate.json"
-    res = validate_rows(rows, raw_dir, rules)
-
-    images = res["images"]
+def _sort_rows(rows: list[RawRow], res: dict[str, Any], raw_dir: Path, embedded_dir: Path) -> tuple[list, list]:
+    """(good records, quarantined records with their reasons), in row order."""
     by_row: dict[int, list[dict]] = defaultdict(list)
     for owner, p in zip(res["owners"], res["probed"]):
         by_row[owner].append(p)
     good, bad = [], []
-    embedded_dir = out / "embedded"
     for r in rows:
         rs = res["reasons"].get(r.row)
-        if rs:
-            details = [p["error"] for p in by_row.get(r.row, []) if p["error"]]
-            if r.parse_error:
-                details.insert(0, r.parse_error)
-            bad.append({
-                "row": r.row,
-                "reasons": sorted({c for c, _ in rs}),
-                "messages": sorted({REASONS[c] for c, _ in rs}),
-                "images": [i.ref for i in r.images],
-                "failed_images": sorted({ref for _, ref in rs if ref}),
-                "detail": "; ".join(details) or None,
-                "answers": r.answers,
-                "questions": r.questions,
-            })
-        else:
+        if not rs:
             good.append(_good_record(r, by_row[r.row], raw_dir, embedded_dir))
+            continue
+        details = [p["error"] for p in by_row.get(r.row, []) if p["error"]]
+        if r.parse_error:
+            details.insert(0, r.parse_error)
+        bad.append({
+            "row": r.row,
+            "reasons": sorted({c for c, _ in rs}),
+            "messages": sorted({REASONS[c] for c, _ in rs}),
+            "images": [i.ref for i in r.images],
+            "failed_images": sorted({ref for _, ref in rs if ref}),
+            "detail": "; ".join(details) or None,
+            "answers": r.answers,
+            "questions": r.questions,
+        })
+    return good, bad
 
+
+def _summary(n: int, good: list, bad: list, res: dict[str, Any], max_failure_ratio: float, out: Path) -> dict[str, Any]:
     counts = Counter(c for b in bad for c in b["reasons"])
-    n = len(rows)
     ratio = len(bad) / n if n else 1.0
     worst = sorted(bad, key=lambda b: (-len(b["reasons"]), b["row"]))[:10]
-    summary = {
+    return {
         "records": n,
         "valid": len(good),
         "quarantined": len(bad),
         "failure_ratio": round(ratio, 6),
         "max_failure_ratio": max_failure_ratio,
-        "images": int(len(images)),
+        "images": int(len(res["images"])),
         "passed": bool(n) and ratio <= max_failure_ratio,
         "failures_by_reason": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
         "gx_success": {k: bool(v.success) for k, v in res["gx"].items()},
@@ -360,6 +307,9 @@ def validate_stage(cfg: PipelineConfig) -> dict[str, Any]:
             "image_metadata": str(out / "image_metadata.csv"),
         },
     }
+
+
+def _write_outputs(out: Path, metrics_path: Path, res: dict[str, Any], good: list, bad: list, summary: dict) -> None:
     gx_json = {k: v.to_json_dict() for k, v in res["gx"].items()}
     for k in gx_json:  # run ids and timestamps differ per run; keep the file's content a function of the data
         gx_json[k].pop("meta", None)
@@ -368,7 +318,7 @@ def validate_stage(cfg: PipelineConfig) -> dict[str, Any]:
             er.get("expectation_config", {}).pop("id", None)
     write_if_changed(out / "gx_result.json", dump_json(gx_json))
     # The two metadata tables the suites judged, for inspection (e.g. sort by width in a spreadsheet).
-    write_if_changed(out / "image_metadata.csv", images.to_csv(index=False, lineterminator="\n"))
+    write_if_changed(out / "image_metadata.csv", res["images"].to_csv(index=False, lineterminator="\n"))
     write_if_changed(out / "record_metadata.csv", res["records"].to_csv(index=False, lineterminator="\n"))
     write_if_changed(out / "records.jsonl", dump_jsonl(good))
     write_if_changed(out / "quarantine.jsonl", dump_jsonl(bad))
@@ -377,13 +327,45 @@ def validate_stage(cfg: PipelineConfig) -> dict[str, Any]:
     metrics = {k: summary[k] for k in ("records", "valid", "quarantined", "failure_ratio", "images")}
     metrics["failures_by_reason"] = summary["failures_by_reason"]
     write_if_changed(metrics_path, dump_json(metrics))
-    if not n:
+
+
+def validate_stage(cfg: PipelineConfig) -> dict[str, Any]:
+    """``visiontune validate``: read ``data.annotations`` under ``data.raw_dir``, validate, write outputs.
+
+    Raises FileNotFoundError for a missing raw folder/annotation file, ValueError for a bad annotation
+    format and when the quarantined share exceeds ``validate.max_failure_ratio`` (outputs are written
+    first, so the quarantine file can be inspected).
+    """
+    d, rules = cfg.data, cfg.validate
+    raw_dir = Path(d.raw_dir)
+    if not raw_dir.is_dir():
+        raise FileNotFoundError(
+            f"{raw_dir} not found: set data.raw_dir to your folder of images and captions file, or run "
+            f"`visiontune demo-data` to write the bundled demo there"
+        )
+    rows = read_annotations(raw_dir, d.annotations, d.image_column, d.text_column, d.question_column, d.extra_images_column)
+    max_failure_ratio = rules.max_failure_ratio
+    out = Path(d.work_dir) / "validated"
+    res = validate_rows(rows, raw_dir, rules)
+    good, bad = _sort_rows(rows, res, raw_dir, out / "embedded")
+    summary = _summary(len(rows), good, bad, res, max_failure_ratio, out)
+    _write_outputs(out, Path(d.work_dir) / "metrics" / "validate.json", res, good, bad, summary)
+    if not rows:
         raise ValueError(f"{raw_dir / d.annotations}: no rows; add records (image path + text) to it")
     if not summary["passed"]:
         raise ValueError(
-            f"validation failed: {len(bad)} of {n} records quarantined (ratio {ratio:.3f} > data.max_failure_ratio "
-            f"{max_failure_ratio}); by reason: {dict(counts)}. See {out / 'quarantine.jsonl'} and {out / 'summary.md'}; "
-            f"fix the data or raise data.max_failure_ratio in params.yaml"
+            f"validation failed: {len(bad)} of {len(rows)} records quarantined (ratio {summary['failure_ratio']:.3f} > "
+            f"validate.max_failure_ratio {max_failure_ratio}); by reason: {summary['failures_by_reason']}. See "
+            f"{out / 'quarantine.jsonl'} and {out / 'summary.md'}; fix the data or raise validate.max_failure_ratio in params.yaml"
         )
-    log.info("validated %d records: %d valid, %d quarantined", n, len(good), len(bad))
+    log.info("validated %d records: %d valid, %d quarantined", len(rows), len(good), len(bad))
     return {k: summary[k] for k in ("records", "valid", "quarantined", "failure_ratio", "failures_by_reason", "outputs")}
+
+
+def prefect_report(result: dict[str, Any], cfg: PipelineConfig) -> None:
+    """Publish the validation summary (``<work_dir>/validated/summary.md``) as a Prefect markdown artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    summary = Path(result["outputs"]["summary"])
+    create_markdown_artifact(key="validation-summary", markdown=summary.read_text(),
+                             description="Records validated and quarantined, by reason")

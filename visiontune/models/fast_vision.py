@@ -1,7 +1,8 @@
 """``FastVisionModel``: loading, LoRA and mode switching, call-compatible with Unsloth's vision API.
 
 Switching from Unsloth is a one-line change (``from visiontune import FastVisionModel``). The LoRA target
-selection goes through the per-architecture module maps in :mod:`visiontune.models.archs`.
+selection goes through the per-architecture module maps in :mod:`visiontune.models.archs`. What it keeps
+beside a model (processor, checkpointing, kernel patch) is one :class:`~visiontune.models.state.VisionState`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, Optional, Union
 import torch
 
 from visiontune.models.archs import get_spec
+from visiontune.models.checkpointing import checkpoint_fraction
+from visiontune.models.state import base_model, set_padding_side, vision_state
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +110,12 @@ class FastVisionModel:
         tokenizer = getattr(processor, "tokenizer", processor)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "right"
+        set_padding_side(processor, "right")
 
         model.max_seq_length = max_seq_length
-        model.vt_processor = processor
-        model.vt_gradient_checkpointing = use_gradient_checkpointing
+        state = vision_state(model)
+        state.processor = processor
+        state.checkpointing = use_gradient_checkpointing
         if full_finetuning:
             for p in model.parameters():
                 p.requires_grad_(True)
@@ -119,7 +123,7 @@ class FastVisionModel:
             for p in model.parameters():
                 p.requires_grad_(False)
         if use_fused_kernels:
-            model.vt_kernel_handle = _patch_kernels(model)
+            _patch_kernels(model)
         FastVisionModel._set_checkpointing(model, use_gradient_checkpointing)
         return model, processor
 
@@ -182,16 +186,15 @@ class FastVisionModel:
             torch.cuda.manual_seed_all(random_state)
         if use_gradient_checkpointing is not None:
             _check_checkpointing(use_gradient_checkpointing)
-        ckpt = model.vt_gradient_checkpointing if use_gradient_checkpointing is None else use_gradient_checkpointing
-        processor = getattr(model, "vt_processor", None)
+        state = vision_state(model)  # the PEFT wrapper shares it
+        ckpt = state.checkpointing if use_gradient_checkpointing is None else use_gradient_checkpointing
         max_len = getattr(model, "max_seq_length", None)
         try:
             peft_model = get_peft_model(model, config)
         except ValueError as e:
             raise ValueError(f"get_peft_model: {e}. Check target_modules={targets!r} against model.named_modules().") from e
-        peft_model.vt_processor = processor
         peft_model.max_seq_length = max_len
-        peft_model.vt_gradient_checkpointing = ckpt
+        state.checkpointing = ckpt
         _apply_checkpointing(peft_model, ckpt)  # Unsloth passes it here, too
         return peft_model
 
@@ -199,12 +202,9 @@ class FastVisionModel:
     def for_inference(model: torch.nn.Module) -> torch.nn.Module:
         """Eval mode, KV cache on, checkpointing off, left padding (batched ``generate`` needs it)."""
         model.eval()
-        base = _base(model)
-        _hf_checkpointing_off(base)
+        _hf_checkpointing_off(base_model(model))
         _set_use_cache(model, True)
-        processor = getattr(model, "vt_processor", None)
-        if processor is not None:
-            getattr(processor, "tokenizer", processor).padding_side = "left"
+        _pad_loaded_processor(model, "left")
         return model
 
     @staticmethod
@@ -214,16 +214,21 @@ class FastVisionModel:
         model.train()
         if use_gradient_checkpointing is not None:
             _check_checkpointing(use_gradient_checkpointing)
-        mode = getattr(model, "vt_gradient_checkpointing", False) if use_gradient_checkpointing is None else use_gradient_checkpointing
-        base = _base(model)
+        mode = vision_state(model).checkpointing if use_gradient_checkpointing is None else use_gradient_checkpointing
+        base = base_model(model)
         if _checkpoint_plan(mode) is not None:
             _hf_checkpointing_off(base)
         _apply_checkpointing(base, mode)
         _set_use_cache(model, False)
-        processor = getattr(model, "vt_processor", None)
-        if processor is not None:
-            getattr(processor, "tokenizer", processor).padding_side = "right"
+        _pad_loaded_processor(model, "right")
         return model
+
+
+def _pad_loaded_processor(model: torch.nn.Module, side: str) -> None:
+    """Pad on ``side`` with the processor ``from_pretrained`` loaded beside ``model`` (if it was)."""
+    processor = vision_state(model).processor
+    if processor is not None:
+        set_padding_side(processor, side)
 
 
 def _is_fraction(mode: Any) -> bool:
@@ -242,7 +247,7 @@ def _check_checkpointing(mode: Any) -> None:
 
 
 def _checkpoint_plan(mode: Any) -> Optional[tuple[float, str]]:
-    """``use_gradient_checkpointing`` -> (share of LM layers checkpointed, kernels.checkpoint mode)."""
+    """``use_gradient_checkpointing`` -> (share of LM layers checkpointed, ``checkpointing`` module's mode)."""
     if mode is False or mode == "mlp":
         return None
     if _is_fraction(mode):
@@ -257,40 +262,29 @@ def _install_checkpointing(model: torch.nn.Module, plan: Optional[tuple[float, s
 
     Every vision block is checkpointed (per byte freed about 3x cheaper to recompute than an LM layer,
     measured in the engine benchmark) and the first ``ceil(fraction * n)`` language-model layers, through
-    ``kernels.checkpoint``'s light recompute (faster than transformers' non-reentrant checkpoint:
-    benchmarks/RESULTS_engine.md). Idempotent: the same plan is kept, another one replaces it.
+    :mod:`visiontune.models.checkpointing`'s light recompute (faster than transformers' non-reentrant
+    checkpoint: benchmarks/RESULTS_engine.md). Idempotent: the same plan is kept, another one replaces it.
     """
-    base = _base(model)
-    handle = getattr(base, "vt_checkpoint_handle", None)
-    if handle is not None:
-        if plan is not None and getattr(base, "vt_checkpoint_plan", None) == plan:
+    state = vision_state(model)
+    if state.checkpoint_handle is not None:
+        if plan is not None and state.checkpoint_plan == plan:
             return
-        handle.remove()
-        base.vt_checkpoint_handle = None
-        base.vt_checkpoint_plan = None
+        state.checkpoint_handle.remove()
+        state.checkpoint_handle = state.checkpoint_plan = None
     if plan is None:
         return
-    # Imported here, not at the top: a served model (MLflow pyfunc) ships only the visiontune/ folder,
-    # without the kernels it never needs for inference.
-    from visiontune.kernels.checkpoint import checkpoint_fraction
-
-    base.vt_checkpoint_handle = checkpoint_fraction(base, lm_fraction=plan[0], vision_fraction=1.0, mode=plan[1])
-    base.vt_checkpoint_plan = plan
+    state.checkpoint_handle = checkpoint_fraction(base_model(model), lm_fraction=plan[0], vision_fraction=1.0,
+                                                  mode=plan[1])
+    state.checkpoint_plan = plan
 
 
 def _apply_checkpointing(model: torch.nn.Module, mode: Any) -> None:
     """Put ``use_gradient_checkpointing=mode`` in force: the layer wrappers, and for ``"mlp"`` the kernel
     patch's fused MLPs recomputing gate/up (a patched model's handle reads ``recompute_mlp`` per call)."""
     _install_checkpointing(model, _checkpoint_plan(mode))
-    handle = getattr(_base(model), "_visiontune_kernel_handle", None)
+    handle = vision_state(model).kernel_handle
     if handle is not None and handle.active:
         handle.recompute_mlp = mode == "mlp"
-
-
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a PEFT wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def _hf_checkpointing_off(model: torch.nn.Module) -> None:
@@ -305,22 +299,21 @@ def _hf_checkpointing_off(model: torch.nn.Module) -> None:
 
 
 def _set_use_cache(model: torch.nn.Module, value: bool) -> None:
-    cfg = _base(model).config
+    cfg = base_model(model).config
     cfg.use_cache = value
     text_cfg = getattr(cfg, "text_config", None)
     if text_cfg is not None:
         text_cfg.use_cache = value
-    gen = getattr(_base(model), "generation_config", None)
+    gen = getattr(base_model(model), "generation_config", None)
     if gen is not None:
         gen.use_cache = value
 
 
-def _patch_kernels(model: torch.nn.Module) -> Any:
-    """Patch visiontune's fused kernels in (a no-op on CPU). Returns the handle, or None."""
+def _patch_kernels(model: torch.nn.Module) -> None:
+    """Patch visiontune's fused kernels in (a no-op on CPU); an active patch's handle is in the model's state."""
     try:
         from visiontune.kernels import patch_model
-    except ImportError:  # engine not built in this install
-        return None
+    except ImportError:  # engine not built in this install (a served model ships only the visiontune/ folder)
+        return
     with contextlib.suppress(NotImplementedError):
-        return patch_model(model)
-    return None
+        patch_model(model)

@@ -16,8 +16,6 @@ All metric code is local (jiwer, sacrebleu, rouge-score): nothing is downloaded 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import csv
 import json
 import logging
@@ -27,19 +25,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from visiontune.images import ImageRule, decode_image_value, load_image
+from visiontune.inference import adapter_processor, chat_parts, generate_answers, require_adapter, split_conversation
 from visiontune.pipeline.tracking import read_run_file, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
-
-# Settings this stage reads (dvc.yaml's `params` for the evaluate stage must list exactly these).
-PARAMS = (
-    "data.work_dir", "model.name_or_path", "model.max_seq_length", "model.dtype", "model.load_in_4bit",
-    "model.use_fused_kernels",
-    "collator.resize", "collator.resize_dimension", "collator.snap_to_patch_size", "train.output_dir",
-    "eval.split", "eval.max_samples", "eval.max_new_tokens", "eval.batch_size", "eval.primary_metric",
-    "eval.metrics_file", "eval.predictions_file", "eval.grid_file", "eval.grid_samples", "eval.compare_base",
-    "register.tracking_uri",
-)
 
 METRICS = ("exact_match", "cer", "bleu", "rougeL")
 LOWER_IS_BETTER = frozenset({"cer"})
@@ -119,164 +109,6 @@ def compute_metrics(predictions: Sequence[str], references: Sequence[str]) -> di
     return {"exact_match": float(exact), "cer": float(cer), "bleu": float(bleu), "rougeL": float(rouge)}
 
 
-# --------------------------------------------------------------------------------------- generation
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    return "".join(p.get("text") or "" for p in content or [] if isinstance(p, dict) and p.get("type") == "text")
-
-
-def split_conversation(messages: list[dict]) -> tuple[list[dict], Optional[str]]:
-    """(prompt messages, reference answer): the conversation up to its last assistant turn, and that turn's text.
-
-    A conversation without an assistant turn is all prompt (reference None), as at serving time.
-    """
-    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
-    if last is None:
-        return list(messages), None
-    return list(messages[:last]), _text_of(messages[last]["content"])
-
-
-def _prompt_parts(messages: list[dict]) -> tuple[list[dict], list[Any]]:
-    """Messages for the chat template (image parts become ``{"type": "image"}``; Arrow's None keys go) and
-    the image values in order."""
-    clean, images = [], []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, list):
-            parts = []
-            for p in content:
-                if p.get("type") == "image":
-                    parts.append({"type": "image"})
-                    images.append(p.get("image"))
-                elif p.get("type") == "text":
-                    parts.append({"type": "text", "text": p.get("text") or ""})
-            content = parts
-        clean.append({"role": m["role"], "content": content})
-    return clean, images
-
-
-def _is_file(value: str) -> bool:
-    try:
-        return Path(value).is_file()
-    except (OSError, ValueError):  # e.g. a base64 string longer than the file-name limit
-        return False
-
-
-def decode_image_value(value: Any) -> Any:
-    """An image value as :func:`visiontune.collator.load_image` takes it; a str that is not an existing
-    file is decoded as base64 (how images travel in JSON serving requests)."""
-    if isinstance(value, str) and not _is_file(value):
-        try:
-            return base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise FileNotFoundError(
-                f"image {value[:80]!r} is neither an existing file nor base64-encoded image bytes; pass a path "
-                "that exists where the model runs, or base64.b64encode(open(path, 'rb').read()).decode()"
-            ) from None
-    return value
-
-
-def _image_resizer(model: Any, processor: Any, resize: Any, resize_dimension: Union[int, str],
-                   snap_to_patch_size: bool) -> Any:
-    """A function PIL image -> PIL image applying the training collator's resize rule (same sizes as in training)."""
-    from PIL import Image
-
-    from visiontune.collator import target_size
-    from visiontune.models.archs import get_spec, image_size_bounds
-
-    if resize is None:
-        return lambda img: img
-    config = getattr(model, "get_base_model", lambda: model)().config
-    try:
-        spec = get_spec(config)
-        bounds = image_size_bounds(spec, config, processor)
-        multiple = spec.patch_multiple(config) if snap_to_patch_size else None
-    except ValueError:  # architecture without a module map: the collator's fallback bounds
-        bounds, multiple = (448, 1024), None
-    resize = tuple(resize) if isinstance(resize, list) else resize
-
-    def apply(img: Any) -> Any:
-        size = target_size(img.width, img.height, resize, resize_dimension, bounds, multiple)
-        return img if size == img.size else img.resize(size, Image.Resampling.BICUBIC)
-
-    return apply
-
-
-def generate_answers(
-    model: Any,
-    processor: Any,
-    samples: Sequence[Any],
-    max_new_tokens: int,
-    batch_size: int,
-    *,
-    resize: Any = None,
-    resize_dimension: Union[int, str] = 0,
-    snap_to_patch_size: bool = False,
-    image_root: Optional[Union[str, Path]] = None,
-    desc: str = "generate",
-    progress: bool = True,
-) -> list[str]:
-    """Greedy answers of ``model`` to each sample's conversation (up to its last assistant turn).
-
-    ``samples`` are ``{"messages": [...]}`` dicts (or message lists) in visiontune's conversation format;
-    images may be paths, PIL images, bytes, Arrow ``{"bytes", "path"}`` dicts or base64 strings. The
-    prompt is rendered with the processor's chat template plus the generation prompt; prompts are
-    left-padded in batches of ``batch_size``; only the new tokens are decoded, without special tokens.
-    ``resize``/``resize_dimension``/``snap_to_patch_size`` are the collator settings used in training,
-    so the model sees images of the same size as it was trained on.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    from visiontune.collator import load_image
-    from visiontune.models.fast_vision import FastVisionModel
-
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be a positive integer (eval.max_new_tokens)")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size}: must be a positive integer (eval.batch_size)")
-    if not samples:
-        return []
-    tokenizer = getattr(processor, "tokenizer", processor)
-    old_side = tokenizer.padding_side  # restored on return: the caller's processor may be training's
-    FastVisionModel.for_inference(model)
-    resizer = _image_resizer(model, processor, resize, resize_dimension, snap_to_patch_size)
-    root = Path(image_root) if image_root else None
-    try:
-        device = next(model.parameters()).device
-        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    except StopIteration:
-        device, dtype = torch.device("cpu"), torch.float32
-
-    tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    answers: list[str] = []
-    try:
-        starts = range(0, len(samples), batch_size)
-        for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
-            texts, images = [], []
-            for sample in samples[start:start + batch_size]:
-                messages = sample["messages"] if isinstance(sample, dict) else sample
-                prompt, _ = split_conversation(list(messages))
-                clean, values = _prompt_parts(prompt)
-                texts.append(processor.apply_chat_template(clean, tokenize=False, add_generation_prompt=True))
-                images.append([resizer(load_image(decode_image_value(v), root)) for v in values])
-            kwargs: dict[str, Any] = dict(text=texts, return_tensors="pt", padding=True)
-            if any(images):
-                kwargs["images"] = images
-            batch = processor(**kwargs)
-            batch = {k: (v.to(device, dtype) if k == "pixel_values" or (torch.is_tensor(v) and v.is_floating_point())
-                         else v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            with torch.inference_mode():
-                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-            new_tokens = out[:, batch["input_ids"].shape[1]:]
-            answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = old_side
-    return answers
-
-
 # ------------------------------------------------------------------------------------------- outputs
 def write_predictions_csv(path: Union[str, Path], rows: list[dict[str, Any]]) -> Path:
     """Per-sample rows as CSV (DVC plots data: x=index, y=cer)."""
@@ -320,14 +152,13 @@ def prediction_grid(images: Sequence[Any], references: Sequence[str], prediction
     return fig
 
 
-def _first_image(messages: list[dict], root: Optional[Path]) -> Any:
-    from visiontune.collator import load_image
-
-    _, values = _prompt_parts(split_conversation(messages)[0])
+def _first_image(messages: list[dict]) -> Any:
+    """The prompt's first image as a 256 px thumbnail for the grid; None if it has none or it cannot be read."""
+    _, values = chat_parts(split_conversation(messages)[0])
     if not values:
         return None
     try:
-        img = load_image(decode_image_value(values[0]), root)
+        img = load_image(decode_image_value(values[0]))
     except (FileNotFoundError, OSError):
         return None
     img.thumbnail((256, 256))
@@ -337,88 +168,58 @@ def _first_image(messages: list[dict], root: Optional[Path]) -> Any:
 # --------------------------------------------------------------------------------------------- stage
 def load_eval_samples(dataset_dir: Union[str, Path], split: str, max_samples: int) -> list[dict]:
     """The first ``max_samples`` rows (0 = all) of ``split`` in the saved DatasetDict, as plain dicts."""
-    import datasets
+    from visiontune.data.convert import load_split
 
-    path = Path(dataset_dir)
-    if not path.exists():
-        raise FileNotFoundError(f"dataset {path} not found: run the data stages first (`visiontune convert`)")
-    dd = datasets.load_from_disk(str(path))
-    if split not in dd:
-        raise ValueError(f"eval.split={split!r} is not a split of {path}; available: {sorted(dd)}")
-    ds = dd[split]
+    ds = load_split(dataset_dir, split, setting="eval.split")
     if max_samples < 0:
         raise ValueError(f"eval.max_samples={max_samples}: use 0 (all) or a positive number")
     if max_samples:
         ds = ds.select(range(min(max_samples, len(ds))))
     if len(ds) == 0:
         raise ValueError(
-            f"split {split!r} of {path} is empty: nothing to evaluate. Add data or change data.split_ratios / eval.split"
+            f"split {split!r} of {dataset_dir} is empty: nothing to evaluate. Add data or change convert.split_ratios / "
+            "eval.split"
         )
     return [ds[i] for i in range(len(ds))]
 
 
-def _adapter_processor(adapter_dir: Path, fallback: Any) -> Any:
-    """The processor saved next to the adapter (what training used), else ``fallback``."""
-    from transformers import AutoProcessor
-
-    if (adapter_dir / "processor_config.json").exists() or (adapter_dir / "tokenizer_config.json").exists():
-        return AutoProcessor.from_pretrained(str(adapter_dir), local_files_only=True)
-    return fallback
+def trained_adapter(run: dict[str, Any], output_dir: Union[str, Path]) -> Path:
+    """The adapter folder the training run recorded in ``run.json`` (else ``<train.output_dir>/adapter``),
+    checked to hold a PEFT adapter."""
+    return require_adapter(run.get("adapter_dir") or Path(output_dir) / "adapter", "re-run `visiontune train`")
 
 
-def evaluate_stage(cfg: Any) -> dict[str, Any]:
-    """``visiontune evaluate``: score the base and the fine-tuned model on ``eval.split``; write the DVC
-    metrics and plots files; log metrics and artifacts into the training run. Returns a summary."""
-    import mlflow
-    from peft import PeftModel
-
-    from visiontune.models.fast_vision import FastVisionModel
-
-    e, m, c = cfg.eval, cfg.model, cfg.collator
-    primary = e.primary_metric
-    grid_samples, grid_file = e.grid_samples, e.grid_file  # read always: DVC's params must not depend on the path
-    if primary not in METRICS:
-        raise ValueError(f"eval.primary_metric={primary!r}: choose one of {', '.join(METRICS)}")
-    run = read_run_file(cfg.train.output_dir)
-    adapter_dir = Path(run.get("adapter_dir") or Path(cfg.train.output_dir) / "adapter")
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise FileNotFoundError(f"no PEFT adapter in {adapter_dir} (adapter_config.json missing): re-run `visiontune train`")
-    base_name = m.name_or_path
-    if run.get("base_model") and str(run["base_model"]) != str(base_name):
-        log.warning("run.json says the adapter was trained on %s but model.name_or_path is %s; evaluating on %s",
-                    run["base_model"], base_name, base_name)
-
-    samples = load_eval_samples(Path(cfg.data.work_dir) / "dataset", e.split, e.max_samples)
+def _references(samples: list[dict], split: str) -> list[str]:
     references = []
     for i, s in enumerate(samples):
         _, ref = split_conversation(s["messages"])
         if ref is None:
-            raise ValueError(f"sample {i} of split {e.split!r} has no assistant turn: nothing to compare against")
+            raise ValueError(f"sample {i} of split {split!r} has no assistant turn: nothing to compare against")
         references.append(ref)
+    return references
 
-    gen_kwargs = dict(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, resize=c.resize,
-                      resize_dimension=c.resize_dimension, snap_to_patch_size=c.snap_to_patch_size)
+
+def _predict(cfg: Any, adapter_dir: Path, samples: list[dict]) -> tuple[list[str], Optional[list[str]]]:
+    """(fine-tuned answers, base answers or None): the base model first, then with the adapter on."""
+    from peft import PeftModel
+
+    from visiontune.models.fast_vision import FastVisionModel
+
+    e, m, im = cfg.eval, cfg.model, cfg.images
+    rule = ImageRule(resize=im.resize, resize_dimension=im.resize_dimension, snap_to_patch_size=im.snap_to_patch_size)
+    gen_kwargs = dict(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, rule=rule)
     model, processor = FastVisionModel.from_pretrained(
-        base_name, max_seq_length=m.max_seq_length, dtype=m.dtype, load_in_4bit=m.load_in_4bit,
+        m.name_or_path, max_seq_length=m.max_seq_length, dtype=m.dtype, load_in_4bit=m.load_in_4bit,
         use_gradient_checkpointing=False, use_fused_kernels=m.use_fused_kernels,
     )
-    processor = _adapter_processor(adapter_dir, processor)
-    results: dict[str, dict[str, float]] = {}
-    base_preds: Optional[list[str]] = None
-    if e.compare_base:
-        base_preds = generate_answers(model, processor, samples, desc="base model", **gen_kwargs)
-        results["base"] = compute_metrics(base_preds, references)
+    processor = adapter_processor(adapter_dir, processor)
+    base_preds = generate_answers(model, processor, samples, desc="base model", **gen_kwargs) if e.compare_base else None
     model = PeftModel.from_pretrained(model, str(adapter_dir))
-    preds = generate_answers(model, processor, samples, desc="fine-tuned", **gen_kwargs)
-    results["finetuned"] = compute_metrics(preds, references)
+    return generate_answers(model, processor, samples, desc="fine-tuned", **gen_kwargs), base_preds
 
-    metrics: dict[str, Any] = {**results, "primary_metric": primary, "n_samples": len(samples), "split": e.split}
-    if base_preds is not None:
-        metrics["delta"] = {k: results["finetuned"][k] - results["base"][k] for k in METRICS}
-    metrics_path = Path(e.metrics_file)
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
 
+def _prediction_rows(samples: list[dict], references: list[str], preds: list[str],
+                     base_preds: Optional[list[str]]) -> list[dict[str, Any]]:
     rows = []
     for i, (s, ref, pred) in enumerate(zip(samples, references, preds)):
         row: dict[str, Any] = {"index": i, "record_id": s.get("record_id", ""), "reference": ref, "prediction": pred,
@@ -427,42 +228,94 @@ def evaluate_stage(cfg: Any) -> dict[str, Any]:
             row["base_prediction"] = base_preds[i]
             row["base_cer"] = round(sample_cer(base_preds[i], ref), 6)
         rows.append(row)
-    csv_path = write_predictions_csv(e.predictions_file, rows)
+    return rows
 
-    grid_path: Optional[Path] = None
-    if grid_samples > 0:
-        import matplotlib.pyplot as plt
 
-        k = min(grid_samples, len(samples))
-        fig = prediction_grid([_first_image(s["messages"], None) for s in samples[:k]], references[:k], preds[:k],
-                              base_preds[:k] if base_preds is not None else None)
-        grid_path = Path(grid_file)
-        grid_path.parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-            fig.savefig(grid_path, dpi=100)
-        plt.close(fig)
+def _save_grid(path: Path, samples: list[dict], references: list[str], preds: list[str],
+               base_preds: Optional[list[str]], k: int) -> Path:
+    import matplotlib.pyplot as plt
 
-    configured_uri = cfg.register.tracking_uri
-    uri = run.get("tracking_uri") or resolve_tracking_uri(configured_uri)  # the store the training run lives in
+    k = min(k, len(samples))
+    fig = prediction_grid([_first_image(s["messages"]) for s in samples[:k]], references[:k], preds[:k],
+                          base_preds[:k] if base_preds is not None else None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _log_to_run(uri: str, run_id: str, metrics: dict[str, Any], files: list[Path]) -> None:
+    """Metrics (eval_*, eval_base_*, eval_delta_*) and the output files into the training run."""
+    import mlflow
+
     mlflow.set_tracking_uri(uri)
-    run_id = run["mlflow_run_id"]
-    logged = {f"eval_{k}": v for k, v in results["finetuned"].items()}
-    if "base" in results:
-        logged.update({f"eval_base_{k}": v for k, v in results["base"].items()})
+    logged = {f"eval_{k}": v for k, v in metrics["finetuned"].items()}
+    if "base" in metrics:
+        logged.update({f"eval_base_{k}": v for k, v in metrics["base"].items()})
         logged.update({f"eval_delta_{k}": v for k, v in metrics["delta"].items()})
-    logged["eval_n_samples"] = float(len(samples))
+    logged["eval_n_samples"] = float(metrics["n_samples"])
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(logged)
-        mlflow.set_tags({"eval_split": e.split, "eval_primary_metric": primary})
-        mlflow.log_artifact(str(metrics_path), artifact_path="eval")
-        mlflow.log_artifact(str(csv_path), artifact_path="eval")
-        if grid_path is not None:
-            mlflow.log_artifact(str(grid_path), artifact_path="eval")
+        mlflow.set_tags({"eval_split": metrics["split"], "eval_primary_metric": metrics["primary_metric"]})
+        for f in files:
+            mlflow.log_artifact(str(f), artifact_path="eval")
+
+
+def evaluate_stage(cfg: Any) -> dict[str, Any]:
+    """``visiontune evaluate``: score the base and the fine-tuned model on ``eval.split``; write the DVC
+    metrics and plots files; log metrics and artifacts into the training run. Returns a summary.
+
+    The metrics file names the training run and the adapter's content hash it scored, so the register
+    stage can refuse to register one model with another's scores.
+    """
+    from visiontune.data.io import hash_tree
+
+    e, configured_uri = cfg.eval, cfg.tracking.uri
+    primary = e.primary_metric
+    grid_samples, grid_file = e.grid_samples, e.grid_file  # read always: DVC's params must not depend on the path
+    if primary not in METRICS:
+        raise ValueError(f"eval.primary_metric={primary!r}: choose one of {', '.join(METRICS)}")
+    run = read_run_file(cfg.train.output_dir)
+    adapter_dir = trained_adapter(run, cfg.train.output_dir)
+    if run.get("base_model") and str(run["base_model"]) != str(cfg.model.name_or_path):
+        log.warning("run.json says the adapter was trained on %s but model.name_or_path is %s; evaluating on %s",
+                    run["base_model"], cfg.model.name_or_path, cfg.model.name_or_path)
+    samples = load_eval_samples(Path(cfg.data.work_dir) / "dataset", e.split, e.max_samples)
+    references = _references(samples, e.split)
+    preds, base_preds = _predict(cfg, adapter_dir, samples)
+
+    metrics: dict[str, Any] = {"finetuned": compute_metrics(preds, references)}
+    if base_preds is not None:
+        metrics["base"] = compute_metrics(base_preds, references)
+        metrics["delta"] = {k: metrics["finetuned"][k] - metrics["base"][k] for k in METRICS}
+    metrics.update({"primary_metric": primary, "n_samples": len(samples), "split": e.split,
+                    "mlflow_run_id": run["mlflow_run_id"], "adapter_sha256": hash_tree([adapter_dir])})
+    metrics_path = Path(e.metrics_file)
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    files = [metrics_path, write_predictions_csv(e.predictions_file, _prediction_rows(samples, references, preds, base_preds))]
+    if grid_samples > 0:
+        files.append(_save_grid(Path(grid_file), samples, references, preds, base_preds, grid_samples))
+
+    uri = run.get("tracking_uri") or resolve_tracking_uri(configured_uri)  # the store the training run lives in
+    _log_to_run(uri, run["mlflow_run_id"], metrics, files)
     return {
-        "n_samples": len(samples), "primary_metric": primary,
-        primary: results["finetuned"][primary],
-        f"base_{primary}": results["base"][primary] if "base" in results else None,
-        "metrics_file": str(metrics_path), "predictions_file": str(csv_path),
-        "grid_file": str(grid_path) if grid_path else None, "mlflow_run_id": run_id,
+        "n_samples": len(samples), "primary_metric": primary, primary: metrics["finetuned"][primary],
+        f"base_{primary}": metrics["base"][primary] if "base" in metrics else None,
+        "metrics_file": str(metrics_path), "predictions_file": str(files[1]),
+        "grid_file": str(files[2]) if len(files) > 2 else None, "mlflow_run_id": run["mlflow_run_id"],
     }
+
+
+def prefect_report(result: dict[str, Any], cfg: Any) -> None:
+    """Publish base vs fine-tuned metrics (the stage's metrics file) as a Prefect table artifact."""
+    from prefect.artifacts import create_table_artifact
+
+    metrics = json.loads(Path(result["metrics_file"]).read_text())
+    rows = [{"model": name, **{k: round(float(v), 4) for k, v in values.items() if isinstance(v, (int, float))}}
+            for name, values in metrics.items() if isinstance(values, dict)]
+    if rows:
+        create_table_artifact(key="evaluation-metrics", table=rows,
+                              description=f"Held-out metrics ({metrics['split']}); primary: {metrics['primary_metric']}")

@@ -7,7 +7,8 @@ on another machine needs nothing but the model URI. For a hub id only the id is 
 (``model_config["base_model"]``) and the weights come from the hub (or its cache) at load time.
 
 Input: a pandas DataFrame with columns ``image`` (file path, base64-encoded image bytes, or raw bytes
-when called in-process) and ``prompt`` (the user text). Output: one generated string per row.
+when called in-process) and, optionally, ``prompt`` (the user text; missing or empty, it is the training
+instruction recorded with the model). Output: one generated string per row.
 ``params={"max_new_tokens": n}`` overrides the generation length per request.
 """
 
@@ -20,12 +21,16 @@ from typing import Any, Optional
 
 import mlflow.pyfunc
 
+from visiontune.images import ImageRule
+from visiontune.inference import adapter_processor, generate_answers, require_adapter
+
 ADAPTER_ARTIFACT = "adapter"
 BASE_MODEL_ARTIFACT = "base_model"
 
 
-def _build_samples(model_input: Any) -> list[dict]:
-    """Conversation samples from a DataFrame / dict / list of dicts with ``image`` and ``prompt``."""
+def _build_samples(model_input: Any, default_prompt: Optional[str] = None) -> list[dict]:
+    """Conversation samples from a DataFrame / dict / list of dicts with ``image`` and (optionally) ``prompt``;
+    rows without a prompt get ``default_prompt``."""
     import pandas as pd
 
     if isinstance(model_input, dict):
@@ -35,11 +40,13 @@ def _build_samples(model_input: Any) -> list[dict]:
         model_input = pd.DataFrame(model_input)
     if not isinstance(model_input, pd.DataFrame):
         raise TypeError(f"expected a pandas DataFrame with columns image and prompt, got {type(model_input).__name__}")
+    if "prompt" not in model_input.columns and default_prompt is not None:
+        model_input = model_input.assign(prompt=None)
     missing = {"image", "prompt"} - set(model_input.columns)
     if missing:
         raise ValueError(
             f"model input lacks column(s) {sorted(missing)} (got {list(model_input.columns)}); pass a DataFrame with "
-            "'image' (path or base64 bytes) and 'prompt' (text)"
+            "'image' (path or base64 bytes) and 'prompt' (text; optional for models that recorded an instruction)"
         )
     samples = []
     for image, prompt in model_input[["image", "prompt"]].itertuples(index=False):
@@ -47,7 +54,9 @@ def _build_samples(model_input: Any) -> list[dict]:
         no_image = image is None or (isinstance(image, float) and image != image) or (isinstance(image, str) and not image)
         if not no_image:  # None / NaN / "" make a text-only row
             content.append({"type": "image", "image": image})
-        content.append({"type": "text", "text": "" if prompt is None else str(prompt)})
+        if prompt is None or (isinstance(prompt, float) and prompt != prompt) or prompt == "":
+            prompt = default_prompt or ""
+        content.append({"type": "text", "text": str(prompt)})
         samples.append({"messages": [{"role": "user", "content": content}]})
     return samples
 
@@ -57,13 +66,13 @@ class VisionLoraModel(mlflow.pyfunc.PythonModel):
 
     ``model_config`` keys (set by the register stage): ``base_model`` (hub id or original path, used when no
     ``base_model`` artifact was logged), ``max_new_tokens``, ``batch_size``, ``resize``, ``resize_dimension``,
-    ``snap_to_patch_size`` (the training collator's image settings), ``dtype``.
+    ``snap_to_patch_size`` (the training :class:`~visiontune.images.ImageRule`; a missing one takes the rule's
+    default), ``dtype``, ``instruction`` (the training instruction: the prompt of rows that bring none).
     """
 
     def load_context(self, context: Any) -> None:
         """Load the base model (artifact dir or hub id), apply the adapter, switch to inference mode."""
         from peft import PeftModel
-        from transformers import AutoProcessor
 
         from visiontune.models.fast_vision import FastVisionModel
 
@@ -75,20 +84,17 @@ class VisionLoraModel(mlflow.pyfunc.PythonModel):
                 "this model has neither a 'base_model' artifact nor model_config['base_model']; re-log it with the "
                 "register stage (register.log_base_model) or set model_config={'base_model': '<hub id>'}"
             )
-        adapter = artifacts.get(ADAPTER_ARTIFACT)
-        if not adapter or not (Path(adapter) / "adapter_config.json").exists():
-            raise FileNotFoundError(
-                f"adapter artifact {adapter!r} has no adapter_config.json: the model was logged without its LoRA "
-                "adapter; re-register it with `visiontune register` after `visiontune train`"
-            )
+        adapter = require_adapter(
+            artifacts.get(ADAPTER_ARTIFACT), "the model was logged without its LoRA adapter; re-register it with "
+            "`visiontune register` after `visiontune train`")
         model, processor = FastVisionModel.from_pretrained(
             base, dtype=config.get("dtype"), use_gradient_checkpointing=False, use_fused_kernels=False,
         )
-        if (Path(adapter) / "processor_config.json").exists() or (Path(adapter) / "tokenizer_config.json").exists():
-            processor = AutoProcessor.from_pretrained(adapter, local_files_only=True)
-        self.model = FastVisionModel.for_inference(PeftModel.from_pretrained(model, adapter))
+        processor = adapter_processor(adapter, processor)
+        self.model = FastVisionModel.for_inference(PeftModel.from_pretrained(model, str(adapter)))
         self.processor = processor
         self.config = config
+        self.rule = ImageRule.from_mapping(config)
 
     def predict(self, context, model_input, params: Optional[dict[str, Any]] = None) -> list[str]:  # noqa: ANN001
         """One greedy answer per input row (see the module docstring for the input format).
@@ -96,16 +102,12 @@ class VisionLoraModel(mlflow.pyfunc.PythonModel):
         ``context`` and ``model_input`` are deliberately unannotated: MLflow reads predict's type hints as
         a schema (and warns unless they are ``list[...]``); the logged signature is the schema instead.
         """
-        from visiontune.pipeline.evaluate import generate_answers
-
         params = params or {}
-        samples = _build_samples(model_input)
+        samples = _build_samples(model_input, self.config.get("instruction"))
         return generate_answers(
             self.model, self.processor, samples,
             max_new_tokens=int(params.get("max_new_tokens") or self.config.get("max_new_tokens", 64)),
-            batch_size=int(self.config.get("batch_size", 8)),
-            resize=self.config.get("resize"), resize_dimension=self.config.get("resize_dimension", 0),
-            snap_to_patch_size=bool(self.config.get("snap_to_patch_size", False)), progress=False,
+            batch_size=int(self.config.get("batch_size", 8)), rule=self.rule, progress=False,
         )
 
 
@@ -124,12 +126,12 @@ def example_image_b64(size: tuple[int, int] = (56, 56)) -> str:
 
 
 def model_signature(max_new_tokens: int) -> Any:
-    """Input columns image (string: path or base64) and prompt (string); output strings; param max_new_tokens."""
+    """Input columns image (string: path or base64) and optional prompt (string); output strings; param max_new_tokens."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "image"), ColSpec("string", "prompt")]),
+        inputs=Schema([ColSpec("string", "image"), ColSpec("string", "prompt", required=False)]),
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", int(max_new_tokens))]),
     )

@@ -3,8 +3,7 @@
 The model (a :class:`visiontune.pipeline.pyfunc.VisionLoraModel`: base model + LoRA adapter) is logged as
 code (``pyfunc_model.py``, with the ``visiontune`` package as ``code_paths``; no pickle) into the training
 run recorded in ``run.json`` and registered as a new version of ``register.model_name``. The version
-takes alias ``champion`` only if its primary metric (``eval.primary_metric`` from the evaluate stage's
-metrics file) beats the current champion's by more than ``register.promotion_margin``; otherwise it
+takes alias ``champion`` only if its primary metric (the one the evaluate stage's metrics file names) beats the current champion's by more than ``register.promotion_margin``; otherwise it
 takes ``challenger``. The first version ever is champion.
 
 MLflow aliases keep no history, so every decision is recorded three ways:
@@ -20,6 +19,7 @@ MLflow aliases keep no history, so every decision is recorded three ways:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -29,18 +29,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
-from visiontune.pipeline.evaluate import LOWER_IS_BETTER, METRICS
+from visiontune.images import ImageRule
+from visiontune.pipeline.evaluate import LOWER_IS_BETTER, METRICS, trained_adapter
 from visiontune.pipeline.tracking import git_commit, read_run_file, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
-
-# Settings this stage reads (dvc.yaml's `params` for the register stage must list exactly these).
-PARAMS = (
-    "train.output_dir", "model.name_or_path", "model.dtype", "collator.resize", "collator.resize_dimension",
-    "collator.snap_to_patch_size", "data.instruction", "eval.primary_metric", "eval.metrics_file", "eval.batch_size",
-    "register.tracking_uri", "register.model_name", "register.promotion_margin", "register.artifact_name",
-    "register.log_base_model", "register.input_example", "register.max_new_tokens", "register.promotions_log",
-)
 
 # The model is logged as code (this file defines it with mlflow.models.set_model), not as a pickle.
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -145,67 +138,106 @@ def _prefect_artifact(decision: dict[str, Any]) -> Optional[str]:
     return key
 
 
+def read_scores(metrics_path: Path, run: dict[str, Any], adapter_dir: Path) -> tuple[str, float, dict[str, Any]]:
+    """(primary metric, its fine-tuned value, all fine-tuned scores) from the evaluate stage's metrics file,
+    after checking that the file scored this training run's adapter (run id and adapter content hash):
+    registering one model with another's scores could promote the worse one."""
+    from visiontune.data.io import hash_tree
+
+    if not metrics_path.exists():
+        raise FileNotFoundError(f"{metrics_path} not found: run the evaluate stage first (`visiontune evaluate`)")
+    scores = json.loads(metrics_path.read_text())
+    scored = (scores.get("mlflow_run_id"), scores.get("adapter_sha256"))
+    expected = (run.get("mlflow_run_id"), hash_tree([adapter_dir]))
+    if scored != expected:
+        raise ValueError(
+            f"{metrics_path} scored run {scored[0]} / adapter {str(scored[1])[:12]}, but the model to register is run "
+            f"{expected[0]} / adapter {expected[1][:12]} ({adapter_dir}): re-run `visiontune evaluate` for this adapter")
+    metric = scores.get("primary_metric")
+    if metric not in METRICS:
+        raise ValueError(f"{metrics_path}: primary_metric={metric!r} is not one of {', '.join(METRICS)}; "
+                         "re-run `visiontune evaluate` (eval.primary_metric)")
+    finetuned = scores.get("finetuned") or {}
+    if metric not in finetuned:
+        raise ValueError(f"{metrics_path} has no finetuned.{metric} (has {sorted(finetuned)}): re-run `visiontune evaluate`")
+    return metric, float(finetuned[metric]), finetuned
+
+
+def _log_model(cfg: Any, run: dict[str, Any], adapter_dir: Path, base: str) -> tuple[Any, list[str]]:
+    """Log the pyfunc (base + adapter, as code) into the training run: (MLflow's ModelInfo, artifact names)."""
+    import mlflow
+    import pandas as pd
+
+    from visiontune.pipeline.pyfunc import ADAPTER_ARTIFACT, BASE_MODEL_ARTIFACT, example_image_b64, model_signature
+
+    r, im = cfg.register, cfg.images
+    log_base_model, with_example = r.log_base_model, r.input_example  # read always: the params list is path-free
+    artifacts = {ADAPTER_ARTIFACT: str(adapter_dir.resolve())}
+    if Path(base).is_dir() and log_base_model:
+        artifacts[BASE_MODEL_ARTIFACT] = str(Path(base).resolve())
+    rule = ImageRule(resize=im.resize, resize_dimension=im.resize_dimension, snap_to_patch_size=im.snap_to_patch_size)
+    instruction = run.get("instruction")
+    model_config = {"base_model": base, "max_new_tokens": int(r.max_new_tokens), "batch_size": int(r.batch_size),
+                    **dataclasses.asdict(rule), "dtype": cfg.model.dtype, "instruction": instruction}
+    input_example = None
+    if with_example:
+        input_example = pd.DataFrame({"image": [example_image_b64()], "prompt": [instruction or "Describe the image."]})
+    package_dir = Path(__file__).resolve().parents[1]  # the visiontune package: the model loads without an install
+    with mlflow.start_run(run_id=run["mlflow_run_id"]):
+        info = mlflow.pyfunc.log_model(
+            name=r.artifact_name, python_model=str(MODEL_CODE), artifacts=artifacts, model_config=model_config,
+            signature=model_signature(r.max_new_tokens), input_example=input_example,
+            pip_requirements=_requirements(), code_paths=[str(package_dir)],
+        )
+    return info, sorted(artifacts)
+
+
+def _record_decision(client: Any, record: dict[str, Any], promotions_log: Path) -> None:
+    """Version tags, the run's decision.json and the local promotions log; the alias moves last."""
+    name, version, run_id = record["model_name"], record["version"], record["run_id"]
+    tags = {
+        "decision": record["decision"], "decision_reason": record["reason"], "decision_metric": record["metric"],
+        "decision_value": str(record["value"]), "decision_champion_version": str(record["champion_version"]),
+        "decision_champion_value": str(record["champion_value"]), "decision_margin": str(record["margin"]),
+        "decision_time": record["timestamp"], "git_commit": record["git_commit"],
+    }
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+    client.log_dict(run_id, record, "register/decision.json")
+    client.set_tag(run_id, "registered_model", f"{name}/{version}")
+    client.set_tag(run_id, "promotion_decision", record["decision"])
+    client.set_registered_model_alias(name, record["decision"], version)  # act only once the decision is on record
+    promotions_log.parent.mkdir(parents=True, exist_ok=True)
+    with promotions_log.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+
 def register_stage(cfg: Any) -> dict[str, Any]:
     """``visiontune register``: log + register the fine-tuned model; move ``champion`` or set ``challenger``.
 
     Returns the decision record (also written to the version's tags, the run and the promotions log).
     """
     import mlflow
-    import pandas as pd
     from mlflow import MlflowClient
 
-    from visiontune.pipeline.pyfunc import ADAPTER_ARTIFACT, BASE_MODEL_ARTIFACT, example_image_b64, model_signature
+    from visiontune.pipeline.pyfunc import BASE_MODEL_ARTIFACT
 
-    r, e = cfg.register, cfg.eval
-    metric = e.primary_metric
-    margin = float(r.promotion_margin)
-    # Settings read only on some paths are read here, always: DVC's params list must not depend on the path.
-    configured_uri, configured_base, instruction = r.tracking_uri, cfg.model.name_or_path, cfg.data.instruction
-    log_base_model, with_example = r.log_base_model, r.input_example
-    if metric not in METRICS:
-        raise ValueError(f"eval.primary_metric={metric!r}: choose one of {', '.join(METRICS)}")
+    r = cfg.register
+    margin, promotions_log = float(r.promotion_margin), Path(r.promotions_log)
+    configured_uri, configured_base = cfg.tracking.uri, cfg.model.name_or_path
     run = read_run_file(cfg.train.output_dir)
-    metrics_path = Path(e.metrics_file)
-    if not metrics_path.exists():
-        raise FileNotFoundError(f"{metrics_path} not found: run the evaluate stage first (`visiontune evaluate`)")
-    scores = json.loads(metrics_path.read_text())
-    finetuned = scores.get("finetuned") or {}
-    if metric not in finetuned:
-        raise ValueError(f"{metrics_path} has no finetuned.{metric} (has {sorted(finetuned)}): re-run `visiontune evaluate`")
-    value = float(finetuned[metric])
-
-    adapter_dir = Path(run.get("adapter_dir") or Path(cfg.train.output_dir) / "adapter")
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise FileNotFoundError(f"no PEFT adapter in {adapter_dir} (adapter_config.json missing): re-run `visiontune train`")
+    adapter_dir = trained_adapter(run, cfg.train.output_dir)
+    metric, value, finetuned = read_scores(Path(cfg.eval.metrics_file), run, adapter_dir)
     base = str(run.get("base_model") or configured_base)
-    artifacts = {ADAPTER_ARTIFACT: str(adapter_dir.resolve())}
-    base_is_dir = Path(base).is_dir()
-    if base_is_dir and log_base_model:
-        artifacts[BASE_MODEL_ARTIFACT] = str(Path(base).resolve())
-    model_config = {
-        "base_model": base, "max_new_tokens": int(r.max_new_tokens), "batch_size": int(e.batch_size),
-        "resize": cfg.collator.resize, "resize_dimension": cfg.collator.resize_dimension,
-        "snap_to_patch_size": bool(cfg.collator.snap_to_patch_size), "dtype": cfg.model.dtype,
-    }
-    input_example = None
-    if with_example:
-        input_example = pd.DataFrame({"image": [example_image_b64()], "prompt": [instruction]})
 
     uri = run.get("tracking_uri") or resolve_tracking_uri(configured_uri)  # the store the training run lives in
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient()
     run_id = run["mlflow_run_id"]
-    package_dir = Path(__file__).resolve().parents[1]  # the visiontune package: the model loads without an install
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name=r.artifact_name, python_model=str(MODEL_CODE), artifacts=artifacts, model_config=model_config,
-            signature=model_signature(r.max_new_tokens), input_example=input_example,
-            pip_requirements=_requirements(), code_paths=[str(package_dir)],
-        )
+    info, logged = _log_model(cfg, run, adapter_dir, base)
     eval_tags = {f"eval_{k}": str(v) for k, v in finetuned.items() if k in METRICS}
-    mv = mlflow.register_model(info.model_uri, r.model_name, tags={"run_id": run_id, **eval_tags})
-    version = str(mv.version)
+    version = str(mlflow.register_model(info.model_uri, r.model_name, tags={"run_id": run_id, **eval_tags}).version)
 
     champ_mv, champ_value = _champion(client, r.model_name, metric)
     if champ_mv is not None and str(champ_mv.version) == version:  # cannot happen for a fresh version; be safe
@@ -213,31 +245,15 @@ def register_stage(cfg: Any) -> dict[str, Any]:
     decision, reason = decide(value, champ_value, metric, margin)
     if champ_mv is not None and champ_value is None:
         decision, reason = CHAMPION, f"current champion v{champ_mv.version} has no {metric} recorded: replaced"
-
     record = {
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model_name": r.model_name, "version": version, "decision": decision, "alias": decision, "reason": reason,
         "metric": metric, "value": value, "champion_version": None if champ_mv is None else str(champ_mv.version),
         "champion_value": champ_value, "margin": margin, "run_id": run_id, "model_uri": info.model_uri,
         "registered_uri": f"models:/{r.model_name}/{version}", "tracking_uri": uri, "git_commit": git_commit(),
-        "base_model": base, "base_model_logged": BASE_MODEL_ARTIFACT in artifacts,
+        "base_model": base, "base_model_logged": BASE_MODEL_ARTIFACT in logged,
     }
-    tags = {
-        "decision": decision, "decision_reason": reason, "decision_metric": metric, "decision_value": str(value),
-        "decision_champion_version": str(record["champion_version"]), "decision_champion_value": str(champ_value),
-        "decision_margin": str(margin), "decision_time": record["timestamp"], "git_commit": record["git_commit"],
-    }
-    for k, v in tags.items():
-        client.set_model_version_tag(r.model_name, version, k, v)
-    client.log_dict(run_id, record, "register/decision.json")
-    client.set_tag(run_id, "registered_model", f"{r.model_name}/{version}")
-    client.set_tag(run_id, "promotion_decision", decision)
-    client.set_registered_model_alias(r.model_name, decision, version)  # act only once the decision is on record
-
-    log_path = Path(r.promotions_log)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, sort_keys=True) + "\n")
+    _record_decision(client, record, promotions_log)
     record["prefect_artifact"] = _prefect_artifact(record)
     log.info("registered %s v%s as %s: %s", r.model_name, version, decision, reason)
     return record

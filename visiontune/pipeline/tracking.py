@@ -2,7 +2,7 @@
 
 The default store is embedded: a SQLite database (the model registry needs a database backend) and an
 artifact folder under ``mlflow/`` at the repository root. ``MLFLOW_TRACKING_URI`` (or
-``register.tracking_uri``) points everything at a real tracking server instead, unchanged.
+``tracking.uri``) points everything at a real tracking server instead, unchanged.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def default_store(root: Optional[Path] = None) -> tuple[str, str]:
 
 
 def resolve_tracking_uri(configured: Optional[str]) -> str:
-    """``register.tracking_uri`` if set, else ``$MLFLOW_TRACKING_URI``, else the embedded store."""
+    """``tracking.uri`` if set, else ``$MLFLOW_TRACKING_URI``, else the embedded store."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_store()[0]
 
 

@@ -11,14 +11,13 @@ would leave image tokens in the labels and cannot do assistant-only loss for VLM
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -28,23 +27,6 @@ from visiontune.pipeline import tracking
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
-
-# Settings this stage reads (dvc.yaml's `params` for the train stage lists exactly these; a test checks).
-PARAMS = (
-    "data.work_dir",
-    "model.name_or_path", "model.tiny_architecture", "model.tiny_size", "model.max_seq_length", "model.dtype", "model.load_in_4bit",
-    "model.use_gradient_checkpointing", "model.use_fused_kernels",
-    "lora.finetune_vision_layers", "lora.finetune_language_layers", "lora.finetune_attention_modules",
-    "lora.finetune_mlp_modules", "lora.r", "lora.lora_alpha", "lora.lora_dropout", "lora.use_rslora",
-    "lora.target_modules", "lora.modules_to_save",
-    "collator.resize", "collator.resize_dimension", "collator.snap_to_patch_size", "collator.train_on_responses_only",
-    "collator.completion_only_loss", "collator.pad_to_multiple_of", "collator.padding_free",
-    "train.output_dir", "train.learning_rate", "train.warmup_steps", "train.max_steps", "train.num_train_epochs",
-    "train.per_device_train_batch_size", "train.gradient_accumulation_steps", "train.weight_decay",
-    "train.max_grad_norm", "train.save_steps", "train.logging_steps", "train.seed",
-    "register.tracking_uri", "register.experiment",
-)
-
 
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     """The newest *complete* ``checkpoint-N`` folder (one whose trainer_state.json was written), or None.
@@ -72,33 +54,7 @@ class _CountingCollator:
         return batch
 
 
-class _IndexDataset(torch.utils.data.Dataset):
-    """A plain list of conversations as a map-style dataset (multi-image rows need not go through Arrow)."""
-
-    def __init__(self, rows: Sequence[dict]):
-        self.rows = list(rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.rows[i]
-
-
-def as_train_dataset(data: Any) -> Any:
-    """TRL's SFTTrainer rejects plain lists; wrap them (Arrow datasets pass through unchanged)."""
-    if isinstance(data, (list, tuple)):
-        from datasets import Dataset
-
-        # An index column is all Arrow sees; the rows themselves stay Python objects.
-        rows = list(data)
-        ds = Dataset.from_dict({"_vt_index": list(range(len(rows)))})
-        ds._vt_rows = rows  # type: ignore[attr-defined]
-        return ds
-    return data
-
-
-def _make_callbacks(counter: _CountingCollator, cfg: PipelineConfig, mlflow_active: bool) -> list:
+def _make_callbacks(counter: _CountingCollator, mlflow_active: bool) -> list:
     from transformers import TrainerCallback
     from transformers.trainer_callback import ProgressCallback
 
@@ -180,7 +136,7 @@ def build_model(cfg: PipelineConfig) -> tuple[Any, Any]:
     from visiontune.testing import ensure_tiny_model
 
     m, lo = cfg.model, cfg.lora
-    ensure_tiny_model(m.name_or_path, m.tiny_architecture, seed=cfg.train.seed, size=m.tiny_size)
+    ensure_tiny_model(m.name_or_path, m.tiny_architecture, seed=m.tiny_seed, size=m.tiny_size)
     model, processor = FastVisionModel.from_pretrained(
         m.name_or_path, max_seq_length=m.max_seq_length, dtype=m.dtype, load_in_4bit=m.load_in_4bit,
         use_gradient_checkpointing=m.use_gradient_checkpointing, use_fused_kernels=m.use_fused_kernels,
@@ -198,26 +154,13 @@ def build_model(cfg: PipelineConfig) -> tuple[Any, Any]:
 def build_collator(cfg: PipelineConfig, model: Any, processor: Any) -> Any:
     from visiontune.collator import VisionDataCollator
 
-    c = cfg.collator
+    c, im = cfg.collator, cfg.images
     return VisionDataCollator(
-        model, processor, max_seq_length=cfg.model.max_seq_length, resize=c.resize, resize_dimension=c.resize_dimension,
-        snap_to_patch_size=c.snap_to_patch_size, train_on_responses_only=c.train_on_responses_only,
+        model, processor, max_seq_length=cfg.model.max_seq_length, resize=im.resize, resize_dimension=im.resize_dimension,
+        snap_to_patch_size=im.snap_to_patch_size, train_on_responses_only=c.train_on_responses_only,
         completion_only_loss=c.completion_only_loss, pad_to_multiple_of=c.pad_to_multiple_of,
         padding_free=c.padding_free,
     )
-
-
-def load_split(cfg: PipelineConfig, split: str) -> Any:
-    """One split of the conversation dataset the convert stage saved under ``<data.work_dir>/dataset``."""
-    from datasets import load_from_disk
-
-    path = Path(cfg.data.work_dir) / "dataset"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the data stages first (`visiontune convert`, or `dvc repro convert`)")
-    dsd = load_from_disk(str(path))
-    if split not in dsd:
-        raise ValueError(f"{path} has splits {list(dsd)}, not {split!r}")
-    return dsd[split]
 
 
 def plot_loss(history: list[dict], out: Path) -> Path:
@@ -254,6 +197,8 @@ def train(cfg: PipelineConfig, train_data: Any, output_dir: Path, mlflow_active:
     """
     from trl import SFTTrainer
 
+    from visiontune.trainer import as_train_dataset
+
     model, processor = build_model(cfg)
     collator = build_collator(cfg, model, processor)
     data = as_train_dataset(train_data)
@@ -262,7 +207,7 @@ def train(cfg: PipelineConfig, train_data: Any, output_dir: Path, mlflow_active:
     counter = _CountingCollator(base_collate)
     trainer = SFTTrainer(model=model, args=_sft_config(cfg, output_dir), data_collator=counter,
                          train_dataset=data, processing_class=processor,
-                         callbacks=_make_callbacks(counter, cfg, mlflow_active))
+                         callbacks=_make_callbacks(counter, mlflow_active))
     trainer.remove_callback(__import__("transformers").trainer_callback.PrinterCallback)
     resume = latest_checkpoint(output_dir)
     if resume:
@@ -282,29 +227,12 @@ def train(cfg: PipelineConfig, train_data: Any, output_dir: Path, mlflow_active:
     }
 
 
-def run_fingerprint(cfg: PipelineConfig) -> str:
-    """Hash of the settings this stage reads and of the training data: a checkpoint is resumable only
-    by a run with the same fingerprint."""
-    from visiontune.data.io import hash_tree
+def _resumable_run(output_dir: Path, fingerprint: str) -> Optional[str]:
+    """The MLflow run id to continue, if ``output_dir`` holds an unfinished run with the same fingerprint.
 
-    h = hashlib.sha256(json.dumps({k: cfg.get(k) for k in PARAMS}, sort_keys=True, default=str).encode())
-    h.update(hash_tree([Path(cfg.data.work_dir) / "dataset"]).encode())
-    return h.hexdigest()
-
-
-def train_stage(cfg: PipelineConfig) -> dict[str, Any]:
-    """CLI / DVC / Prefect entry: train on the train split, tracked in MLflow, resumable."""
-    import mlflow
-
-    from visiontune.config import to_yaml
-
-    output_dir = Path(cfg.train.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    train_data = load_split(cfg, "train")
-    experiment_id = tracking.setup_mlflow(cfg.register.tracking_uri, cfg.register.experiment)
-    # Resume only an unfinished run of the same settings and data; checkpoints of a finished or a
-    # differently configured run are stale (its adapter is already in MLflow) and are cleared.
-    fingerprint = run_fingerprint(cfg)
+    Checkpoints of a finished or a differently configured run are stale (its adapter is already in
+    MLflow) and are cleared.
+    """
     previous = None
     if (output_dir / tracking.RUN_FILE).exists():
         old = tracking.read_run_file(output_dir)
@@ -313,11 +241,46 @@ def train_stage(cfg: PipelineConfig) -> dict[str, Any]:
     if previous is None:
         for stale in output_dir.glob("checkpoint-*"):
             shutil.rmtree(stale)
+    return previous
+
+
+def _log_outputs(cfg: PipelineConfig, output_dir: Path, history: list[dict], adapter_dir: str) -> None:
+    """Loss curve (PNG for MLflow, JSON for DVC plots), resolved config and adapter into the run."""
+    import mlflow
+
+    from visiontune.config import to_yaml
+
+    curve = plot_loss(history, output_dir / "loss_curve.png")
+    (output_dir / "resolved_config.yaml").write_text(to_yaml(cfg))
+    mlflow.log_artifact(str(curve))
+    mlflow.log_artifact(str(output_dir / "resolved_config.yaml"))
+    mlflow.log_artifacts(adapter_dir, artifact_path=ADAPTER_DIR)
+    (output_dir / "loss.json").write_text(json.dumps(
+        [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h], indent=1))
+
+
+def train_stage(cfg: PipelineConfig) -> dict[str, Any]:
+    """CLI / DVC / Prefect entry: train on the train split, tracked in MLflow, resumable."""
+    import mlflow
+
+    from visiontune import stages
+    from visiontune.data.convert import load_split, read_dataset_meta
+
+    output_dir = Path(cfg.train.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    dataset_dir = Path(cfg.data.work_dir) / "dataset"
+    train_data = load_split(Path(cfg.data.work_dir) / "dataset", "train")
+    experiment_id = tracking.setup_mlflow(cfg.tracking.uri, cfg.tracking.experiment)
+    # Resume only an unfinished run of the same code, settings and data (the stage's registry fingerprint,
+    # the same value that keys the Prefect cache).
+    fingerprint = stages.fingerprint("train", cfg)
+    previous = _resumable_run(output_dir, fingerprint)
     with mlflow.start_run(run_id=previous, experiment_id=None if previous else experiment_id,
                           log_system_metrics=True) as run:
         record = {"mlflow_run_id": run.info.run_id, "tracking_uri": mlflow.get_tracking_uri(),
                   "experiment_id": run.info.experiment_id, "base_model": cfg.model.name_or_path,
-                  "adapter_dir": str(output_dir / ADAPTER_DIR), "status": "running", "fingerprint": fingerprint}
+                  "adapter_dir": str(output_dir / ADAPTER_DIR), "status": "running", "fingerprint": fingerprint,
+                  "instruction": read_dataset_meta(dataset_dir).get("instruction")}
         tracking.write_run_file(output_dir, record)
         if previous is None:
             mlflow.log_params({k: str(v)[:500] for k, v in cfg.flat().items()})
@@ -325,15 +288,7 @@ def train_stage(cfg: PipelineConfig) -> dict[str, Any]:
                              "base_model": cfg.model.name_or_path, "visiontune.stage": "train",
                              "train_samples": str(len(train_data))})
         result = train(cfg, train_data, output_dir)
-        history = result.pop("history")
-        curve = plot_loss(history, output_dir / "loss_curve.png")
-        (output_dir / "resolved_config.yaml").write_text(to_yaml(cfg))
-        mlflow.log_artifact(str(curve))
-        mlflow.log_artifact(str(output_dir / "resolved_config.yaml"))
-        mlflow.log_artifacts(result["adapter_dir"], artifact_path=ADAPTER_DIR)
-        # dvc plots data: one row per logged step
-        (output_dir / "loss.json").write_text(json.dumps(
-            [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h], indent=1))
+        _log_outputs(cfg, output_dir, result.pop("history"), result["adapter_dir"])
         record.update({k: v for k, v in result.items() if k != "adapter_dir"})
         record["status"] = "finished"
         tracking.write_run_file(output_dir, record)

@@ -2,9 +2,11 @@
 
 For LoRA, full recomputation costs a whole extra forward: backward of a frozen-base model is about one
 forward (activation grads only, no weight grads), so ``fwd + recompute + bwd`` is 3 units of work
-instead of 2 (+50%). The engine therefore stores activations for as many layers as the memory budget
+instead of 2 (+50%). visiontune therefore stores activations for as many layers as the memory budget
 allows and only checkpoints (or offloads to pinned CPU memory) the rest. This module is the small
-utility that wraps chosen modules' ``forward`` reversibly.
+utility that wraps chosen modules' ``forward`` reversibly; ``FastVisionModel``'s
+``use_gradient_checkpointing`` drives it. Plain torch, no Triton: it works with or without the fused
+kernels (whose patched MLPs read :func:`replaying`).
 
 Three modes per wrapped module:
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from visiontune.kernels.checkpoint import checkpoint_modules
+from visiontune.models.checkpointing import checkpoint_modules
 
 
 def _model():
@@ -134,7 +134,7 @@ def test_checkpoint_rejects_unknown_mode():
 def test_checkpoint_fraction_picks_layer_stacks():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from visiontune.kernels.checkpoint import checkpoint_fraction, layer_stacks
+    from visiontune.models.checkpointing import checkpoint_fraction, layer_stacks
 
     cfg = Qwen2_5_VLConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                             num_attention_heads=2, num_key_value_heads=1, vocab_size=64),
@@ -185,7 +185,7 @@ def test_recompute_offload_gpu_frees_layer_inputs_same_grads():
 @pytest.mark.parametrize("mode", ["recompute", "recompute_offload"])
 def test_replaying_is_true_only_inside_the_backward_recomputation(mode):
     """The patched MLPs read replaying() to skip their own gate/up recompute inside a replayed layer."""
-    from visiontune.kernels.checkpoint import replaying
+    from visiontune.models.checkpointing import replaying
 
     seen: list[bool] = []
 

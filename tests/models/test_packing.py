@@ -1,7 +1,7 @@
 import torch
 
 from visiontune.kernels.attention import varlen_attention, varlen_attention_reference
-from visiontune.kernels.packing import pack_padded_batch, unpack_to_padded
+from visiontune.models.packing import pack_padded_batch, unpack_to_padded
 
 
 def test_pack_right_and_left_padding():

@@ -1,0 +1,89 @@
+"""Prefect tasks for the pipeline stages, one per entry of the stage registry (:mod:`visiontune.stages`).
+
+Each task is a thin wrapper: it calls the stage's function (the same one ``dvc.yaml`` runs through the
+CLI), then publishes the stage's Prefect artifacts if it has a ``report``. Nothing here is specific to
+one stage; a new stage gets its task from its registry entry.
+
+Caching is keyed on content, not on the flow run: the key is :func:`visiontune.stages.fingerprint`
+(the stage's code as computed from its imports, the values of exactly the settings it reads, the
+content of its inputs, where it writes). An unchanged dataset and config reuse the result; editing a
+caption, a setting or a module a stage imports re-runs exactly the stages DVC would re-run. (If you
+delete a stage's outputs by hand, run with ``refresh_cache=True``; the stages are idempotent.)
+
+Retries: a stage with ``retry_any`` (train) retries any failure, since a crashed run resumes from its
+newest checkpoint; the others retry only transient I/O errors (an ``OSError`` other than a missing file
+or a permission problem, e.g. a network filesystem hiccup): retrying cannot fix a bad configuration.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Optional
+
+from prefect import Task, task
+
+from visiontune import stages
+from visiontune.config import PipelineConfig
+
+_NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def retry_on_transient_io(task_: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry OSErrors that are not 'missing' or 'forbidden'."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            state.result(raise_on_failure=True)
+        except BaseException as e:  # noqa: BLE001 - we only classify it
+            exc = e
+    return isinstance(exc, OSError) and not isinstance(exc, _NOT_TRANSIENT)
+
+
+def stage_cache_key(stage: str, cfg: PipelineConfig) -> str:
+    """The Prefect cache key of ``stage`` for ``cfg`` (its registry fingerprint)."""
+    return f"visiontune-{stage}-{stages.fingerprint(stage, cfg)}"
+
+
+def _key_fn(name: str) -> Callable[[Any, dict[str, Any]], Optional[str]]:
+    def key(context: Any, parameters: dict[str, Any]) -> Optional[str]:
+        return stage_cache_key(name, parameters["cfg"])
+
+    key.__name__ = f"{name.replace('-', '_')}_cache_key"
+    return key
+
+
+def _in_run() -> bool:
+    from prefect.context import get_run_context
+    from prefect.exceptions import MissingContextError
+
+    try:
+        get_run_context()
+    except MissingContextError:
+        return False
+    return True
+
+
+def _report(stage: stages.Stage, result: Any, cfg: PipelineConfig) -> None:
+    """The stage's Prefect artifacts; only inside a flow or task run (``task.fn(cfg)`` runs the bare function)."""
+    if stage.report and _in_run():
+        module, func = stage.report.split(":")
+        getattr(importlib.import_module(module), func)(result, cfg)
+
+
+def make_task(stage: stages.Stage) -> Task:
+    """The Prefect task of one registry stage."""
+    run = stage.function()
+
+    def call(cfg: PipelineConfig) -> dict[str, Any]:
+        result = run(cfg)
+        _report(stage, result, cfg)
+        return result
+
+    call.__name__ = f"{stage.name.replace('-', '_')}_task"
+    call.__doc__ = f"{stage.help} (Prefect task over {stage.entry})."
+    retry = {} if stage.retry_any else {"retry_condition_fn": retry_on_transient_io}
+    return task(call, name=stage.name, cache_key_fn=_key_fn(stage.name), retries=stage.retries,
+                retry_delay_seconds=2, persist_result=True, **retry)
+
+
+TASKS: dict[str, Task] = {s.name: make_task(s) for s in stages.pipeline()}

@@ -1,0 +1,193 @@
+"""visiontune.trainer: Unsloth's vision training idiom on TRL 1.x, through TRL's names and through ours."""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+import trl
+from transformers import TextStreamer
+
+import visiontune
+from visiontune import FastVisionModel
+from visiontune import trainer as vt_trainer
+from visiontune.models.state import vision_state
+from visiontune.testing import ARCHITECTURES
+from visiontune.trainer import UnslothVisionDataCollator, as_train_dataset
+
+
+def _rows(n: int = 8) -> list[dict]:
+    """Unsloth's `converted_dataset`: a plain list of {"messages": [...]}, one image per conversation."""
+    img = Image.new("RGB", (64, 64), "red")
+    return [{"messages": [
+        {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red red red"}]},
+    ]} for _ in range(n)]
+
+
+def _unsloth_idiom(SFTTrainer, SFTConfig, model, tokenizer, converted_dataset, **config):  # noqa: N803
+    """The Unsloth vision page's training cell as written, with `config` replacing some of its settings."""
+    settings = dict(per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=30,
+                    learning_rate=2e-4, optim="adamw_8bit", remove_unused_columns=False,
+                    dataset_text_field="", dataset_kwargs={"skip_prepare_dataset": True},
+                    max_seq_length=2048, report_to="none")
+    trainer = SFTTrainer(model=model, tokenizer=tokenizer,
+                         data_collator=UnslothVisionDataCollator(model, tokenizer),
+                         train_dataset=converted_dataset,
+                         args=SFTConfig(**{**settings, **config}))
+    trainer.train()
+    return trainer
+
+
+def _losses(trainer) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _checkpointing(args) -> bool:
+    """transformers' activation checkpointing in force (5.2x: activation_checkpointing; before: gradient_)."""
+    return bool(getattr(args, "activation_checkpointing", args.gradient_checkpointing))
+
+
+def _peft_model(path: str):
+    model, tokenizer = FastVisionModel.from_pretrained(path)
+    return FastVisionModel.get_peft_model(model, r=16, lora_alpha=16), tokenizer
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_unsloth_idiom_with_trl_names_trains_generates_and_trains_again(arch, tiny_model_dir, tmp_path, monkeypatch,
+                                                                       capsys):
+    monkeypatch.chdir(tmp_path)  # the idiom gives no output_dir: TRL writes under ./trainer_output
+    model, tokenizer = _peft_model(tiny_model_dir(arch))
+    trainer = _unsloth_idiom(trl.SFTTrainer, trl.SFTConfig, model, tokenizer, _rows(),
+                             max_steps=6, gradient_accumulation_steps=1, learning_rate=1e-2, logging_steps=1)
+    assert isinstance(trainer, trl.SFTTrainer) and isinstance(trainer.args, trl.SFTConfig)
+    assert trainer.args.max_length == 2048 and trainer.args.bf16 is (torch.cuda.is_available()
+                                                                       and torch.cuda.is_bf16_supported())
+    first = _losses(trainer)
+    assert len(first) == 6 and first[-1] < 0.5 * first[0], first
+
+    FastVisionModel.for_inference(model)
+    image = Image.new("RGB", (64, 64), "red")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
+    input_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = tokenizer(image, input_text, add_special_tokens=False, return_tensors="pt").to(model.device)
+    capsys.readouterr()
+    out = model.generate(**inputs, streamer=TextStreamer(tokenizer, skip_prompt=True), max_new_tokens=8)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    assert 1 <= len(new) <= 8
+    assert capsys.readouterr().out.strip() == tokenizer.decode(new).strip()
+
+    FastVisionModel.for_training(model)
+    trainer.args.max_steps = 2
+    trainer.train()  # a new run: the log history starts again
+    again = _losses(trainer)
+    assert len(again) == 2 and all(math.isfinite(x) for x in again)
+    assert again[0] < 0.5 * first[0]  # training went on from the trained adapter
+
+
+def test_unsloth_idiom_with_visiontune_names(tiny_model_dir, tmp_path, monkeypatch):
+    from visiontune import SFTConfig, SFTTrainer
+
+    monkeypatch.chdir(tmp_path)
+    model, tokenizer = _peft_model(tiny_model_dir("mllama"))
+    trainer = _unsloth_idiom(SFTTrainer, SFTConfig, model, tokenizer, _rows(), max_steps=3, learning_rate=1e-2,
+                             logging_steps=1)  # gradient_accumulation_steps=4, as on the page
+    assert type(trainer) is SFTTrainer and type(trainer.args) is SFTConfig
+    losses = _losses(trainer)
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_visiontune_trainer_defaults_need_only_model_data_and_steps(tiny_model_dir, tmp_path):
+    """Processor from the model, VisionDataCollator, VLM settings; list eval data shares the collator."""
+    from visiontune import SFTConfig, SFTTrainer, VisionDataCollator
+
+    model, _ = _peft_model(tiny_model_dir("qwen2_5_vl"))
+    rows = _rows(4)
+    trainer = SFTTrainer(model, SFTConfig(output_dir=str(tmp_path), max_steps=2, logging_steps=1, learning_rate=1e-2),
+                         train_dataset=rows, eval_dataset={"held_out": rows[:2]})
+    assert isinstance(trainer.data_collator.collator, VisionDataCollator)
+    assert trainer.processing_class is vision_state(model).processor
+    assert trainer.data_collator.dropped == 0  # attributes of the collator read through the list wrapper
+    trainer.train()
+    assert math.isfinite(trainer.evaluate()["eval_held_out_loss"])
+
+
+def test_calls_trl_accepts_run_trl_unchanged(tmp_path):
+    args = trl.SFTConfig(output_dir=str(tmp_path), bf16=False, max_length=512)
+    assert type(args) is trl.SFTConfig
+    assert (args.remove_unused_columns, _checkpointing(args), args.dataset_kwargs) == (True, True, None)
+    assert "__init__" not in vars(trl.SFTConfig) or trl.SFTConfig.__init__.__qualname__ == "SFTConfig.__init__"
+    assert "__init__" in vars(trl.SFTTrainer) and trl.SFTTrainer.__init__.__module__ == "trl.trainer.sft_trainer"
+    for clone in (copy.deepcopy(args), pickle.loads(pickle.dumps(args))):
+        assert type(clone) is trl.SFTConfig and clone.max_length == 512
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="bf16"):  # TRL's bf16 default on a CPU-only machine: still TRL's error
+            trl.SFTConfig(output_dir=str(tmp_path))
+
+    class Mine(trl.SFTConfig):  # subclasses of TRL's classes are never redirected
+        pass
+
+    with pytest.raises(TypeError, match="max_seq_length"):
+        Mine(output_dir=str(tmp_path), bf16=False, max_seq_length=512)
+
+
+def test_refused_config_call_gets_visiontune_defaults(tmp_path):
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_seq_length=512)
+    assert type(args) is vt_trainer.SFTConfig and isinstance(args, trl.SFTConfig)
+    assert (args.max_length, args.max_seq_length) == (512, 512)
+    assert args.remove_unused_columns is False and args.dataset_kwargs == {"skip_prepare_dataset": True}
+    assert not _checkpointing(args)
+    assert pickle.loads(pickle.dumps(args)).max_length == 512
+    assert visiontune.SFTConfig(output_dir=str(tmp_path), max_length=300).max_seq_length == 300
+    with pytest.raises(ValueError, match="pass one of them"):
+        visiontune.SFTConfig(output_dir=str(tmp_path), max_seq_length=512, max_length=256)
+
+
+def test_trainer_dispatch(tiny_model_dir, tmp_path, caplog):
+    from datasets import Dataset
+
+    model, processor = _peft_model(tiny_model_dir("gemma3"))  # FastVisionModel's checkpointing installed
+
+    def args():  # TRL's own config with TRL's gradient_checkpointing=True
+        return trl.SFTConfig(output_dir=str(tmp_path), bf16=False, remove_unused_columns=False, max_length=None,
+                             dataset_kwargs={"skip_prepare_dataset": True})
+
+    collator = UnslothVisionDataCollator(model, processor)
+    arrow = Dataset.from_dict({"n": [1, 2]})
+    trl_own = trl.SFTTrainer(model, args(), collator, arrow, processing_class=processor)
+    assert type(trl_own) is trl.SFTTrainer and _checkpointing(trl_own.args)
+    ours = trl.SFTTrainer(model, args(), collator, _rows(2), processing_class=processor)
+    assert type(ours) is vt_trainer.SFTTrainer and not _checkpointing(ours.args)
+    assert "recompute every layer twice" in caplog.text
+    assert type(trl.SFTTrainer(model, args(), collator, arrow, tokenizer=processor)) is vt_trainer.SFTTrainer
+    with pytest.raises(TypeError, match="pass one of them"):
+        trl.SFTTrainer(model, args(), collator, arrow, processing_class=processor, tokenizer=processor.tokenizer)
+
+
+def test_8bit_optimizer_falls_back_with_one_warning_where_bitsandbytes_cannot_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(vt_trainer, "bnb_adamw_unusable", lambda device, bits, paged: "no bitsandbytes build here")
+    with pytest.warns(UserWarning, match="optim='adamw_torch' instead") as caught:
+        args = trl.SFTConfig(output_dir=str(tmp_path), optim="adamw_8bit", max_seq_length=64)
+    assert len([w for w in caught if "bitsandbytes" in str(w.message)]) == 1
+    assert args.optim == "adamw_torch"
+    monkeypatch.setattr(vt_trainer, "bnb_adamw_unusable", lambda device, bits, paged: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert visiontune.SFTConfig(output_dir=str(tmp_path), optim="paged_adamw_8bit").optim == "paged_adamw_8bit"
+
+
+def test_as_train_dataset_indexes_lists_and_passes_datasets_through():
+    from datasets import Dataset
+
+    rows = _rows(3)
+    ds = as_train_dataset(rows, start=5)
+    assert ds.column_names == [vt_trainer.INDEX_COLUMN] and ds[:][vt_trainer.INDEX_COLUMN] == [5, 6, 7]
+    assert ds._vt_rows == rows
+    arrow = Dataset.from_dict({"a": [1]})
+    assert as_train_dataset(arrow) is arrow

@@ -1,0 +1,295 @@
+"""TRL's SFTTrainer for vision-language models, and Unsloth's training idiom on TRL 1.x.
+
+Unsloth's vision notebooks train with ``SFTConfig(max_seq_length=...)``, ``SFTTrainer(tokenizer=...)`` and a
+plain Python list as ``train_dataset``. TRL 1.x refuses all three (``max_seq_length`` is now ``max_length``,
+``tokenizer`` is now ``processing_class``, and only ``datasets`` datasets are accepted). This module serves
+that code two ways:
+
+* :class:`SFTConfig` and :class:`SFTTrainer` subclass TRL's classes. They accept the old names and lists,
+  and default to what a vision-language model with :class:`~visiontune.collator.VisionDataCollator` needs
+  (the collator gets the rows as they are; precision and 8-bit optimizers fitted to the machine).
+* Importing this module lets ``from trl import SFTTrainer, SFTConfig`` take the same calls: a call that
+  TRL itself refuses (``trl.SFTConfig(max_seq_length=...)``, ``trl.SFTTrainer(tokenizer=...)`` or with a
+  list dataset) is served by this module's subclass, which is an instance of TRL's class. Every call TRL
+  accepts runs TRL's own code, unchanged; subclasses of TRL's classes are never redirected.
+
+``UnslothVisionDataCollator`` is :class:`~visiontune.collator.VisionDataCollator` under Unsloth's name.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import trl
+
+from visiontune.collator import VisionDataCollator
+from visiontune.models.state import vision_state
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SFTConfig", "SFTTrainer", "UnslothVisionDataCollator", "VisionDataCollator", "as_train_dataset"]
+
+UnslothVisionDataCollator = VisionDataCollator
+
+# The Arrow column that stands in for a list's rows (the rows themselves never go through Arrow).
+INDEX_COLUMN = "_vt_index"
+
+# bitsandbytes AdamW variants (transformers' `optim` names) -> (optimizer state bits, paged)
+_BNB_ADAMW = {"adamw_8bit": (8, False), "adamw_bnb_8bit": (8, False), "paged_adamw_8bit": (8, True),
+              "paged_adamw_32bit": (32, True)}
+
+
+def as_train_dataset(data: Any, start: int = 0) -> Any:
+    """TRL's SFTTrainer rejects plain lists; wrap them (Arrow datasets pass through unchanged).
+
+    A list becomes a ``datasets.Dataset`` with one column, ``_vt_index`` (``start``, ``start + 1``, ...);
+    the rows stay Python objects in its ``_vt_rows`` attribute (multi-image rows with PIL images need not
+    survive Arrow). The collator looks each row up by its index.
+    """
+    if isinstance(data, (list, tuple)):
+        from datasets import Dataset
+
+        rows = list(data)
+        ds = Dataset.from_dict({INDEX_COLUMN: list(range(start, start + len(rows)))})
+        ds._vt_rows = rows  # type: ignore[attr-defined]
+        return ds
+    return data
+
+
+class _ListRows:
+    """A collator in front of another: rows of list datasets, addressed by their index, go in as the rows.
+
+    Examples from an Arrow dataset (no index column) pass through unchanged, so a list ``train_dataset``
+    and an Arrow ``eval_dataset`` (or the reverse) share one collator, as the Trainer requires.
+    """
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+        self.rows: list[Any] = []
+
+    def index(self, data: Any) -> Any:
+        """``data`` as the Trainer can take it: a list becomes an index dataset over this table's rows."""
+        if not isinstance(data, (list, tuple)):
+            return data
+        ds = as_train_dataset(data, start=len(self.rows))
+        self.rows.extend(ds._vt_rows)
+        return ds
+
+    def __call__(self, examples: list[dict]) -> Any:
+        return self.collator([self.rows[e[INDEX_COLUMN]] if INDEX_COLUMN in e else e for e in examples])
+
+    def __getattr__(self, name: str) -> Any:  # `trainer.data_collator.dropped` etc. read the real collator
+        if name in ("collator", "rows"):
+            raise AttributeError(name)
+        return getattr(self.collator, name)
+
+
+@functools.lru_cache(maxsize=None)
+def bnb_adamw_unusable(device_type: str, bits: int, paged: bool) -> Optional[str]:
+    """Why bitsandbytes' ``bits``-bit (``paged``) AdamW cannot step on ``device_type``, or None if it can.
+
+    Found by one step on a 4096-element tensor (bitsandbytes keeps 8-bit state from that size on): what
+    runs depends on the installed build and device (0.50 has CPU kernels; other builds and Macs do not).
+    """
+    try:
+        import bitsandbytes as bnb
+    except Exception as e:  # not installed, or its native library does not load
+        return f"bitsandbytes does not import: {type(e).__name__}: {e}"
+    try:
+        p = torch.nn.Parameter(torch.zeros(4096, device=device_type))
+        p.grad = torch.ones_like(p)
+        bnb.optim.AdamW([p], lr=1e-3, optim_bits=bits, is_paged=paged).step()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def fit_optimizer(args: Any) -> None:
+    """Replace a bitsandbytes AdamW ``args.optim`` by ``"adamw_torch"`` (one warning) where it cannot run.
+
+    Same update rule; the optimizer state is 32-bit, i.e. about 6 more bytes per trainable parameter.
+    """
+    from transformers.training_args import OptimizerNames
+
+    name = str(getattr(args.optim, "value", args.optim))
+    if name not in _BNB_ADAMW:
+        return
+    device = args.device.type
+    why = bnb_adamw_unusable(device, *_BNB_ADAMW[name])
+    if why is None:
+        return
+    warnings.warn(
+        f"optim={name!r} needs bitsandbytes' AdamW on {device}, which does not run here ({why}); training with "
+        "optim='adamw_torch' instead (same update rule, 32-bit optimizer state). Install a bitsandbytes build "
+        f"for {device} to keep {name!r}, or set optim='adamw_torch' to silence this.", UserWarning, stacklevel=3)
+    args.optim = OptimizerNames.ADAMW_TORCH
+
+
+@dataclass
+class SFTConfig(trl.SFTConfig):
+    """TRL's ``SFTConfig`` with Unsloth's ``max_seq_length`` and defaults for vision-language models.
+
+    Differences from TRL's defaults (each only where you leave the setting out):
+
+    * ``max_seq_length``: the old name of ``max_length`` (either may be given; both only if equal).
+      ``max_length`` defaults to None: the collator's ``max_seq_length`` (the model's, from
+      ``FastVisionModel.from_pretrained``) decides truncation.
+    * ``remove_unused_columns=False``, ``dataset_text_field=""``,
+      ``dataset_kwargs={"skip_prepare_dataset": True}``: the collator gets every row as it is and does
+      tokenization, images and labels itself.
+    * transformers' activation checkpointing off (``gradient_checkpointing=None``, TRL: True; transformers
+      5.2x calls it ``activation_checkpointing``): ``FastVisionModel`` installs its own
+      (``use_gradient_checkpointing``), and transformers' on top of it would recompute every layer twice.
+    * ``bf16``/``fp16``: bf16 on GPUs that support it, fp16 on older GPUs, neither on CPU (TRL's bf16
+      default fails on a CPU-only machine).
+    * ``optim``: a bitsandbytes AdamW (``"adamw_8bit"``, ``"paged_adamw_8bit"``, ...) that cannot run on this
+      machine becomes ``"adamw_torch"``, with one warning.
+    """
+
+    max_seq_length: Optional[int] = field(
+        default=None, metadata={"help": "Unsloth's / TRL 0.x name of `max_length`; sets it."})
+    max_length: Optional[int] = field(
+        default=None, metadata={"help": "Longest sequence; None: the collator's max_seq_length decides."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "False: the collator gets whole rows (images, conversations)."})
+    dataset_text_field: str = field(default="", metadata={"help": "Unused: the collator renders conversations."})
+    dataset_kwargs: Optional[dict[str, Any]] = field(
+        default_factory=lambda: {"skip_prepare_dataset": True},
+        metadata={"help": "skip_prepare_dataset: the collator tokenizes; TRL does not prepare rows."})
+    gradient_checkpointing: Optional[bool] = field(
+        default=None, metadata={"help": "transformers' checkpointing (None: off); FastVisionModel installs its own."})
+
+    def __post_init__(self) -> None:
+        if self.max_seq_length is not None:
+            if self.max_length is not None and self.max_length != self.max_seq_length:
+                raise ValueError(f"SFTConfig got max_seq_length={self.max_seq_length} and max_length={self.max_length}: "
+                                 "they are one setting (max_seq_length is the old name); pass one of them")
+            self.max_length = self.max_seq_length
+        if self.bf16 is None and not self.fp16:
+            on_cuda = torch.cuda.is_available() and not self.use_cpu
+            self.bf16 = on_cuda and torch.cuda.is_bf16_supported()
+            self.fp16 = on_cuda and not self.bf16
+        super().__post_init__()
+        self.max_seq_length = self.max_length
+        fit_optimizer(self)
+
+
+def _one_of(processing_class: Any, tokenizer: Any) -> Any:
+    if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
+        raise TypeError("SFTTrainer got both processing_class= and tokenizer= (its old name) with different objects; "
+                        "pass one of them")
+    return processing_class if processing_class is not None else tokenizer
+
+
+def _rows_as_they_are(args: Any) -> None:
+    """TRL settings under which a collator gets the rows themselves (needed by list datasets and ours)."""
+    args.remove_unused_columns = False
+    args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+
+
+def _one_checkpointing(args: Any, model: Any) -> None:
+    """Switch transformers' activation checkpointing off where FastVisionModel's is installed (one warning).
+
+    Both at once recompute every layer twice; FastVisionModel's (``use_gradient_checkpointing``) already
+    keeps the memory down. A model without visiontune's checkpointing keeps ``args`` as they are.
+    """
+    names = [n for n in ("activation_checkpointing", "gradient_checkpointing") if hasattr(args, n)]  # new, old name
+    if isinstance(model, str) or not any(getattr(args, n) for n in names):
+        return
+    state = vision_state(model)
+    if state.checkpoint_plan is not None:
+        log.warning("%s=True ignored: FastVisionModel's checkpointing (use_gradient_checkpointing=%r) is installed, "
+                    "and transformers' on top of it would recompute every layer twice", names[0], state.checkpointing)
+        for name in names:
+            setattr(args, name, False)
+
+
+class SFTTrainer(trl.SFTTrainer):
+    """TRL's ``SFTTrainer`` that also takes Unsloth's arguments and plain lists, for vision-language models.
+
+    * ``tokenizer=``: the old name of ``processing_class``; both default to the processor that
+      ``FastVisionModel.from_pretrained`` loaded beside the model.
+    * ``train_dataset`` / ``eval_dataset`` may be lists (or dicts of lists) of rows such as
+      ``{"messages": [...]}``: the collator gets the rows themselves, images and all (no Arrow round trip).
+    * ``data_collator`` defaults to :class:`~visiontune.collator.VisionDataCollator` (labels only on answers
+      as configured, image tokens never targets), with ``max_length`` as its ``max_seq_length`` if set.
+    * ``args`` defaults to this module's :class:`SFTConfig`. A plain TRL config is taken as it is, except
+      that a bitsandbytes AdamW that cannot run here becomes ``"adamw_torch"`` (one warning), that
+      ``gradient_checkpointing`` is switched off where FastVisionModel's checkpointing is installed (one
+      warning), and that list datasets and the default collator switch TRL's column removal and dataset
+      preparation off (they need the rows as they are).
+
+    The other arguments are TRL's, in TRL's order.
+    """
+
+    def __init__(self, model: Any, args: Optional[trl.SFTConfig] = None, data_collator: Any = None,
+                 train_dataset: Any = None, eval_dataset: Any = None, processing_class: Any = None,
+                 *more: Any, tokenizer: Any = None, **kwargs: Any) -> None:
+        processing_class = _one_of(processing_class, tokenizer)
+        if processing_class is None and not isinstance(model, str):
+            processing_class = vision_state(model).processor
+        args = SFTConfig() if args is None else args
+        fit_optimizer(args)
+        _one_checkpointing(args, model)
+        if data_collator is None and processing_class is not None and not isinstance(model, str):
+            data_collator = VisionDataCollator(model, processing_class, max_seq_length=args.max_length)
+            _rows_as_they_are(args)
+        table = _ListRows(data_collator)
+        train_dataset = table.index(train_dataset)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: table.index(split) for name, split in eval_dataset.items()}
+        else:
+            eval_dataset = table.index(eval_dataset)
+        if table.rows:
+            if data_collator is None:
+                raise ValueError("a list train_dataset/eval_dataset needs a data_collator that takes the rows "
+                                 "(e.g. VisionDataCollator(model, processor)), or a processing_class to build one")
+            data_collator = table
+            _rows_as_they_are(args)
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *more, **kwargs)
+
+
+def _is_list_dataset(data: Any) -> bool:
+    if isinstance(data, dict):
+        return any(isinstance(v, (list, tuple)) for v in data.values())
+    return isinstance(data, (list, tuple))
+
+
+def _config_new(cls: type, *args: Any, **kwargs: Any) -> Any:
+    """``trl.SFTConfig.__new__``: a call with ``max_seq_length=`` (a TypeError in TRL 1.x) gets our SFTConfig."""
+    if cls is _TRL_CONFIG and "max_seq_length" in kwargs:
+        log.info("trl.SFTConfig(max_seq_length=...) is served by visiontune.trainer.SFTConfig")
+        return object.__new__(SFTConfig)
+    return object.__new__(cls)
+
+
+def _trainer_new(cls: type, *args: Any, **kwargs: Any) -> Any:
+    """``trl.SFTTrainer.__new__``: a call TRL 1.x refuses (``tokenizer=``, a list dataset) gets our SFTTrainer."""
+    train = args[3] if len(args) > 3 else kwargs.get("train_dataset")
+    evals = args[4] if len(args) > 4 else kwargs.get("eval_dataset")
+    if cls is _TRL_TRAINER and ("tokenizer" in kwargs or _is_list_dataset(train) or _is_list_dataset(evals)):
+        log.info("trl.SFTTrainer(tokenizer=... or a list dataset) is served by visiontune.trainer.SFTTrainer")
+        return object.__new__(SFTTrainer)
+    return object.__new__(cls)
+
+
+_TRL_CONFIG, _TRL_TRAINER = trl.SFTConfig, trl.SFTTrainer
+
+
+def install_trl_compat() -> None:
+    """Let ``trl.SFTConfig`` / ``trl.SFTTrainer`` take the calls TRL 1.x refuses (see the module docstring).
+
+    Only ``__new__`` is added: when a call is one TRL refuses, it makes an instance of this module's
+    subclass (whose ``__init__`` then runs); otherwise it makes TRL's own instance, whose ``__init__`` is
+    TRL's. Runs on import of this module; idempotent.
+    """
+    _TRL_CONFIG.__new__ = staticmethod(_config_new)  # type: ignore[assignment]
+    _TRL_TRAINER.__new__ = staticmethod(_trainer_new)  # type: ignore[assignment]
+
+
+install_trl_compat()
