@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from visiontune.kernels.activations import (
     ACTIVATIONS,
@@ -44,9 +45,23 @@ def lora_linear_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | No
     return y
 
 
+# Optimizer steps counted process-wide. Part of the cache key below: torch's optimizers bump a weight's
+# ``_version``, but bitsandbytes' 8-bit AdamW writes it from its own CUDA code without doing so, and a
+# stale cached copy then froze training (loss flat at 8.436 for every step with adamw_8bit on an H200).
+_STEPS = [0]
+
+
+def _count_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    _STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
 def _lowp(p: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
     """``p`` cast to the activation dtype and multiplied by ``scale``, cached on the parameter until it
-    changes (optimizer steps bump ``p._version``; a new storage changes ``data_ptr``).
+    changes (in-place updates bump ``p._version``, any optimizer step bumps ``_STEPS``, a new storage
+    changes ``data_ptr``).
 
     PEFT keeps adapters in fp32; without the cache every LoRA linear launched 2 casts in the forward,
     2 more in the recompute and 4 casts/scales in the backward: ~2,500 of the launches of a
@@ -54,7 +69,7 @@ def _lowp(p: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tens
     """
     if p.dtype == dtype and scale == 1.0:
         return p
-    key = (p._version, p.data_ptr(), dtype, scale)
+    key = (p._version, _STEPS[0], p.data_ptr(), dtype, scale)
     cached = getattr(p, "_vt_lowp", None)
     if cached is not None and cached[0] == key:
         return cached[1]

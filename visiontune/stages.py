@@ -110,7 +110,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "normalize", "resize valid images into the configured pixel range (content-addressed)",
         "visiontune.data.normalize:normalize_stage",
-        ("data.work_dir",) + _keys("normalize", "min_px", "max_px", "uniform_size", "multiple_of", "image_format"),
+        ("data.raw_dir", "data.work_dir")  # raw_dir: sources are re-checked to lie inside the data root
+        + _keys("normalize", "min_px", "max_px", "uniform_size", "multiple_of", "image_format"),
         deps=(_RECORDS,),  # records.jsonl carries every source image's sha256: a changed image changes it
         outs=(Out("${data.work_dir}/normalized"), Out("${data.work_dir}/metrics/normalize.json", "metrics", cache=False))),
     Stage(

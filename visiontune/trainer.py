@@ -93,8 +93,9 @@ class _ListRows:
 def bnb_adamw_unusable(device_type: str, bits: int, paged: bool) -> Optional[str]:
     """Why bitsandbytes' ``bits``-bit (``paged``) AdamW cannot step on ``device_type``, or None if it can.
 
-    Found by one step on a 4096-element tensor (bitsandbytes keeps 8-bit state from that size on): what
-    runs depends on the installed build and device (0.50 has CPU kernels; other builds and Macs do not).
+    Found by one step on a 4096-element tensor (bitsandbytes keeps 8-bit state from that size on), which
+    must move it: what runs depends on the installed build and device (0.50 has CPU kernels; other builds
+    and Macs do not).
     """
     try:
         import bitsandbytes as bnb
@@ -106,7 +107,7 @@ def bnb_adamw_unusable(device_type: str, bits: int, paged: bool) -> Optional[str
         bnb.optim.AdamW([p], lr=1e-3, optim_bits=bits, is_paged=paged).step()
     except Exception as e:
         return f"{type(e).__name__}: {e}"
-    return None
+    return None if bool(p.detach().ne(0).all()) else "a step left the parameter unchanged"
 
 
 def fit_optimizer(args: Any) -> None:

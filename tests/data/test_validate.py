@@ -135,3 +135,20 @@ def test_qa_turn_checks_and_text_length_bound(tmp_path):
     assert q == {1: ["turn_mismatch"], 2: ["question_missing"], 3: ["text_too_long"]}
     meta = (tmp_path / "w" / "validated" / "image_metadata.csv").read_text().splitlines()
     assert meta[0].startswith("image_id,row,ref,within_root,exists,bytes,sha256,decodable") and len(meta) == 5
+
+
+def test_the_first_valid_copy_is_kept_when_an_earlier_twin_is_quarantined(tmp_path):
+    """Duplicates are ranked among valid records: a twin quarantined for its own reason (here an empty
+    caption) does not make the valid copy after it a duplicate (issue 14, hole 6)."""
+    from datafixtures import gradient, png
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.png").write_bytes(png(gradient(400, 300)))
+    rows = [{"image": "a.png", "text": ""}, {"image": "a.png", "text": "7"}, {"image": "a.png", "text": "8"}]
+    (raw / "annotations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    validate_stage(make_cfg(raw, tmp_path / "w", max_failure_ratio=1.0))
+    out = tmp_path / "w" / "validated"
+    q = {r["row"]: r["reasons"] for r in read_jsonl(out / "quarantine.jsonl")}
+    assert q == {0: ["text_too_short"], 2: ["duplicate"]}
+    assert [r["row"] for r in read_jsonl(out / "records.jsonl")] == [1]

@@ -136,3 +136,27 @@ def test_lowp_cast_cache_follows_parameter_updates(triton_cpu):
     with torch.no_grad():
         bm.mul_(0)
     torch.testing.assert_close(lora_linear(x, w, b, a, bm, s).float(), torch.nn.functional.linear(x, w, b).float())
+
+
+class _OutOfBandStep(torch.optim.Optimizer):
+    """Writes the weights through ``.data`` (a separate version counter), as bitsandbytes' 8-bit AdamW does
+    from its own CUDA code: ``p._version`` does not move."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.data.add_(0.25)
+
+
+def test_lowp_cast_cache_follows_updates_that_do_not_bump_the_version(triton_cpu):
+    w, b, a, bm, s = _params(16, 12, 4, True, dtype=torch.bfloat16, lora_dtype=torch.float32)
+    x = torch.randn(5, 16).bfloat16()
+    lora_linear(x, w, b, a, bm, s)  # fills the cache
+    version = (a._version, bm._version)
+    _OutOfBandStep([a, bm]).step()
+    assert (a._version, bm._version) == version  # the case the version-only cache key missed
+    want = lora_linear_reference(x.float(), w.float(), b.float(), a, bm, s)
+    assert rel_err(lora_linear(x, w, b, a, bm, s), want) < 1e-2

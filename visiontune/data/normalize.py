@@ -8,7 +8,9 @@ rounds each side to a multiple of the model's patch size; ``uniform_size`` lette
 one ``[width, height]`` white canvas.
 
 Outputs are content-addressed: the file name is a hash of the source image's sha256 plus the settings,
-so an image is written once, and a re-run with unchanged inputs and params writes nothing.
+so an image is written once, and a re-run with unchanged inputs and params writes nothing. Each source
+is read once, and only if it still lies inside the data root and still has the sha256 validation recorded
+(a file swapped after validation is an error, never written under the validated hash).
 ``<work_dir>/normalized/manifest.json`` maps source sha256 -> output path and size. The size rule
 (:func:`visiontune.images.bounded_size`) and the RGB conversion (:func:`visiontune.images.to_rgb`) live in
 :mod:`visiontune.images` with the rest of the image code.
@@ -17,14 +19,16 @@ so an image is written once, and a re-run with unchanged inputs and params write
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 from PIL import Image, ImageOps
 
 from visiontune.config import PipelineConfig
-from visiontune.data.io import atomic_write, dump_json, read_jsonl, write_if_changed
+from visiontune.data.io import atomic_write, dump_json, read_jsonl, sha256_bytes, write_if_changed
 from visiontune.images import bounded_size, snap_to_multiple, to_rgb
 
 FORMAT_VERSION = 2  # bump when the resizing code changes its output, so old files are not reused
@@ -65,8 +69,6 @@ def output_name(source_sha256: str, signature: dict) -> str:
 
 
 def _encode(im: Image.Image, image_format: str) -> bytes:
-    import io
-
     buf = io.BytesIO()
     if image_format == "jpeg":
         im.save(buf, format="JPEG", quality=95, subsampling=0)
@@ -75,9 +77,33 @@ def _encode(im: Image.Image, image_format: str) -> bytes:
     return buf.getvalue()
 
 
-def _work(job: tuple[str, str, dict]) -> dict[str, Any]:
-    src, dst, sig = job
-    with Image.open(src) as im:
+class SourceChangedError(ValueError):
+    """A source image is no longer what validation checked (other bytes, or a path now outside the data root)."""
+
+
+def _read_source(src: str, sha256: str, roots: tuple[str, ...]) -> bytes:
+    """The bytes of ``src``, after checking that it still resolves inside one of the (resolved) data
+    ``roots`` and still has the sha256 validation recorded: a file swapped after validation (e.g. a
+    symlink re-pointed outside the folder) must not be normalized under the validated hash."""
+    resolved = Path(src).resolve()
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise SourceChangedError(
+            f"{src} now resolves to {resolved}, outside the data root ({' or '.join(roots)}): it changed after "
+            "validation (a moved or re-pointed symlink?). Re-run `visiontune validate`, then normalize."
+        )
+    data = resolved.read_bytes()
+    actual = sha256_bytes(data)
+    if actual != sha256:
+        raise SourceChangedError(
+            f"{src} changed after validation: its sha256 is {actual}, validation recorded {sha256}. "
+            "Re-run `visiontune validate`, then normalize."
+        )
+    return data
+
+
+def _work(job: tuple[str, str, dict, str, tuple[str, ...]]) -> dict[str, Any]:
+    src, dst, sig, sha256, roots = job
+    with Image.open(io.BytesIO(_read_source(src, sha256, roots))) as im:
         sw, sh = ImageOps.exif_transpose(im).size if im.getexif().get(0x0112, 1) != 1 else im.size
         if im.format == "JPEG" and not sig["uniform_size"]:
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still leaves at least the target size:
@@ -90,70 +116,95 @@ def _work(job: tuple[str, str, dict]) -> dict[str, Any]:
 
 
 def normalize_records(
-    records: list[dict], out_dir: str | Path, min_px: int, max_px: int, snap: int = 0,
+    records: list[dict], out_dir: str | Path, roots: Sequence[str | Path], min_px: int, max_px: int, snap: int = 0,
     uniform_size: Optional[list] = None, image_format: str = "png",
 ) -> dict[str, Any]:
     """Normalize every image referenced by ``records`` into ``out_dir``; returns the manifest and counts.
 
     Images already present under their content address are not touched. Files in ``out_dir/images`` that
-    the new manifest does not reference (left by other settings) are removed.
+    the new manifest does not reference (left by other settings) are removed. A source image must still
+    lie inside one of the data ``roots`` (the raw folder, validation's folder of embedded images) and
+    still have its validated sha256, else :class:`SourceChangedError` (nothing is written for it).
     """
-    from tqdm.auto import tqdm
+    _check_settings(min_px, max_px, uniform_size, image_format)
+    out = Path(out_dir)
+    sig = settings_signature(min_px, max_px, snap, uniform_size, image_format)
+    manifest_path = out / "manifest.json"
+    entries, jobs = _plan(records, out, sig, _previous_entries(manifest_path, sig))
+    resolved_roots = tuple(str(Path(r).resolve()) for r in roots)
+    results = _run_jobs([(src, str(dst), sig, sha, resolved_roots) for sha, src, dst in jobs])
+    for (sha, src, dst), res in zip(jobs, results):
+        entries[sha] = {"path": dst.as_posix(), "source": src, **res}
+    removed = _remove_unreferenced(out / "images", entries)
+    manifest = {"settings": sig, "images": dict(sorted(entries.items()))}
+    write_if_changed(manifest_path, dump_json(manifest))
+    return {"manifest": manifest, "written": len(jobs), "skipped": len(entries) - len(jobs), "removed": removed}
 
-    from visiontune.data.probe import worker_count
 
+def _check_settings(min_px: int, max_px: int, uniform_size: Optional[list], image_format: str) -> None:
     if image_format not in ("png", "jpeg"):
         raise ValueError(f"normalize.image_format = {image_format!r}: use 'png' or 'jpeg'")
     if not (0 < min_px <= max_px):
         raise ValueError(f"normalize.min_px = {min_px}, normalize.max_px = {max_px}: need 0 < min_px <= max_px")
     if uniform_size is not None and (len(uniform_size) != 2 or min(int(v) for v in uniform_size) <= 0):
         raise ValueError(f"normalize.uniform_size = {uniform_size!r}: use null or [width, height] with positive sides")
-    out = Path(out_dir)
-    sig = settings_signature(min_px, max_px, snap, uniform_size, image_format)
-    manifest_path = out / "manifest.json"
-    old: dict = {}
-    if manifest_path.exists():
-        try:
-            prev = json.loads(manifest_path.read_text())
-            old = prev.get("images", {}) if prev.get("settings") == sig else {}
-        except (json.JSONDecodeError, AttributeError):
-            old = {}
+
+
+def _previous_entries(manifest_path: Path, sig: dict) -> dict:
+    """The previous manifest's images if it was made with the same settings (else nothing to reuse)."""
+    if not manifest_path.exists():
+        return {}
+    try:
+        prev = json.loads(manifest_path.read_text())
+        return prev.get("images", {}) if prev.get("settings") == sig else {}
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+
+
+def _plan(records: list[dict], out: Path, sig: dict, old: dict) -> tuple[dict[str, dict], list[tuple[str, str, Path]]]:
+    """(manifest entries reused from ``old``, ``(sha256, source, destination)`` of each image to write)."""
     sources: dict[str, str] = {}
     for rec in records:
         for img in rec["images"]:
             sources.setdefault(img["sha256"], img["path"])
     entries: dict[str, dict] = {}
-    jobs, job_keys = [], []
+    jobs = []
     for sha, src in sorted(sources.items()):
-        rel = output_name(sha, sig)
-        dst = out / "images" / rel
+        dst = out / "images" / output_name(sha, sig)
         if dst.is_file() and sha in old and old[sha].get("bytes") == dst.stat().st_size:
             entries[sha] = old[sha]
             continue
         if not Path(src).is_file():
             raise FileNotFoundError(f"{src} (source of a validated record) not found: re-run `visiontune validate`")
-        jobs.append((src, str(dst), sig))
-        job_keys.append((sha, src, dst))
+        jobs.append((sha, src, dst))
+    return entries, jobs
+
+
+def _run_jobs(jobs: list[tuple]) -> list[dict[str, Any]]:
+    """``_work`` over ``jobs``, in one process per core when there are several jobs and cores."""
+    from tqdm.auto import tqdm
+
+    from visiontune.data.probe import worker_count
+
     workers = worker_count(len(jobs))
     if workers > 1:
         import multiprocessing as mp
 
         with mp.get_context("fork").Pool(workers) as pool:
-            results = list(tqdm(pool.imap(_work, jobs, chunksize=8), total=len(jobs), desc="normalizing", unit="img"))
-    else:
-        results = [_work(j) for j in tqdm(jobs, desc="normalizing", unit="img", disable=len(jobs) < 200)]
-    for (sha, src, dst), res in zip(job_keys, results):
-        entries[sha] = {"path": dst.as_posix(), "source": src, **res}
+            return list(tqdm(pool.imap(_work, jobs, chunksize=8), total=len(jobs), desc="normalizing", unit="img"))
+    return [_work(j) for j in tqdm(jobs, desc="normalizing", unit="img", disable=len(jobs) < 200)]
+
+
+def _remove_unreferenced(images_dir: Path, entries: dict[str, dict]) -> int:
+    """Delete the files under ``images_dir`` that no manifest entry points at; returns how many."""
     keep = {Path(e["path"]).resolve() for e in entries.values()}
     removed = 0
-    if (out / "images").is_dir():
-        for p in (out / "images").rglob("*"):
+    if images_dir.is_dir():
+        for p in images_dir.rglob("*"):
             if p.is_file() and p.resolve() not in keep:
                 p.unlink()
                 removed += 1
-    manifest = {"settings": sig, "images": dict(sorted(entries.items()))}
-    write_if_changed(manifest_path, dump_json(manifest))
-    return {"manifest": manifest, "written": len(jobs), "skipped": len(entries) - len(jobs), "removed": removed}
+    return removed
 
 
 def manifest_stats(manifest: dict, min_px: int, max_px: int) -> dict[str, Any]:
@@ -180,9 +231,9 @@ def normalize_stage(cfg: PipelineConfig) -> dict[str, Any]:
     if not records_path.is_file():
         raise FileNotFoundError(f"{records_path} not found: run `visiontune validate` first (it writes the valid records)")
     min_px, max_px = n.min_px, n.max_px
-    res = normalize_records(
-        read_jsonl(records_path), work / "normalized", min_px, max_px, n.multiple_of, n.uniform_size, n.image_format
-    )
+    roots = (cfg.data.raw_dir, work / "validated" / "embedded")  # where validation's records point
+    res = normalize_records(read_jsonl(records_path), work / "normalized", roots, min_px, max_px, n.multiple_of,
+                            n.uniform_size, n.image_format)
     stats = manifest_stats(res["manifest"], min_px, max_px)
     write_if_changed(work / "metrics" / "normalize.json", dump_json(stats))
     return {**stats, "written": res["written"], "skipped": res["skipped"], "removed": res["removed"],

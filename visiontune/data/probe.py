@@ -82,8 +82,9 @@ def probe_image(ref: str, root: str, data: Optional[bytes], max_pixels: int) -> 
 
 def _probe_pixels(data: bytes, max_pixels: int, row: dict[str, Any]) -> None:
     old_limit, old_truncated = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-    # Read the header with PIL's bomb guard off so the dimensions of a bomb are known; decoding is then
-    # only attempted below our own max_pixels, so no large allocation ever happens.
+    # Read the header with PIL's bomb guard off so the dimensions of a bomb are known. Nothing that decodes
+    # pixels (load(), and getexif(), which loads a PNG) runs before the check against our own max_pixels,
+    # so a bomb is never decoded (tests/reliability/test_decompression_bombs.py measures the peak memory).
     Image.MAX_IMAGE_PIXELS = None
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
@@ -95,13 +96,13 @@ def _probe_pixels(data: bytes, max_pixels: int, row: dict[str, Any]) -> None:
             row.update(format=im.format, mode=im.mode, width=w, height=h, pixels=w * h)
             row["min_side"], row["max_side"] = min(w, h), max(w, h)
             row["aspect_ratio"] = round(max(w, h) / min(w, h), 4) if min(w, h) > 0 else None
-            try:
-                row["exif_orientation"] = int(im.getexif().get(0x0112, 1))
-            except Exception:  # a broken EXIF block is not a broken image
-                row["exif_orientation"] = None
             if w * h > max_pixels or w * h == 0:
                 row["error"] = f"{w}x{h} = {w * h} pixels; not decoded (limit validate.max_pixels = {max_pixels})"
                 return  # decodable stays None: this is a size problem, judged by the pixels expectation
+            try:  # after the size check: PIL decodes a PNG to find an EXIF chunk stored after its pixels
+                row["exif_orientation"] = int(im.getexif().get(0x0112, 1))
+            except Exception:  # a broken EXIF block is not a broken image
+                row["exif_orientation"] = None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 im.load()

@@ -5,7 +5,8 @@ Two metadata tables are built and judged by real Great Expectations 1.x expectat
 * ``images`` (one row per image reference): path inside the root, file exists, decodable, format, mode,
   width, height, aspect ratio, pixels, bytes, sha256 (facts from :mod:`visiontune.data.probe`);
 * ``records`` (one row per annotation row): parsed, has an image, text present / UTF-8 / within length
-  bounds, question and answer turns line up, not a duplicate of an earlier record.
+  bounds, question and answer turns line up, not a duplicate of an earlier record that passes every
+  other check.
 
 Every expectation carries ``meta.reason`` (a short failure kind). Per-record reasons are read back from
 GX's unexpected indexes (``result_format=COMPLETE`` with ``unexpected_index_column_names``), so the GX
@@ -59,13 +60,17 @@ REASONS = {
 
 def build_suites(rules: ValidateConfig) -> tuple[Any, Any]:
     """The two GX expectation suites (images, records) for ``rules``; each expectation's meta names its reason."""
+    return _images_suite(rules), _records_suite(rules)
+
+
+def _meta(code: str) -> dict:
+    return {"reason": code, "description": REASONS[code]}
+
+
+def _images_suite(rules: ValidateConfig) -> Any:
     import great_expectations as gx
 
-    E = gx.expectations
-
-    def m(code: str) -> dict:
-        return {"reason": code, "description": REASONS[code]}
-
+    E, m = gx.expectations, _meta
     images = gx.ExpectationSuite(name="visiontune_images")
     for exp in (
         E.ExpectColumnValuesToBeInSet(column="within_root", value_set=[True], meta=m("path_escapes_root")),
@@ -79,7 +84,14 @@ def build_suites(rules: ValidateConfig) -> tuple[Any, Any]:
         E.ExpectColumnValuesToNotBeNull(column="sha256", mostly=0.0, meta={"reason": None, "description": "informational: bytes were read"}),
     ):
         images.add_expectation(exp)
-    records = gx.ExpectationSuite(name="visiontune_records")
+    return images
+
+
+def _records_suite(rules: ValidateConfig, name: str = "visiontune_records") -> Any:
+    import great_expectations as gx
+
+    E, m = gx.expectations, _meta
+    records = gx.ExpectationSuite(name=name)
     for exp in (
         E.ExpectTableRowCountToBeBetween(min_value=1, meta={"reason": None, "description": "the annotation source has rows"}),
         E.ExpectColumnValuesToBeInSet(column="parsed", value_set=[True], meta=m("unparsable_row")),
@@ -93,7 +105,21 @@ def build_suites(rules: ValidateConfig) -> tuple[Any, Any]:
         E.ExpectColumnValuesToBeBetween(column="duplicate_rank", min_value=0, max_value=0, meta=m("duplicate")),
     ):
         records.add_expectation(exp)
-    return images, records
+    return records
+
+
+def _gx_context() -> Any:
+    """An ephemeral GX data context with its progress bars off."""
+    import great_expectations as gx
+
+    ctx = gx.get_context(mode="ephemeral")
+    try:
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    except Exception:  # pragma: no cover - only cosmetic
+        pass
+    return ctx
 
 
 def _run_suite(ctx: Any, name: str, suite: Any, df: Any, index_column: str) -> Any:
@@ -134,77 +160,97 @@ def validate_rows(rows: list[RawRow], root: str | Path, rules: ValidateConfig) -
 
     Returns ``{"images": DataFrame, "records": DataFrame, "gx": {"images": result, "records": result},
     "reasons": {row: [(code, image ref or None), ...]}}``. Pure apart from reading the images.
+
+    Duplicates are ranked among the records that pass every other check, so the copy kept is the first
+    *valid* one (a record quarantined for, say, an empty caption does not make its valid twin a duplicate).
+    That takes two runs of the records suite: one without ranks to find the records failing for other
+    reasons, then the one that decides (its result is the one reported).
     """
+    images, probed, owners = _image_table(rows, Path(root), rules.max_pixels)
+    records = _record_table(rows, owners, probed)
+    ctx = _gx_context()
+    img_result = _run_suite(ctx, "images", _images_suite(rules), images, "image_id")
+    reasons = _image_reasons(images, img_result)
+    records["duplicate_rank"] = None
+    unranked = _run_suite(ctx, "unranked_records", _records_suite(rules, "visiontune_records_unranked"), records, "row")
+    records["duplicate_rank"] = _duplicate_ranks(records, set(reasons) | set(_failures(unranked, "row")))
+    rec_result = _run_suite(ctx, "records", _records_suite(rules), records, "row")
+    for row, codes in _failures(rec_result, "row").items():
+        for code in codes:
+            reasons[row].append((code, None))
+    return {"images": images, "probed": probed, "owners": owners, "records": records, "gx": {"images": img_result, "records": rec_result}, "reasons": dict(reasons)}
+
+
+def _image_table(rows: list[RawRow], root: Path, max_pixels: int) -> tuple[Any, list[dict], list[int]]:
+    """Probe every image of ``rows``: (the table the images suite judges, the probe results, each image's row)."""
     import pandas as pd
 
-    root = Path(root)
     jobs, owners = [], []
     for r in rows:
         for img in r.images:
-            jobs.append((img.ref, str(root), img.data, rules.max_pixels))
+            jobs.append((img.ref, str(root), img.data, max_pixels))
             owners.append(r.row)
     probed = probe_images(jobs)
     images = pd.DataFrame(probed, columns=PROBE_COLUMNS)
     images.insert(0, "image_id", range(len(images)))
     images.insert(1, "row", owners)
-    images = images.astype(object).where(images.notna(), None)
+    return images.astype(object).where(images.notna(), None), probed, owners
+
+
+_RECORD_COLUMNS = ["row", "parsed", "parse_error", "n_images", "text_utf8", "text_present", "answer_min_chars",
+                   "answer_max_chars", "n_turns", "questions_ok", "turns_match", "content_key"]
+
+
+def _record_table(rows: list[RawRow], owners: list[int], probed: list[dict]) -> Any:
+    """The table the records suite judges: one row of facts per annotation row (ranks are added later)."""
+    import pandas as pd
 
     sha_by_row: dict[int, list] = defaultdict(list)
     for owner, p in zip(owners, probed):
         sha_by_row[owner].append(p["sha256"] or f"unreadable:{p['ref']}")
-    rec_rows = []
-    for r in rows:
-        amin, amax = _answer_lengths(r)
-        n_q = len(r.questions) if r.questions is not None else None
-        n_a = len(r.answers) if r.answers is not None else None
-        key = hashlib.sha256(
-            json.dumps([sha_by_row.get(r.row, []), r.questions], ensure_ascii=False).encode()
-        ).hexdigest()
-        rec_rows.append({
-            "row": r.row,
-            "parsed": r.parse_error is None,
-            "parse_error": r.parse_error,
-            "n_images": len(r.images) if r.parse_error is None else None,
-            "text_utf8": r.text_utf8,
-            "text_present": None if r.parse_error else amin is not None,
-            "answer_min_chars": amin if r.parse_error is None else None,
-            "answer_max_chars": amax,
-            "n_turns": n_a,
-            "questions_ok": None if r.questions is None or r.parse_error else all(q is not None and q.strip() for q in r.questions),
-            "turns_match": None if n_q is None or n_a is None else n_q == n_a,
-            "content_key": key if r.images and r.parse_error is None else None,
-        })
-    records = pd.DataFrame(rec_rows, columns=list(rec_rows[0]) if rec_rows else ["row", "parsed", "parse_error", "n_images", "text_utf8", "text_present",
-                                                                                 "answer_min_chars", "answer_max_chars", "n_turns",
-                                                                                 "questions_ok", "turns_match", "content_key"])
-    # Rank of each record among records with the same image content + questions: 0 for the first one.
-    records["duplicate_rank"] = records.groupby("content_key", dropna=True).cumcount()
-    records.loc[records["content_key"].isna(), "duplicate_rank"] = None
-    records = records.astype(object).where(records.notna(), None)
+    records = pd.DataFrame([_record_facts(r, sha_by_row.get(r.row, [])) for r in rows], columns=_RECORD_COLUMNS)
+    return records.astype(object).where(records.notna(), None)
 
-    import great_expectations as gx
 
-    ctx = gx.get_context(mode="ephemeral")
-    try:
-        from great_expectations.data_context.types.base import ProgressBarsConfig
+def _record_facts(r: RawRow, shas: list[str]) -> dict[str, Any]:
+    """One row of the records table (the columns of ``_RECORD_COLUMNS``); ``shas``: its images' content hashes."""
+    amin, amax = _answer_lengths(r)
+    n_q = len(r.questions) if r.questions is not None else None
+    n_a = len(r.answers) if r.answers is not None else None
+    key = hashlib.sha256(json.dumps([shas, r.questions], ensure_ascii=False).encode()).hexdigest()
+    return {
+        "row": r.row,
+        "parsed": r.parse_error is None,
+        "parse_error": r.parse_error,
+        "n_images": len(r.images) if r.parse_error is None else None,
+        "text_utf8": r.text_utf8,
+        "text_present": None if r.parse_error else amin is not None,
+        "answer_min_chars": amin if r.parse_error is None else None,
+        "answer_max_chars": amax,
+        "n_turns": n_a,
+        "questions_ok": None if r.questions is None or r.parse_error else all(q is not None and q.strip() for q in r.questions),
+        "turns_match": None if n_q is None or n_a is None else n_q == n_a,
+        "content_key": key if r.images and r.parse_error is None else None,
+    }
 
-        ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    except Exception:  # pragma: no cover - only cosmetic
-        pass
-    images_suite, records_suite = build_suites(rules)
-    img_result = _run_suite(ctx, "images", images_suite, images, "image_id")
-    rec_result = _run_suite(ctx, "records", records_suite, records, "row")
 
-    reasons: dict[int, list[tuple[str, Optional[str]]]] = defaultdict(list)
+def _duplicate_ranks(records: Any, quarantined: set[int]) -> Any:
+    """Rank of each record among the records with the same image content + questions that pass every other
+    check (0 for the first one, which is kept); None for the others (no content key, or ``quarantined``)."""
+    ranked = records["content_key"].notna() & ~records["row"].isin(quarantined)
+    ranks = records[ranked].groupby("content_key").cumcount().reindex(records.index).astype(float)
+    return ranks.astype(object).where(ranks.notna(), None)
+
+
+def _image_reasons(images: Any, result: Any) -> defaultdict[int, list[tuple[str, Optional[str]]]]:
+    """``{row: [(reason, image ref), ...]}`` for the images the images suite failed."""
+    reasons: defaultdict[int, list[tuple[str, Optional[str]]]] = defaultdict(list)
     refs = images.set_index("image_id")["ref"].to_dict() if len(images) else {}
     owner_of = images.set_index("image_id")["row"].to_dict() if len(images) else {}
-    for image_id, codes in _failures(img_result, "image_id").items():
+    for image_id, codes in _failures(result, "image_id").items():
         for code in codes:
             reasons[owner_of[image_id]].append((code, refs[image_id]))
-    for row, codes in _failures(rec_result, "row").items():
-        for code in codes:
-            reasons[row].append((code, None))
-    return {"images": images, "probed": probed, "owners": owners, "records": records, "gx": {"images": img_result, "records": rec_result}, "reasons": dict(reasons)}
+    return reasons
 
 
 def _image_path(raw_dir: Path, ref: str) -> str:

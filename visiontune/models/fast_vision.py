@@ -67,38 +67,13 @@ class FastVisionModel:
         stock HF+PEFT's peak with 17 of 32 vision blocks and no LM layer recomputed instead of 31 and 18.
         ``use_fused_kernels`` patches visiontune's Triton kernels in when the model is on CUDA.
         """
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         name = str(model_name)
-        looks_local = name.startswith((".", "/", "~")) or os.sep in name and Path(name).parts[0] in {"models", "outputs"}
-        if looks_local and not Path(name).expanduser().exists():
-            raise FileNotFoundError(
-                f"model directory {name!r} does not exist. Pass a hub id (e.g. 'Qwen/Qwen2.5-VL-7B-Instruct') "
-                "or a folder saved with save_pretrained; for the offline demo model run `visiontune tiny-model`."
-            )
+        _check_model_name(name)
         _check_checkpointing(use_gradient_checkpointing)
-        torch_dtype = _resolve_dtype(dtype)
-        load_kwargs: dict[str, Any] = dict(dtype=torch_dtype, local_files_only=local_files_only, **kwargs)
-        if attn_implementation:
-            load_kwargs["attn_implementation"] = attn_implementation
-        if load_in_4bit:
-            if not torch.cuda.is_available():
-                raise RuntimeError(
-                    "load_in_4bit=True needs a CUDA GPU (bitsandbytes 4-bit kernels); none is visible. "
-                    "Set load_in_4bit=False (model.load_in_4bit: false in params.yaml) on CPU machines."
-                )
-            from transformers import BitsAndBytesConfig
-
-            load_kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch_dtype,
-                # Keep the vision-to-text projector and lm_head in full precision (small, sensitive).
-                llm_int8_skip_modules=["lm_head", "multi_modal_projector", "merger"],
-            )
-        if device_map is None and torch.cuda.is_available():
-            device_map = {"": torch.cuda.current_device()}
-        if device_map is not None:
-            load_kwargs["device_map"] = device_map
+        load_kwargs = _load_kwargs(_resolve_dtype(dtype), load_in_4bit, attn_implementation, local_files_only,
+                                   device_map, kwargs)
         try:
             model = AutoModelForImageTextToText.from_pretrained(name, **load_kwargs)
         except OSError as e:
@@ -106,22 +81,13 @@ class FastVisionModel:
                 f"could not load model {name!r}: {e}\nIf you are offline, pass a local directory (or set "
                 "local_files_only=True with a filled Hugging Face cache)."
             ) from e
-        processor = AutoProcessor.from_pretrained(name, local_files_only=local_files_only)
-        tokenizer = getattr(processor, "tokenizer", processor)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        set_padding_side(processor, "right")
-
+        processor = _load_processor(name, local_files_only)
         model.max_seq_length = max_seq_length
         state = vision_state(model)
         state.processor = processor
         state.checkpointing = use_gradient_checkpointing
-        if full_finetuning:
-            for p in model.parameters():
-                p.requires_grad_(True)
-        else:
-            for p in model.parameters():
-                p.requires_grad_(False)
+        for p in model.parameters():
+            p.requires_grad_(bool(full_finetuning))
         if use_fused_kernels:
             _patch_kernels(model)
         FastVisionModel._set_checkpointing(model, use_gradient_checkpointing)
@@ -164,18 +130,8 @@ class FastVisionModel:
 
         if r <= 0:
             raise ValueError(f"r={r}: LoRA rank must be a positive integer")
-        if target_modules in (None, "all-linear"):
-            spec = get_spec(model)  # clear error for unsupported architectures
-            targets: Union[str, list[str]] = spec.pattern(
-                finetune_vision_layers, finetune_language_layers, finetune_attention_modules, finetune_mlp_modules
-            )
-        else:
-            targets = target_modules
-            if isinstance(targets, str):
-                try:
-                    re.compile(targets)
-                except re.error as e:
-                    raise ValueError(f"target_modules regex {targets!r} does not compile: {e}") from e
+        targets = _lora_targets(model, target_modules, finetune_vision_layers, finetune_language_layers,
+                                finetune_attention_modules, finetune_mlp_modules)
         config = LoraConfig(
             r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias, target_modules=targets,
             use_rslora=use_rslora, modules_to_save=modules_to_save, init_lora_weights=True if loftq_config is None else "loftq",
@@ -222,6 +178,75 @@ class FastVisionModel:
         _set_use_cache(model, False)
         _pad_loaded_processor(model, "right")
         return model
+
+
+def _check_model_name(name: str) -> None:
+    """Fail early, with what to do, when ``name`` looks like a local folder that is not there."""
+    looks_local = name.startswith((".", "/", "~")) or os.sep in name and Path(name).parts[0] in {"models", "outputs"}
+    if looks_local and not Path(name).expanduser().exists():
+        raise FileNotFoundError(
+            f"model directory {name!r} does not exist. Pass a hub id (e.g. 'Qwen/Qwen2.5-VL-7B-Instruct') "
+            "or a folder saved with save_pretrained; for the offline demo model run `visiontune tiny-model`."
+        )
+
+
+def _load_kwargs(torch_dtype: torch.dtype, load_in_4bit: bool, attn_implementation: Optional[str],
+                 local_files_only: bool, device_map: Optional[Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``AutoModelForImageTextToText.from_pretrained`` for ``from_pretrained``'s settings."""
+    load_kwargs: dict[str, Any] = dict(dtype=torch_dtype, local_files_only=local_files_only, **extra)
+    if attn_implementation:
+        load_kwargs["attn_implementation"] = attn_implementation
+    if load_in_4bit:
+        load_kwargs["quantization_config"] = _four_bit_config(torch_dtype)
+    if device_map is None and torch.cuda.is_available():
+        device_map = {"": torch.cuda.current_device()}
+    if device_map is not None:
+        load_kwargs["device_map"] = device_map
+    return load_kwargs
+
+
+def _four_bit_config(torch_dtype: torch.dtype) -> Any:
+    """bitsandbytes NF4 quantization (``load_in_4bit=True``); needs a CUDA GPU."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "load_in_4bit=True needs a CUDA GPU (bitsandbytes 4-bit kernels); none is visible. "
+            "Set load_in_4bit=False (model.load_in_4bit: false in params.yaml) on CPU machines."
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch_dtype,
+        # Keep the vision-to-text projector and lm_head in full precision (small, sensitive).
+        llm_int8_skip_modules=["lm_head", "multi_modal_projector", "merger"],
+    )
+
+
+def _load_processor(name: str, local_files_only: bool) -> Any:
+    """The model's processor, with a pad token (the EOS token when it has none) and right padding for training."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(name, local_files_only=local_files_only)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    set_padding_side(processor, "right")
+    return processor
+
+
+def _lora_targets(model: torch.nn.Module, target_modules: Union[str, list[str], None], vision: bool, language: bool,
+                  attention: bool, mlp: bool) -> Union[str, list[str]]:
+    """LoRA targets: the architecture's module map filtered by the ``finetune_*`` flags, unless
+    ``target_modules`` names them explicitly (a list, or a regex that must compile)."""
+    if target_modules in (None, "all-linear"):
+        spec = get_spec(model)  # clear error for unsupported architectures
+        return spec.pattern(vision, language, attention, mlp)
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules regex {target_modules!r} does not compile: {e}") from e
+    return target_modules
 
 
 def _pad_loaded_processor(model: torch.nn.Module, side: str) -> None:
