@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test repro clean-demo
+.PHONY: setup demo test repro clean-demo chromium
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,12 @@ demo: setup
 # kernels/ folder would shadow Hugging Face's `kernels` package.
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+# Debian's headless Chromium and its chromedriver, for the run report's browser test (needs root; .ci/run
+# calls it). Selenium drives them as they are: no browser is downloaded.
+chromium:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
 # The same pipeline through DVC. dvc runs each stage's `cmd` (`visiontune ...`) through the shell, so
 # the venv's bin/ must be on PATH. After a `make demo` the first repro re-runs the stages once (the flow

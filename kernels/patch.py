@@ -50,6 +50,7 @@ from visiontune.kernels.rope import (
     mrope_cos_sin,
 )
 from visiontune.models.archs import REGISTRY
+from visiontune.models.archspec import KernelMap
 from visiontune.models.checkpointing import replaying
 from visiontune.models.state import vision_state
 
@@ -216,6 +217,23 @@ def _bind(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any] |
     return out
 
 
+_FALL_BACK = object()  # a fused forward's answer "not this call": the original forward runs instead
+
+
+def _bound_forward(orig: Callable, fused: Callable[[dict[str, Any]], Any]) -> Callable:
+    """A forward that binds each call's arguments to ``orig``'s signature (by name, ``**kwargs`` merged in)
+    and returns ``fused(arguments)``; ``orig`` runs when the call does not bind or ``fused`` returns
+    ``_FALL_BACK`` (a case the fused path does not serve)."""
+    sig = inspect.signature(orig)
+
+    def forward(*args: Any, **kwargs: Any):
+        a = _bind(sig, args, kwargs)
+        out = _FALL_BACK if a is None else fused(a)
+        return orig(*args, **kwargs) if out is _FALL_BACK else out
+
+    return forward
+
+
 # --------------------------------------------------------------------------------------------------
 # patched forwards (factories close over the module and its original forward)
 
@@ -236,24 +254,15 @@ def _layernorm_forward(m: nn.LayerNorm) -> Callable:
     return forward
 
 
-def _gated_mlp_forward(m: nn.Module, orig: Callable, names: tuple[str, str, str], act: str,
-                       handle: PatchHandle) -> Callable:
+def _mlp_forward(m: nn.Module, orig: Callable, names: tuple[str, ...], act: str, handle: PatchHandle,
+                 kernel: Callable) -> Callable:
+    """``kernel`` (:func:`gated_mlp`: gate, up, down projections; :func:`plain_mlp`: fc1, fc2) over the
+    projections ``names`` of ``m``; ``orig`` for calls it does not serve."""
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         ps = [lora_params(getattr(m, n), x) for n in names]
         if args or kwargs or any(p is None for p in ps):
             return orig(x, *args, **kwargs)
-        return gated_mlp(x, *ps, act=act, recompute=handle.recompute_mlp and not replaying())
-
-    return forward
-
-
-def _plain_mlp_forward(m: nn.Module, orig: Callable, names: tuple[str, str], act: str,
-                       handle: PatchHandle) -> Callable:
-    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        ps = [lora_params(getattr(m, n), x) for n in names]
-        if args or kwargs or any(p is None for p in ps):
-            return orig(x, *args, **kwargs)
-        return plain_mlp(x, *ps, act=act, recompute=handle.recompute_mlp and not replaying())
+        return kernel(x, *ps, act=act, recompute=handle.recompute_mlp and not replaying())
 
     return forward
 
@@ -276,21 +285,16 @@ def _mrope_forward(m: nn.Module, orig: Callable, interleaved: bool) -> Callable:
 
 
 def _text_attention_forward(m: nn.Module, orig: Callable) -> Callable:
-    sig = inspect.signature(orig)
-
-    def forward(*args: Any, **kwargs: Any):
-        a = _bind(sig, args, kwargs)
-        if a is None:
-            return orig(*args, **kwargs)
+    def fused(a: dict[str, Any]) -> Any:
         hs = a.get("hidden_states")
         cache = a.get("cache", a.get("past_key_values"))
         pe = a.get("position_embeddings")
         if (hs is None or cache is not None or pe is None or getattr(m, "sliding_window", None)
                 or a.get("output_attentions")):
-            return orig(*args, **kwargs)
+            return _FALL_BACK
         params = [lora_params(getattr(m, n), hs) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
         if any(p is None for p in params):
-            return orig(*args, **kwargs)
+            return _FALL_BACK
         b, s, _ = hs.shape
         hd = m.head_dim
         q = lora_linear(hs, *params[0]).view(b, s, -1, hd)
@@ -300,29 +304,35 @@ def _text_attention_forward(m: nn.Module, orig: Callable) -> Callable:
             q, k = m.q_norm(q), m.k_norm(k)
         cos, sin = pe
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
-        scale = getattr(m, "scaling", hd ** -0.5)
-        cu = a.get("cu_seq_lens_q")
-        mask = a.get("attention_mask")
-        if cu is not None and b == 1:
-            max_len = a.get("max_length_q")
-            if max_len is None or torch.is_tensor(max_len):
-                max_len = max_seqlen_of(cu)
-            out = varlen_attention(q.reshape(s, -1, hd), k.reshape(s, -1, hd), v.reshape(s, -1, hd), cu,
-                                   int(max_len), causal=True, scale=scale)
-        elif mask is None:
-            cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=hs.device)
-            out = varlen_attention(q.reshape(b * s, -1, hd), k.reshape(b * s, -1, hd), v.reshape(b * s, -1, hd),
-                                   cu, s, causal=True, scale=scale)
-        else:  # padded batch with transformers' 4D mask: SDPA with that mask
-            if mask.ndim == 4:
-                mask = mask[:, :, :, :s]
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 attn_mask=mask, scale=scale,
-                                                 enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
-        out = lora_linear(out.reshape(b, s, -1), *params[3])
-        return out, None
+        out = _causal_attention(q, k, v, a, getattr(m, "scaling", hd ** -0.5))
+        return lora_linear(out.reshape(b, s, -1), *params[3]), None
 
-    return forward
+    return _bound_forward(orig, fused)
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: dict[str, Any],
+                      scale: float) -> torch.Tensor:
+    """Causal attention of (B, S, heads, head_dim) ``q``/``k``/``v`` for a text attention call's arguments
+    ``a``: packed varlen (``cu_seq_lens_q``, one row), varlen over equal rows (no mask), or SDPA with
+    transformers' 4-D mask (a padded batch). Returns (B, S, heads, head_dim)."""
+    b, s, _, hd = q.shape
+    cu = a.get("cu_seq_lens_q")
+    mask = a.get("attention_mask")
+    if cu is not None and b == 1:
+        max_len = a.get("max_length_q")
+        if max_len is None or torch.is_tensor(max_len):
+            max_len = max_seqlen_of(cu)
+        return varlen_attention(q.reshape(s, -1, hd), k.reshape(s, -1, hd), v.reshape(s, -1, hd), cu,
+                                int(max_len), causal=True, scale=scale)
+    if mask is None:
+        cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=q.device)
+        return varlen_attention(q.reshape(b * s, -1, hd), k.reshape(b * s, -1, hd), v.reshape(b * s, -1, hd),
+                                cu, s, causal=True, scale=scale)
+    if mask.ndim == 4:
+        mask = mask[:, :, :, :s]
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
 
 
 _MAX_SEQLEN: dict[int, tuple[Any, int, int]] = {}  # id(cu) -> (weakref to cu, cu._version, value)
@@ -349,18 +359,13 @@ def max_seqlen_of(cu: torch.Tensor) -> int:
 
 
 def _vision_attention_forward(m: nn.Module, orig: Callable) -> Callable:
-    sig = inspect.signature(orig)
-
-    def forward(*args: Any, **kwargs: Any):
-        a = _bind(sig, args, kwargs)
-        if a is None:
-            return orig(*args, **kwargs)
+    def fused(a: dict[str, Any]) -> Any:
         hs, cu, pe = a.get("hidden_states"), a.get("cu_seqlens"), a.get("position_embeddings")
         if hs is None or cu is None or pe is None:
-            return orig(*args, **kwargs)
+            return _FALL_BACK
         pq, pp = lora_params(m.qkv, hs), lora_params(m.proj, hs)
         if pq is None or pp is None:
-            return orig(*args, **kwargs)
+            return _FALL_BACK
         s = hs.shape[0]
         q, k, v = lora_linear(hs, *pq).reshape(s, 3, m.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = pe
@@ -373,7 +378,7 @@ def _vision_attention_forward(m: nn.Module, orig: Callable) -> Callable:
                                scale=getattr(m, "scaling", hd ** -0.5))
         return lora_linear(out.reshape(s, -1), *pp)
 
-    return forward
+    return _bound_forward(orig, fused)
 
 
 def _rope_function(orig: Callable) -> Callable:
@@ -458,9 +463,18 @@ def patch_model(model: nn.Module, enabled: bool | None = None, *, fused_cross_en
         warnings.warn(f"visiontune.kernels: no kernel map for model_type {model_type!r}; running unpatched "
                       f"(supported: {', '.join(REGISTRY)})", stacklevel=2)
         return PatchHandle(None, model_type, active=False)
-    kmap = arch.kernels
     handle = PatchHandle(model, model_type, active=True)
     handle.recompute_mlp = bool(recompute_mlp)
+    _patch_modules(model, arch.kernels, handle, attention=attention, fused_cross_entropy=fused_cross_entropy)
+    for mod_name in arch.kernels.rope_modules:
+        _swap_global(handle, mod_name, "apply_rotary_pos_emb", _rope_function)
+    vision_state(model).kernel_handle = handle
+    return handle
+
+
+def _patch_modules(model: nn.Module, kmap: KernelMap, handle: PatchHandle, *, attention: bool,
+                   fused_cross_entropy: bool) -> None:
+    """Swap the fused forward in on every module of ``model`` that the kernel map ``kmap`` names."""
     ce_done = False
     for m in model.modules():
         cls = type(m).__name__
@@ -474,12 +488,12 @@ def patch_model(model: nn.Module, enabled: bool | None = None, *, fused_cross_en
             g, u, d, act_attr = kmap.gated_mlps[cls]
             act = identify_activation(getattr(m, act_attr))
             if act is not None:
-                _set_forward(handle, m, _gated_mlp_forward(m, m.forward, (g, u, d), act, handle), "gated_mlp")
+                _set_forward(handle, m, _mlp_forward(m, m.forward, (g, u, d), act, handle, gated_mlp), "gated_mlp")
         elif cls in kmap.plain_mlps:
             f1, f2, act_attr = kmap.plain_mlps[cls]
             act = identify_activation(getattr(m, act_attr))
             if act is not None:
-                _set_forward(handle, m, _plain_mlp_forward(m, m.forward, (f1, f2), act, handle), "plain_mlp")
+                _set_forward(handle, m, _mlp_forward(m, m.forward, (f1, f2), act, handle, plain_mlp), "plain_mlp")
         elif cls in kmap.mrope_rotary and hasattr(m, "mrope_section") and hasattr(m, "inv_freq"):
             _set_forward(handle, m, _mrope_forward(m, m.forward, kmap.mrope_rotary[cls]), "mrope")
         elif attention and cls in kmap.text_attention:
@@ -490,10 +504,6 @@ def patch_model(model: nn.Module, enabled: bool | None = None, *, fused_cross_en
               and cls.endswith("ForConditionalGeneration") and isinstance(getattr(m, "lm_head", None), nn.Linear)):
             _set_forward(handle, m, _fused_ce_forward(m, m.forward), "fused_cross_entropy")
             ce_done = True
-    for mod_name in kmap.rope_modules:
-        _swap_global(handle, mod_name, "apply_rotary_pos_emb", _rope_function)
-    vision_state(model).kernel_handle = handle
-    return handle
 
 
 def unpatch_model(model: nn.Module) -> None:

@@ -96,3 +96,53 @@ def test_describe_lists_every_field():
     text = describe()
     for key in PipelineConfig().flat():
         assert key.split(".")[1] in text
+
+
+# ------------------------------------------------------------------------- ranges (issue 14, hole 7)
+@pytest.mark.parametrize("key,value,allowed", [
+    ("validate.max_failure_ratio", -1.0, "0 <= value <= 1"),
+    ("validate.max_failure_ratio", 1.5, "0 <= value <= 1"),
+    ("validate.max_pixels", 0, "value >= 1"),
+    ("validate.max_aspect_ratio", 0.5, "value >= 1"),
+    ("lora.r", 0, "value >= 1"),
+    ("lora.r", -8, "value >= 1"),
+    ("lora.lora_dropout", 1.0, "0 <= value < 1"),
+    ("train.learning_rate", 0.0, "value > 0"),
+    ("train.learning_rate", -3e-4, "value > 0"),
+    ("train.learning_rate", float("nan"), "value > 0"),
+    ("train.max_steps", -2, "value >= -1"),
+    ("train.num_train_epochs", 0.0, "value > 0"),
+    ("train.per_device_train_batch_size", 0, "value >= 1"),
+    ("train.gradient_accumulation_steps", 0, "value >= 1"),
+    ("train.save_steps", 0, "value >= 1"),
+    ("train.warmup_steps", -1, "value >= 0"),
+    ("model.max_seq_length", 0, "value >= 1"),
+    ("eval.max_new_tokens", 0, "value >= 1"),
+    ("register.promotion_margin", -0.1, "value >= 0"),
+    ("register.max_pixels", 0, "value >= 1"),
+    ("normalize.image_format", "gif", "one of 'png', 'jpeg'"),
+])
+def test_every_setting_is_range_checked_when_the_config_loads(key, value, allowed):
+    section, name = key.split(".")
+    with pytest.raises(ConfigError) as e:
+        from_dict({section: {name: value}}, source="params.yaml")
+    assert str(e.value) == f"params.yaml: {key}={value!r} is out of range (allowed: {allowed})"
+
+
+def test_ranges_between_settings_and_from_overrides(tmp_path):
+    with pytest.raises(ConfigError, match=r"normalize.min_px=1200 is above normalize.max_px=1000"):
+        from_dict({"normalize": {"min_px": 1200}})
+    with pytest.raises(ConfigError, match=r"validate.min_text_chars=10 is above validate.max_text_chars=5"):
+        from_dict({"validate": {"min_text_chars": 10, "max_text_chars": 5}})
+    with pytest.raises(ConfigError, match=r"validate.max_failure_ratio=-1.0 is out of range"):
+        from_dict({"validate": {"max_failure_ratio": -1}})  # YAML's -1 for a float setting
+    params = tmp_path / "p.yaml"
+    params.write_text("train:\n  max_steps: 9\n")
+    with pytest.raises(ConfigError, match=r"--set lora.r=0: lora.r=0 is out of range \(allowed: value >= 1\)"):
+        load_params(params, ["lora.r=0"])
+    # Optional settings may be null; defaults and bounds themselves pass; the range shows in `visiontune config`.
+    assert from_dict({"collator": {"pad_to_multiple_of": None}, "train": {"max_steps": -1, "learning_rate": 1e-9},
+                      "validate": {"max_failure_ratio": 1}}).validate.max_failure_ratio == 1.0
+    with pytest.raises(ConfigError, match="collator.pad_to_multiple_of=0"):
+        from_dict({"collator": {"pad_to_multiple_of": 0}})
+    assert any(line.strip().startswith("r: 16") and "[int, value >= 1]" in line for line in describe().splitlines())

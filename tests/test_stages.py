@@ -12,14 +12,15 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
+from datafixtures import sh  # noqa: E402  (tests/data/datafixtures.py)
 
 from visiontune import stages
 from visiontune.config import PipelineConfig, from_dict, to_yaml
@@ -29,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Which sections belong to which stage; everything else a stage reads must be shared or an upstream output.
 OWN_SECTIONS = {"demo-data": {"demo"}, "tiny-model": set(), "validate": {"validate"}, "normalize": {"normalize"},
-                "convert": {"convert"}, "train": {"train", "lora", "collator"}, "evaluate": {"eval"},
-                "register": {"register"}}
+                "convert": {"convert"}, "train": {"train", "lora", "collator"}, "align": {"align"},
+                "evaluate": {"eval"}, "register": {"register"}}
 SHARED_SECTIONS = {"data", "model", "images", "tracking"}
 
 
@@ -45,7 +46,8 @@ def test_every_stage_has_a_cli_command_and_a_task():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert {s.name for s in stages.STAGES} <= set(sub.choices)
     assert set(TASKS) == {s.name for s in stages.pipeline()}
-    assert [s.name for s in stages.pipeline()] == ["validate", "normalize", "convert", "train", "evaluate", "register"]
+    assert [s.name for s in stages.pipeline()] == ["validate", "normalize", "convert", "train", "align", "evaluate",
+                                                   "register"]
 
 
 def _upstream_output_keys(stage: stages.Stage) -> set[str]:
@@ -155,16 +157,6 @@ def test_stage_reads_exactly_its_listed_settings(stage, tmp_path):
 
 
 # --------------------------------------------------------------------------------- both front doors
-def sh(cwd: Path, *cmd: str) -> str:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               VISIONTUNE_WORKERS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t")
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    out = p.stdout + p.stderr
-    assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{out}"
-    return out
-
-
 def _dvc_changed(repo: Path) -> set[str]:
     status = json.loads(sh(repo, "dvc", "status", "--json").strip().splitlines()[-1] or "{}")
     return {name.split(":")[-1] for name in status if not name.endswith(".dvc")}

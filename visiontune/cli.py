@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(sub.add_parser("run", help=f"run the whole pipeline as a Prefect flow: {order}"))
     for stage in stages.STAGES:
         _add_common(sub.add_parser(stage.name, help=stage.help))
+    sub.choices["report"].add_argument("--run", metavar="RUN_ID", help="rebuild the report of any past MLflow run "
+                                       "from MLflow alone (into report.output_dir/runs/RUN_ID/)")
     p = sub.add_parser("serve", help="serve the retraining flow on a cron schedule (needs a Prefect server)")
     _add_common(p)
     p.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * 1" (Mondays 03:00)')
@@ -64,6 +66,10 @@ def _run(args: argparse.Namespace, cfg: PipelineConfig) -> object:
         from visiontune.flows.retrain import serve
 
         return serve(cron=args.cron, name=args.name, params=args.params, overrides=args.overrides)
+    if args.command == "report" and args.run:
+        from visiontune.pipeline.report import report_for_run
+
+        return report_for_run(cfg, args.run)
     return stages.get(args.command).function()(cfg)
 
 

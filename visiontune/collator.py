@@ -103,6 +103,14 @@ def _mrope_positions(model: Any, batch: dict[str, Any], mask: torch.Tensor) -> O
     return positions
 
 
+def _base_config(model: Any) -> Any:
+    """The transformers config of ``model``, under a PEFT wrapper if there is one (or ``model`` itself when
+    it is a config)."""
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model().config
+    return getattr(model, "config", model)
+
+
 class VisionDataCollator:
     """Collate conversation samples into a batch for a vision-language model (Unsloth-compatible)."""
 
@@ -128,9 +136,7 @@ class VisionDataCollator:
     ):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.config = getattr(model, "config", model)
-        base_cfg = getattr(model, "get_base_model", lambda: model)().config if hasattr(model, "get_base_model") else self.config
-        self.config = base_cfg
+        self.config = base_cfg = _base_config(model)
         self.spec: Optional[ArchSpec]
         try:
             self.spec = get_spec(base_cfg)
@@ -155,16 +161,21 @@ class VisionDataCollator:
         self.pad_token_id = self.tokenizer.pad_token_id
         self.dropped = 0  # samples dropped because their image tokens did not fit
         self.truncated = 0
-        if self.train_on_responses_only:
-            if not (instruction_part and response_part):
-                auto_instr, auto_resp = self.detect_parts()
-                instruction_part = instruction_part or auto_instr
-                response_part = response_part or auto_resp
-            self.instruction_part, self.response_part = instruction_part, response_part
-            self._instr_ids = self._marker_ids(instruction_part)
-            self._resp_ids = self._marker_ids(response_part)
-        else:
+        self._set_markers(instruction_part, response_part)
+
+    def _set_markers(self, instruction_part: Optional[str], response_part: Optional[str]) -> None:
+        """Instruction/response markers and their token ids (``train_on_responses_only``); missing ones are
+        read off the chat template."""
+        if not self.train_on_responses_only:
             self.instruction_part = self.response_part = None
+            return
+        if not (instruction_part and response_part):
+            auto_instr, auto_resp = self.detect_parts()
+            instruction_part = instruction_part or auto_instr
+            response_part = response_part or auto_resp
+        self.instruction_part, self.response_part = instruction_part, response_part
+        self._instr_ids = self._marker_ids(instruction_part)
+        self._resp_ids = self._marker_ids(response_part)
 
     # ---------------------------------------------------------------------------------------- helpers
     def _image_token_ids(self) -> set[int]:
@@ -299,6 +310,20 @@ class VisionDataCollator:
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("VisionDataCollator got an empty batch")
+        convs, texts, images = self._prepare(examples)
+        batch = self._encode(texts, images)
+        if self.max_seq_length:
+            batch, convs = self._fit(batch, convs, texts, images)
+        ids_rows = batch["input_ids"].tolist()
+        att_rows = batch["attention_mask"].tolist()
+        labels = [self._labels(ids, att, conv) for ids, att, conv in zip(ids_rows, att_rows, convs)]
+        batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        if self.padding_free:
+            return self._pack(dict(batch))
+        return dict(batch)
+
+    def _prepare(self, examples: list[dict]) -> tuple[list[list[dict]], list[str], list[list[Image.Image]]]:
+        """Per sample: its conversation (images replaced by placeholders), rendered text and loaded images."""
         convs, texts, images = [], [], []
         for ex in examples:
             if self.formatting_func is not None:
@@ -314,54 +339,57 @@ class VisionDataCollator:
             convs.append(clean)
             texts.append(self._render(clean))
             images.append(self._load_images(values))
+        return convs, texts, images
 
-        batch = self._encode(texts, images)
+    # ----------------------------------------------------------------------------------- token budget
+    def _fit(self, batch: Any, convs: list[list[dict]], texts: list[str],
+             images: list[list[Image.Image]]) -> tuple[Any, list[list[dict]]]:
+        """Fit the batch into ``max_seq_length``: drop the samples whose image tokens end past it (the rest
+        are encoded again without them), then cut the sequence axis. Returns (batch, conversations kept)."""
         limit = self.max_seq_length
-        if limit:
-            lengths = batch["attention_mask"].sum(dim=1).tolist()
-            if max(lengths) > limit:
-                keep_rows = []
-                for i, ids in enumerate(batch["input_ids"].tolist()):
-                    img_pos = [j for j, t in enumerate(ids[: lengths[i]]) if t in self.image_token_ids]
-                    last_img = img_pos[-1] if img_pos else -1
-                    if last_img >= limit:
-                        self.dropped += 1
-                        warnings.warn(
-                            f"VisionDataCollator: dropped a sample needing {lengths[i]} tokens whose image tokens end "
-                            f"at position {last_img + 1} > max_seq_length={limit}; truncating would cut through the "
-                            "image. Raise max_seq_length or use smaller images (resize='min').",
-                            stacklevel=2,
-                        )
-                    else:
-                        keep_rows.append(i)
-                        if lengths[i] > limit:
-                            self.truncated += 1
-                if not keep_rows:
-                    raise SampleTooLongError(
-                        f"every sample in the batch needs more than max_seq_length={limit} tokens before its last "
-                        f"image token ends (lengths {lengths}); raise max_seq_length or resize images smaller"
-                    )
-                if len(keep_rows) < len(examples):
-                    convs = [convs[i] for i in keep_rows]
-                    texts = [texts[i] for i in keep_rows]
-                    images = [images[i] for i in keep_rows]
-                    batch = self._encode(texts, images)
-                seq_len = batch["input_ids"].shape[1]
-                if seq_len > limit:
-                    new_len = limit
-                    if self.pad_to_multiple_of:
-                        new_len = limit // self.pad_to_multiple_of * self.pad_to_multiple_of or limit
-                    for key, value in list(batch.items()):
-                        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == seq_len \
-                                and key not in _IMAGE_KEYS:
-                            batch[key] = value[:, :new_len]
-        ids_rows = batch["input_ids"].tolist()
-        att_rows = batch["attention_mask"].tolist()
-        labels = [self._labels(ids, att, conv) for ids, att, conv in zip(ids_rows, att_rows, convs)]
-        batch["labels"] = torch.tensor(labels, dtype=torch.long)
-        if self.padding_free:
-            return self._pack(dict(batch))
-        return dict(batch)
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        if max(lengths) <= limit:
+            return batch, convs
+        keep_rows = self._rows_that_fit(batch["input_ids"].tolist(), lengths, limit)
+        if len(keep_rows) < len(convs):
+            convs = [convs[i] for i in keep_rows]
+            batch = self._encode([texts[i] for i in keep_rows], [images[i] for i in keep_rows])
+        seq_len = batch["input_ids"].shape[1]
+        if seq_len > limit:
+            new_len = limit
+            if self.pad_to_multiple_of:
+                new_len = limit // self.pad_to_multiple_of * self.pad_to_multiple_of or limit
+            for key, value in list(batch.items()):
+                if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == seq_len \
+                        and key not in _IMAGE_KEYS:
+                    batch[key] = value[:, :new_len]
+        return batch, convs
+
+    def _rows_that_fit(self, ids_rows: list[list[int]], lengths: list[int], limit: int) -> list[int]:
+        """Indexes of the samples whose last image token lies within ``limit``; the others are dropped with a
+        warning. Updates the ``dropped`` and ``truncated`` counters; SampleTooLongError when none is left."""
+        keep_rows = []
+        for i, ids in enumerate(ids_rows):
+            img_pos = [j for j, t in enumerate(ids[: lengths[i]]) if t in self.image_token_ids]
+            last_img = img_pos[-1] if img_pos else -1
+            if last_img >= limit:
+                self.dropped += 1
+                warnings.warn(
+                    f"VisionDataCollator: dropped a sample needing {lengths[i]} tokens whose image tokens end "
+                    f"at position {last_img + 1} > max_seq_length={limit}; truncating would cut through the "
+                    "image. Raise max_seq_length or use smaller images (resize='min').",
+                    stacklevel=4,  # the caller of __call__ (__call__ -> _fit -> here)
+                )
+            else:
+                keep_rows.append(i)
+                if lengths[i] > limit:
+                    self.truncated += 1
+        if not keep_rows:
+            raise SampleTooLongError(
+                f"every sample in the batch needs more than max_seq_length={limit} tokens before its last "
+                f"image token ends (lengths {lengths}); raise max_seq_length or resize images smaller"
+            )
+        return keep_rows
 
     def _pack(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Padded batch -> one packed row (``padding_free=True``): no pad token costs a FLOP.

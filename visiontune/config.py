@@ -4,11 +4,12 @@ Every setting of the pipeline lives here, once: its type, its default and its do
 ``help`` metadata of each field). ``params.yaml`` maps onto :class:`PipelineConfig` section by section,
 the CLI's ``--set section.key=value`` overrides map onto the same fields, and no other module reads a
 default from anywhere else. Unknown keys are errors (a typo in ``params.yaml`` must not be silently
-ignored).
+ignored), and so is a value out of its field's range (``ge``/``gt``/``le``/``lt``/``choices`` of :func:`_f`,
+checked when the config loads: ``validate.max_failure_ratio=-1`` fails before any stage runs).
 
 Sections are scoped by consumer (as litgpt's TrainArgs / EvalArgs): a stage reads its own section
-(``validate``, ``normalize``, ``convert``, ``demo``, ``train`` with its ``lora`` and ``collator``, ``eval``,
-``register``) plus the shared ones (``data``: where the data lives; ``model``: the base model; ``images``:
+(``validate``, ``normalize``, ``convert``, ``demo``, ``train`` with its ``lora`` and ``collator``, ``align``,
+``eval``, ``register``) plus the shared ones (``data``: where the data lives; ``model``: the base model; ``images``:
 how images are sized for the model, in training and inference alike; ``tracking``: MLflow). A stage may
 also read the output locations of the stages upstream of it (e.g. ``train.output_dir``). The exact keys
 each stage reads are listed once, in :mod:`visiontune.stages`.
@@ -25,15 +26,38 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from visiontune.images import ImageRule
+from visiontune.images import MAX_PIXELS, ImageRule
 
 
-def _f(default: Any, help: str) -> Any:
-    """A dataclass field with a default and its documentation."""
+def _f(default: Any, help: str, *, ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[float] = None,
+       lt: Optional[float] = None, choices: Optional[tuple] = None) -> Any:
+    """A dataclass field with a default, its documentation and the range of its values (bounds of a number,
+    or the values a string may take; None, where the type allows it, is always accepted)."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("choices", choices)) if v is not None}
+    metadata = {"help": help, "range": bounds} if bounds else {"help": help}
     if isinstance(default, (list, dict, tuple)):
         value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(value)(value), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def range_text(bounds: dict[str, Any]) -> str:
+    """A field's range in words, e.g. ``0 <= value <= 1``, ``value > 0``, ``one of 'png', 'jpeg'``."""
+    if "choices" in bounds:
+        return "one of " + ", ".join(repr(c) for c in bounds["choices"])
+    low = f"{bounds['ge']} <= " if "ge" in bounds else f"{bounds['gt']} < " if "gt" in bounds else ""
+    high = f" <= {bounds['le']}" if "le" in bounds else f" < {bounds['lt']}" if "lt" in bounds else ""
+    if low and not high:  # one-sided: "value >= 1" reads better than "1 <= value"
+        return "value " + (f">= {bounds['ge']}" if "ge" in bounds else f"> {bounds['gt']}")
+    return f"{low}value{high}"
+
+
+def _in_range(value: Any, bounds: dict[str, Any]) -> bool:
+    if "choices" in bounds:
+        return value in bounds["choices"]
+    checks = (("ge", lambda b: value >= b), ("gt", lambda b: value > b), ("le", lambda b: value <= b),
+              ("lt", lambda b: value < b))
+    return all(check(bounds[k]) for k, check in checks if k in bounds)  # NaN fails every comparison
 
 
 @dataclass
@@ -56,33 +80,33 @@ class DataConfig:
 class DemoConfig:
     """The bundled demo data generator (``visiontune demo-data``)."""
 
-    samples: int = _f(3000, "Number of pages the demo data generator writes.")
-    seed: int = _f(3407, "Seed of the demo data generator (same seed, same bytes: data.dvc's hash holds).")
+    samples: int = _f(3000, "Number of pages the demo data generator writes.", ge=1)
+    seed: int = _f(3407, "Seed of the demo data generator (same seed, same bytes: data.dvc's hash holds).", ge=0)
 
 
 @dataclass
 class ValidateConfig:
     """The validate stage: which raw records are accepted (the rest are quarantined with a reason)."""
 
-    accept_min_px: int = _f(8, "Images whose shorter side is below this are rejected (too small to upscale meaningfully).")
-    accept_max_px: int = _f(20000, "Images whose longer side is above this are rejected.")
-    max_pixels: int = _f(40_000_000, "Images with more pixels than this are rejected as decompression bombs.")
-    max_aspect_ratio: float = _f(8.0, "Largest allowed long side / short side.")
+    accept_min_px: int = _f(8, "Images whose shorter side is below this are rejected (too small to upscale meaningfully).", ge=1)
+    accept_max_px: int = _f(20000, "Images whose longer side is above this are rejected.", ge=1)
+    max_pixels: int = _f(MAX_PIXELS, "Images with more pixels than this are rejected as decompression bombs (never decoded).", ge=1)
+    max_aspect_ratio: float = _f(8.0, "Largest allowed long side / short side.", ge=1)
     allowed_modes: list = _f(["RGB", "RGBA", "L", "LA", "P", "CMYK", "I;16", "I", "1"], "PIL modes accepted (all are converted to RGB).")
-    min_text_chars: int = _f(1, "Shortest allowed target text, in characters (after stripping).")
-    max_text_chars: int = _f(4000, "Longest allowed target text, in characters.")
-    max_failure_ratio: float = _f(0.2, "The validate stage fails when more than this share of records is quarantined.")
+    min_text_chars: int = _f(1, "Shortest allowed target text, in characters (after stripping).", ge=0)
+    max_text_chars: int = _f(4000, "Longest allowed target text, in characters.", ge=1)
+    max_failure_ratio: float = _f(0.2, "The validate stage fails when more than this share of records is quarantined.", ge=0, le=1)
 
 
 @dataclass
 class NormalizeConfig:
     """The normalize stage: every valid image brought into one pixel range, content-addressed."""
 
-    min_px: int = _f(300, "Smallest allowed image side after normalization, in pixels.")
-    max_px: int = _f(1000, "Largest allowed image side after normalization, in pixels.")
+    min_px: int = _f(300, "Smallest allowed image side after normalization, in pixels.", ge=1)
+    max_px: int = _f(1000, "Largest allowed image side after normalization, in pixels.", ge=1)
     uniform_size: Optional[list] = _f(None, "If set, [width, height]: every image is padded/resized to exactly this size.")
-    multiple_of: int = _f(0, "If > 0, image sides are rounded to a multiple of this (e.g. 28 for Qwen2-VL); 0 keeps them.")
-    image_format: str = _f("png", "Format of normalized images: 'png' (lossless) or 'jpeg' (quality 95; smaller and faster to write).")
+    multiple_of: int = _f(0, "If > 0, image sides are rounded to a multiple of this (e.g. 28 for Qwen2-VL); 0 keeps them.", ge=0)
+    image_format: str = _f("png", "Format of normalized images: 'png' (lossless) or 'jpeg' (quality 95; smaller and faster to write).", choices=("png", "jpeg"))
 
 
 @dataclass
@@ -91,7 +115,7 @@ class ConvertConfig:
 
     instruction: str = _f("Transcribe the handwritten digits in this image.", "User instruction placed before the image(s) in each conversation; recorded with the model as the served default prompt.")
     split_ratios: list = _f([0.8, 0.1, 0.1], "Train / validation / test shares; split by a hash of each record, stable when rows are added.")
-    seed: int = _f(3407, "Seed of the hash-based split.")
+    seed: int = _f(3407, "Seed of the hash-based split.", ge=0)
 
 
 @dataclass
@@ -105,8 +129,8 @@ class ModelConfig:
     )
     tiny_architecture: str = _f("qwen3_vl", "Architecture of the tiny demo model built when name_or_path does not exist yet and starts with models/tiny-.")
     tiny_size: str = _f("demo", "Size preset of that tiny model (visiontune.testing.TINY_SIZES): 'demo' (learns the demo task within its CPU budget) or 'test' (smallest; what the unit tests use).")
-    tiny_seed: int = _f(3407, "Seed of that tiny model's random weights.")
-    max_seq_length: int = _f(1024, "Longest sequence (text + image tokens) a sample may have.")
+    tiny_seed: int = _f(3407, "Seed of that tiny model's random weights.", ge=0)
+    max_seq_length: int = _f(1024, "Longest sequence (text + image tokens) a sample may have.", ge=1)
     dtype: Optional[str] = _f(None, "torch dtype name; None picks bfloat16 on GPUs that support it, float32 otherwise.")
     load_in_4bit: bool = _f(False, "Load the frozen base in 4-bit NF4 (bitsandbytes, CUDA only).")
     use_gradient_checkpointing: Union[bool, str, float] = _f(
@@ -124,9 +148,9 @@ class LoraConfig:
     finetune_language_layers: bool = _f(True, "Put LoRA on the language model's blocks.")
     finetune_attention_modules: bool = _f(True, "Put LoRA on attention projections.")
     finetune_mlp_modules: bool = _f(True, "Put LoRA on MLP projections.")
-    r: int = _f(16, "LoRA rank.")
-    lora_alpha: int = _f(16, "LoRA scaling numerator (scale = lora_alpha / r, or / sqrt(r) with use_rslora).")
-    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
+    r: int = _f(16, "LoRA rank.", ge=1)
+    lora_alpha: int = _f(16, "LoRA scaling numerator (scale = lora_alpha / r, or / sqrt(r) with use_rslora).", ge=1)
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", ge=0, lt=1)
     use_rslora: bool = _f(False, "Rank-stabilized LoRA scaling.")
     target_modules: Optional[Union[str, list]] = _f(None, "Explicit list or regex of module names; overrides the four flags when set.")
     modules_to_save: Optional[list] = _f(None, "Modules trained in full and saved with the adapter, e.g. [lm_head, embed_tokens].")
@@ -138,7 +162,7 @@ class CollatorConfig:
 
     train_on_responses_only: bool = _f(True, "Compute the loss only on assistant answers, found by the chat template's markers.")
     completion_only_loss: bool = _f(True, "Mask everything that is not an assistant answer (by the template's own structure).")
-    pad_to_multiple_of: Optional[int] = _f(None, "Pad each batch's length to a multiple of this.")
+    pad_to_multiple_of: Optional[int] = _f(None, "Pad each batch's length to a multiple of this.", ge=1)
     padding_free: bool = _f(
         False, "Pack each batch into one row without padding (Qwen2/2.5/3-VL, Mistral 3). Needs the fused-kernel "
         "engine (on by default on CUDA) or flash-attention 2; refused, with the reason, where samples would mix.")
@@ -149,17 +173,65 @@ class TrainConfig:
     """The train stage."""
 
     output_dir: str = _f("outputs/train", "Folder for checkpoints and the final adapter.")
-    learning_rate: float = _f(3e-3, "Peak learning rate (linear decay after warmup).")
-    warmup_steps: int = _f(20, "Linear warmup steps.")
-    max_steps: int = _f(1200, "Optimizer steps; > 0 overrides num_train_epochs.")
-    num_train_epochs: float = _f(1.0, "Epochs, used when max_steps <= 0.")
-    per_device_train_batch_size: int = _f(16, "Samples per device per micro-batch.")
-    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
-    save_steps: int = _f(100, "Checkpoint every this many steps (a killed run resumes from the last one).")
-    logging_steps: int = _f(10, "Log metrics every this many steps.")
-    seed: int = _f(3407, "Seed of data order, dropout and LoRA init.")
+    learning_rate: float = _f(3e-3, "Peak learning rate (linear decay after warmup).", gt=0)
+    warmup_steps: int = _f(20, "Linear warmup steps.", ge=0)
+    max_steps: int = _f(1200, "Optimizer steps; > 0 overrides num_train_epochs (0 or -1: train num_train_epochs epochs).", ge=-1)
+    num_train_epochs: float = _f(1.0, "Epochs, used when max_steps <= 0.", gt=0)
+    per_device_train_batch_size: int = _f(16, "Samples per device per micro-batch.", ge=1)
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", ge=1)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.", ge=0)
+    save_steps: int = _f(100, "Checkpoint every this many steps (a killed run resumes from the last one).", ge=1)
+    logging_steps: int = _f(10, "Log metrics every this many steps.", ge=1)
+    seed: int = _f(3407, "Seed of data order, dropout and LoRA init.", ge=0)
+    eval_every_steps: int = _f(
+        200, "Every this many steps (and at the end) generate answers for the first eval_samples rows of the validation "
+        "split and log val_cer / val_exact_match to MLflow as curves beside the loss (0 = off). On the demo: 6 "
+        "evaluations, about 2% of the training time.", ge=0)
+    eval_samples: int = _f(32, "Validation rows (the first ones: a fixed subset) evaluated during training.", ge=0)
+    eval_max_new_tokens: int = _f(12, "Generation length limit of the evaluation during training.", ge=1)
+    select_best: Optional[str] = _f(
+        None, "cer or exact_match: save the adapter of the in-training evaluation that was best on this metric "
+        "instead of the last one (recorded in the run as best_step / selected_step); null keeps the last.")
+
+
+@dataclass
+class AlignConfig:
+    """The align stage: GRPO (GSPO, Dr. GRPO) or DPO on the SFT adapter, before evaluate (off by default)."""
+
+    method: str = _f("none", "'none' (off: evaluate and register take the SFT adapter), 'grpo' (TRL's GRPO with the "
+                     "rewards below; loss_type and importance_sampling_level pick GRPO, Dr. GRPO, GSPO) or 'dpo'.",
+                     choices=("none", "grpo", "dpo"))
+    output_dir: str = _f("outputs/align", "Folder of the aligned adapter and of run.json, the record of the model "
+                         "evaluate and register take (the SFT one when method is none).")
+    split: str = _f("train", "Split whose prompts (and reference answers) are aligned on.")
+    max_samples: int = _f(0, "Use at most this many rows of the split (0 = all).", ge=0)
+    rewards: list = _f(["cer"], "GRPO rewards (visiontune.rewards), summed: exact_match, cer (1 - CER), numeric "
+                       "(first number within numeric_tolerance), format (whole answer matches format_pattern). DPO "
+                       "scores sampled answers with the first one when the split has no chosen/rejected columns.")
+    reward_weights: Optional[list] = _f(None, "Weight of each reward (null: all 1).")
+    numeric_tolerance: float = _f(0.0, "Absolute tolerance of the numeric reward.", ge=0)
+    format_pattern: str = _f(r"\d+", "Regular expression the whole answer must match for the format reward.")
+    loss_type: str = _f("grpo", "TRL's GRPO loss: grpo (per-sequence mean), dr_grpo (Dr. GRPO: constant "
+                        "normalizer), dapo, bnpo, ...", choices=("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"))
+    importance_sampling_level: str = _f("token", "'token' (GRPO) or 'sequence' (GSPO: one importance ratio per "
+                                        "completion).", choices=("token", "sequence"))
+    num_generations: int = _f(8, "GRPO: completions sampled per prompt; DPO without chosen/rejected columns: "
+                              "samples per prompt the pair is picked from.", ge=2)
+    max_completion_length: int = _f(12, "Longest sampled answer, in tokens.", ge=1)
+    temperature: float = _f(1.0, "Sampling temperature of the completions.", gt=0)
+    beta: float = _f(0.04, "GRPO: weight of the KL penalty to the SFT model (0 = none, no reference pass). DPO: the "
+                     "implicit reward's temperature (TRL's default 0.1).", ge=0)
+    learning_rate: float = _f(1e-4, "Peak learning rate (linear decay).", gt=0)
+    max_steps: int = _f(50, "Optimizer steps.", ge=1)
+    per_device_train_batch_size: int = _f(16, "GRPO: completions per step (a multiple of num_generations); DPO: "
+                                          "pairs per step.", ge=1)
+    logging_steps: int = _f(5, "Log metrics (reward, KL, completion length ...) every this many steps.", ge=1)
+    seed: int = _f(3407, "Seed of sampling and data order.", ge=0)
+    chosen_column: str = _f("chosen", "DPO: column of the preferred answer text, if the dataset has one.")
+    rejected_column: str = _f("rejected", "DPO: column of the dispreferred answer text.")
+    sample_table_rows: int = _f(64, "Latest completions (with their rewards) or DPO pairs logged as MLflow's "
+                                "align/samples.json table.", ge=1)
 
 
 @dataclass
@@ -167,14 +239,14 @@ class EvalConfig:
     """The evaluate stage: held-out split, base vs fine-tuned."""
 
     split: str = _f("test", "Which split to evaluate on.")
-    max_samples: int = _f(100, "Evaluate at most this many samples (0 = all).")
-    max_new_tokens: int = _f(12, "Generation length limit.")
-    batch_size: int = _f(8, "Generation batch size.")
-    primary_metric: str = _f("cer", "Metric that decides promotion: cer (lower is better), exact_match, bleu or rougeL (recorded in the metrics file, which register reads).")
+    max_samples: int = _f(100, "Evaluate at most this many samples (0 = all).", ge=0)
+    max_new_tokens: int = _f(12, "Generation length limit.", ge=1)
+    batch_size: int = _f(8, "Generation batch size.", ge=1)
+    primary_metric: str = _f("cer", "Metric that decides promotion: cer (lower is better), exact_match, chrf or rougeL (recorded in the metrics file, which register reads).")
     metrics_file: str = _f("outputs/eval/metrics.json", "DVC metrics file written by the evaluate stage.")
     predictions_file: str = _f("outputs/eval/predictions.csv", "Per-sample CSV (reference, base and fine-tuned prediction, CER): DVC plots data, also logged to MLflow.")
     grid_file: str = _f("outputs/eval/predictions.png", "PNG grid of sample images with reference and prediction, also logged to MLflow.")
-    grid_samples: int = _f(8, "Samples shown in the prediction grid (0 = no grid).")
+    grid_samples: int = _f(8, "Samples shown in the prediction grid (0 = no grid).", ge=0)
     compare_base: bool = _f(True, "Also evaluate the base model without the adapter (doubles evaluation time; gives the base_* baseline).")
 
 
@@ -183,13 +255,27 @@ class RegisterConfig:
     """The register stage: MLflow model, registry version and champion/challenger promotion."""
 
     model_name: str = _f("visiontune-demo", "Registered model name.")
-    promotion_margin: float = _f(0.0, "The new version becomes champion only if it beats the champion's primary metric by more than this.")
+    promotion_margin: float = _f(0.0, "The new version becomes champion only if it beats the champion's primary metric by more than this.", ge=0)
     artifact_name: str = _f("model", "Name of the logged MLflow model (log_model(name=...)) inside the training run.")
     log_base_model: bool = _f(True, "Log a local base model directory as a model artifact so the model loads anywhere; False (or a hub id) stores only the id/path.")
     input_example: bool = _f(True, "Log an input example with the model; MLflow then loads the model once to validate it (turn off for large models).")
-    max_new_tokens: int = _f(64, "Default generation length of the served model (overridable per request with params={'max_new_tokens': n}).")
-    batch_size: int = _f(8, "Generation batch size of the served model.")
+    max_new_tokens: int = _f(64, "Default generation length of the served model (overridable per request with params={'max_new_tokens': n}).", ge=1)
+    batch_size: int = _f(8, "Generation batch size of the served model.", ge=1)
     promotions_log: str = _f("mlflow/promotions.jsonl", "Local JSON-lines log of every promotion decision (also logged to the run as register/decision.json).")
+    image_root: Optional[str] = _f(
+        None, "The one folder on the serving machine whose image files a request to the served model may name by path "
+        "(absolute, or relative to it; '..' and symlinks out of it are refused). null: the served model takes "
+        "image bytes (base64) only and reads no file.")
+    max_pixels: int = _f(MAX_PIXELS, "Largest image (width x height) the served model decodes; a larger one is refused "
+                         "from its header, before decoding (decompression bombs).", ge=1)
+
+
+@dataclass
+class ReportConfig:
+    """The report stage: one self-contained HTML page per run (decision, metrics, curves, gallery, errors, data, lineage)."""
+
+    output_dir: str = _f("outputs/report", "Folder of the run report (index.html); `visiontune report --run ID` writes runs/<ID>/index.html there.")
+    gallery_samples: int = _f(100, "Evaluation samples shown in the report's gallery, in evaluation order (0 = all).", ge=0)
 
 
 @dataclass
@@ -218,8 +304,10 @@ class PipelineConfig:
     lora: LoraConfig = _section(LoraConfig)
     collator: CollatorConfig = _section(CollatorConfig)
     train: TrainConfig = _section(TrainConfig)
+    align: AlignConfig = _section(AlignConfig)
     eval: EvalConfig = _section(EvalConfig)
     register: RegisterConfig = _section(RegisterConfig)
+    report: ReportConfig = _section(ReportConfig)
     tracking: TrackingConfig = _section(TrackingConfig)
 
     def to_dict(self) -> dict:
@@ -302,7 +390,25 @@ def from_dict(raw: dict, source: str = "<dict>") -> PipelineConfig:
             built[name] = cls(**kwargs)
         except ValueError as e:  # a section that validates its own values (e.g. images)
             raise ConfigError(f"{source}: section '{name}': {e}") from e
+        _check_ranges(source, name, built[name])
     return PipelineConfig(**built)
+
+
+# Settings that bound each other within a section: (section, lower, upper).
+_ORDERED = (("validate", "accept_min_px", "accept_max_px"), ("validate", "min_text_chars", "max_text_chars"),
+            ("normalize", "min_px", "max_px"))
+
+
+def _check_ranges(source: str, name: str, section: Any) -> None:
+    """Every field of a built section within its range (:func:`_f`), and the ordered pairs in order."""
+    for f in dataclasses.fields(section):
+        value, bounds = getattr(section, f.name), f.metadata.get("range")
+        if bounds and value is not None and not isinstance(value, bool) and not _in_range(value, bounds):
+            raise ConfigError(f"{source}: {name}.{f.name}={value!r} is out of range (allowed: {range_text(bounds)})")
+    for sec, low, high in _ORDERED:
+        if sec == name and getattr(section, low) > getattr(section, high):
+            raise ConfigError(f"{source}: {sec}.{low}={getattr(section, low)!r} is above {sec}.{high}="
+                              f"{getattr(section, high)!r}; lower the first or raise the second")
 
 
 def load_params(path: str | Path = "params.yaml", overrides: Optional[list[str]] = None) -> PipelineConfig:
@@ -344,6 +450,8 @@ def describe() -> str:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             tname = getattr(types_[f.name], "__name__", str(types_[f.name]).replace("typing.", ""))
+            if f.metadata.get("range"):
+                tname += ", " + range_text(f.metadata["range"])
             lines.append(f"  {f.name}: {default!r}  [{tname}]  {f.metadata.get('help', '')}")
     return "\n".join(lines)
 

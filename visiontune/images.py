@@ -28,6 +28,16 @@ if TYPE_CHECKING:  # PIL and numpy load on first use: the pipeline config import
 # The 'min'/'max' sides used for an architecture visiontune has no module map for (no patch snapping then).
 FALLBACK_BOUNDS = (448, 1024)
 RESIZE_DIMENSIONS = (0, 1, "max", "min")
+# The most pixels (width x height) an image may have to be decoded: the default of validate.max_pixels and
+# register.max_pixels, and the guard of load_image. A decompression bomb (a small file that decodes to
+# gigabytes) is refused from its header, before a single pixel is decoded.
+MAX_PIXELS = 40_000_000
+# The one answer of the served model to an image value it does not take, whatever the reason: it must not
+# tell a caller which files exist on the server.
+REFUSED_IMAGE = (
+    "image refused: send the image's bytes, base64-encoded (base64.b64encode(open(path, 'rb').read()).decode()); "
+    "this model reads files only under the folder set at registration (register.image_root)"
+)
 
 
 @dataclass(frozen=True)
@@ -83,12 +93,39 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
-def load_image(value: Any, base_dir: Optional[Path] = None) -> Image.Image:
+class ImageTooLargeError(ValueError):
+    """An image whose header claims more pixels than allowed: refused before decoding."""
+
+
+class ImageRefusedError(ValueError):
+    """An image value the served model does not take (see :func:`open_served_image`)."""
+
+
+def _open_checked(source: Any, what: str, max_pixels: int) -> Image.Image:
+    """``Image.open`` (header only) plus the pixel check, so nothing larger than ``max_pixels`` is decoded."""
+    from PIL import Image
+
+    try:
+        img = Image.open(source)
+    except Image.DecompressionBombError as e:  # PIL's own guard (2 x Image.MAX_IMAGE_PIXELS) caught it first
+        raise ImageTooLargeError(f"{what}: {e} Refused before decoding.") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        img.close()
+        raise ImageTooLargeError(
+            f"{what} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}: refused before decoding "
+            "(a decompression bomb, or an image to shrink before sending it)")
+    return img
+
+
+def load_image(value: Any, base_dir: Optional[Path] = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """A PIL RGB image from a PIL image, a path, raw bytes or an Arrow ``{"bytes", "path"}`` dict.
 
     A relative path that does not exist is looked up under ``base_dir``. EXIF orientation is applied
     (phone photos are stored rotated) and the mode converted as :func:`to_rgb` does. Base64 text (how
-    images travel in JSON serving requests) goes through :func:`decode_image_value` first.
+    images travel in JSON serving requests) goes through :func:`decode_image_value` first. Bytes and
+    files are opened header first: more than ``max_pixels`` raises :class:`ImageTooLargeError` before
+    decoding; a PIL image is the caller's own, already opened (:func:`open_served_image` checks those).
     """
     from PIL import Image
 
@@ -97,14 +134,14 @@ def load_image(value: Any, base_dir: Optional[Path] = None) -> Image.Image:
     if isinstance(value, Image.Image):
         img = value
     elif isinstance(value, (bytes, bytearray)):
-        img = Image.open(io.BytesIO(value))
+        img = _open_checked(io.BytesIO(value), "image bytes", max_pixels)
     elif isinstance(value, (str, Path)):
         path = Path(value)
         if not path.is_absolute() and base_dir is not None and not path.exists():
             path = base_dir / path
         if not path.exists():
             raise FileNotFoundError(f"image {str(value)!r} not found (looked in {path.parent}); fix the path in your data")
-        img = Image.open(path)
+        img = _open_checked(path, f"image {path}", max_pixels)
     else:
         raise TypeError(f"unsupported image value of type {type(value).__name__}: expected a PIL image, path, bytes or dict")
     return to_rgb(img)
@@ -119,16 +156,70 @@ def _is_file(value: str) -> bool:
 
 def decode_image_value(value: Any) -> Any:
     """An image value as :func:`load_image` takes it; a str that is not an existing file is decoded as
-    base64 (how images travel in JSON serving requests)."""
+    base64 (how images travel in JSON serving requests).
+
+    For the project's own data (training, evaluation): any path is read. The served model takes requests
+    from others and uses :func:`open_served_image` instead.
+    """
     if isinstance(value, str) and not _is_file(value):
-        try:
-            return base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
+        data = _base64_bytes(value)
+        if data is None:
             raise FileNotFoundError(
                 f"image {value[:80]!r} is neither an existing file nor base64-encoded image bytes; pass a path "
-                "that exists where the model runs, or base64.b64encode(open(path, 'rb').read()).decode()"
-            ) from None
+                "that exists where the model runs, or base64.b64encode(open(path, 'rb').read()).decode()")
+        return data
     return value
+
+
+def _base64_bytes(value: str) -> Optional[bytes]:
+    """The bytes of base64 text; None if ``value`` is not base64."""
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _allowed_file(value: str, image_root: Optional[Union[str, Path]]) -> Optional[Path]:
+    """``value`` as a regular file inside ``image_root`` (``..`` and symlinks resolved first), else None."""
+    if not image_root or "\x00" in value:
+        return None
+    try:
+        root = Path(image_root).resolve()
+        path = (root / value).resolve()  # an absolute value stays absolute
+        return path if path.is_relative_to(root) and path.is_file() else None
+    except (OSError, ValueError, RuntimeError):  # over-long names, symlink loops
+        return None
+
+
+def open_served_image(value: Any, image_root: Optional[Union[str, Path]] = None,
+                      max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """One image of a request to the served model, opened (header only) and size-checked, not yet decoded.
+
+    Taken: raw bytes, base64 text, a PIL image (in-process calls), and, only when ``image_root`` is set,
+    the path of a regular file inside it (relative paths are relative to it). Anything else, a path
+    outside the root, a missing file, a non-image, raises :class:`ImageRefusedError` with one and the same
+    message (:data:`REFUSED_IMAGE`): a caller learns nothing about the server's files. More than
+    ``max_pixels`` raises :class:`ImageTooLargeError` before decoding.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(value, dict):  # Arrow's {"bytes", "path"}; its path obeys the same rule as a plain one
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, Image.Image):
+        w, h = value.size
+        if w * h > max_pixels:
+            raise ImageTooLargeError(f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
+        return value
+    if isinstance(value, (str, Path)):
+        source: Any = _allowed_file(str(value), image_root) or _base64_bytes(str(value))
+    else:
+        source = bytes(value) if isinstance(value, (bytes, bytearray)) else None
+    if source is None:
+        raise ImageRefusedError(REFUSED_IMAGE)
+    try:
+        return _open_checked(io.BytesIO(source) if isinstance(source, bytes) else source, "image", max_pixels)
+    except (UnidentifiedImageError, OSError):
+        raise ImageRefusedError(REFUSED_IMAGE) from None
 
 
 # ------------------------------------------------------------------------------------------- size rules

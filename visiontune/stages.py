@@ -91,6 +91,7 @@ _TINY_MODEL = _keys("model", "name_or_path", "tiny_architecture", "tiny_size", "
 _RECORDS = "${data.work_dir}/validated/records.jsonl"
 _DATASET = "${data.work_dir}/dataset"
 _ADAPTER, _RUN = "${train.output_dir}/adapter", "${train.output_dir}/run.json"
+_HANDOFF = "${align.output_dir}"  # run.json naming the adapter evaluate and register take (and that adapter if aligned)
 
 STAGES: tuple[Stage, ...] = (
     Stage(
@@ -130,20 +131,34 @@ STAGES: tuple[Stage, ...] = (
         + _keys("collator", "train_on_responses_only", "completion_only_loss", "pad_to_multiple_of", "padding_free")
         + _keys("train", "output_dir", "learning_rate", "warmup_steps", "max_steps", "num_train_epochs",
                 "per_device_train_batch_size", "gradient_accumulation_steps", "weight_decay", "max_grad_norm",
-                "save_steps", "logging_steps", "seed")
+                "save_steps", "logging_steps", "seed", "eval_every_steps", "eval_samples", "eval_max_new_tokens",
+                "select_best")
         + _keys("tracking", "uri", "experiment"),
         deps=(_DATASET,),
         outs=(Out("${train.output_dir}", persist=True),),  # persist: a killed run resumes from its checkpoints
         retries=1, retry_any=True,
         dvc_plots=(Out("${train.output_dir}/loss.json", "plots", plot={"x": "step", "y": "loss"}),)),
     Stage(
+        "align", "GRPO/GSPO/Dr. GRPO or DPO on the fine-tuned adapter (align.method; none: hand it on unchanged)",
+        "visiontune.pipeline.align:align_stage",
+        ("data.work_dir",) + _LOAD_MODEL + _keys("model", "use_gradient_checkpointing") + _IMAGES + ("train.output_dir",)
+        + _keys("align", "method", "output_dir", "split", "max_samples", "rewards", "reward_weights",
+                "numeric_tolerance", "format_pattern", "loss_type", "importance_sampling_level", "num_generations",
+                "max_completion_length", "temperature", "beta", "learning_rate", "max_steps",
+                "per_device_train_batch_size", "logging_steps", "seed", "chosen_column", "rejected_column",
+                "sample_table_rows")
+        + ("tracking.uri",),
+        deps=(_DATASET, _ADAPTER, _RUN),
+        outs=(Out("${align.output_dir}"),),
+        retries=1),
+    Stage(
         "evaluate", "evaluate base and fine-tuned model on the held-out split",
         "visiontune.pipeline.evaluate:evaluate_stage",
-        ("data.work_dir",) + _LOAD_MODEL + _IMAGES + ("train.output_dir",)
+        ("data.work_dir",) + _LOAD_MODEL + _IMAGES + ("align.output_dir",)
         + _keys("eval", "split", "max_samples", "max_new_tokens", "batch_size", "primary_metric", "metrics_file",
                 "predictions_file", "grid_file", "grid_samples", "compare_base")
         + ("tracking.uri",),
-        deps=(_DATASET, _ADAPTER, _RUN),
+        deps=(_DATASET, _HANDOFF),
         outs=(Out("${eval.metrics_file}", "metrics", cache=False),
               Out("${eval.predictions_file}", "plots", cache=False, plot={"x": "index", "y": "cer"}),
               Out("${eval.grid_file}", "plots", cache=False)),
@@ -151,13 +166,23 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "register", "log the model to MLflow and promote it if it beats the champion",
         "visiontune.pipeline.register:register_stage",
-        ("train.output_dir", "model.name_or_path", "model.dtype") + _IMAGES + ("eval.metrics_file",)
+        ("align.output_dir", "model.name_or_path", "model.dtype") + _IMAGES + ("eval.metrics_file",)
         + _keys("register", "model_name", "promotion_margin", "artifact_name", "log_base_model", "input_example",
-                "max_new_tokens", "batch_size", "promotions_log")
+                "max_new_tokens", "batch_size", "promotions_log", "image_root", "max_pixels")
         + ("tracking.uri",),
-        deps=("${eval.metrics_file}", _ADAPTER, _RUN),
+        deps=("${eval.metrics_file}", _HANDOFF),
         outs=(Out("${register.promotions_log}", cache=False, persist=True),),
         extra_code=("visiontune/pipeline/pyfunc_model.py",)),
+    Stage(
+        "report", "build the run's HTML report: decision, metrics, curves, gallery, errors, data, lineage",
+        "visiontune.pipeline.report:report_stage",
+        ("data.work_dir", "align.output_dir", "eval.metrics_file", "register.promotions_log")
+        + _keys("report", "output_dir", "gallery_samples") + ("tracking.uri",),
+        deps=(f"{_HANDOFF}/run.json", "${eval.metrics_file}", "${register.promotions_log}", "${data.work_dir}/validated/summary.json",
+              "${data.work_dir}/normalized/manifest.json", _DATASET),
+        outs=(Out("${report.output_dir}/index.html"),),
+        extra_code=("visiontune/pipeline/templates/report.html.j2",),
+        report="visiontune.pipeline.report:prefect_report"),
 )
 
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}

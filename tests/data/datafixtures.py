@@ -5,8 +5,11 @@ A plain module (not conftest) so other test folders can import it by a unique na
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -109,3 +112,26 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
     return {str(p): (p.read_bytes(), os.stat(p).st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def numbered_raw(tmp_path: Path, n: int, size: tuple[int, int] = (300, 310)) -> Path:
+    """tmp_path/raw holding ``n`` valid records: ``{i}.png`` (a gradient ``size[0] + i`` wide and ``size[1]``
+    high, so no two are alike) with the text ``"{i}"``. Called again with a larger ``n``, it adds rows."""
+    raw = tmp_path / "raw"
+    raw.mkdir(exist_ok=True)
+    lines = []
+    for i in range(n):
+        (raw / f"{i}.png").write_bytes(png(gradient(size[0] + i, size[1])))
+        lines.append(json.dumps({"image": f"{i}.png", "text": str(i)}))
+    (raw / "annotations.jsonl").write_text("\n".join(lines) + "\n")
+    return raw
+
+
+def sh(cwd: Path, *cmd: str) -> str:
+    """Run ``cmd`` in ``cwd`` with this venv's tools first on PATH, one worker process and a git identity;
+    returns stdout + stderr, and fails the test (with that output) on a non-zero exit."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               VISIONTUNE_WORKERS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{out}"
+    return out

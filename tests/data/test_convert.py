@@ -8,21 +8,10 @@ from pathlib import Path
 import datasets
 import pytest
 
-from datafixtures import gradient, make_cfg, png
+from datafixtures import gradient, make_cfg, numbered_raw, png
 from visiontune.data.convert import assign_split, convert_stage
 from visiontune.data.normalize import normalize_stage
 from visiontune.data.validate import validate_stage
-
-
-def _raw(tmp_path: Path, n: int) -> Path:
-    raw = tmp_path / "raw"
-    raw.mkdir(exist_ok=True)
-    lines = []
-    for i in range(n):
-        (raw / f"{i}.png").write_bytes(png(gradient(300 + i, 310)))
-        lines.append(json.dumps({"image": f"{i}.png", "text": str(i)}))
-    (raw / "annotations.jsonl").write_text("\n".join(lines) + "\n")
-    return raw
 
 
 def _splits(work: Path) -> dict[str, str]:
@@ -32,12 +21,12 @@ def _splits(work: Path) -> dict[str, str]:
 
 def test_split_is_stable_when_rows_are_added_and_follows_the_seed(tmp_path):
     work = tmp_path / "w"
-    cfg = make_cfg(_raw(tmp_path, 30), work, split_ratios=[0.6, 0.2, 0.2])
+    cfg = make_cfg(numbered_raw(tmp_path, 30), work, split_ratios=[0.6, 0.2, 0.2])
     for stage in (validate_stage, normalize_stage, convert_stage):
         stage(cfg)
     first = _splits(work)
     assert set(first.values()) == {"train", "validation", "test"}
-    _raw(tmp_path, 40)
+    numbered_raw(tmp_path, 40)
     for stage in (validate_stage, normalize_stage, convert_stage):
         stage(cfg)
     second = _splits(work)
@@ -50,7 +39,7 @@ def test_split_is_stable_when_rows_are_added_and_follows_the_seed(tmp_path):
 
 def test_dataset_rows_hold_path_strings_and_instruction(tmp_path):
     work = tmp_path / "w"
-    cfg = make_cfg(_raw(tmp_path, 12), work, instruction="Read the digits.")
+    cfg = make_cfg(numbered_raw(tmp_path, 12), work, instruction="Read the digits.")
     for stage in (validate_stage, normalize_stage):
         stage(cfg)
     summary = convert_stage(cfg)

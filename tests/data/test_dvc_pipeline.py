@@ -5,29 +5,17 @@ The whole pipeline through DVC, and its agreement with the Prefect cache keys, i
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from datafixtures import sh
 from visiontune.config import PipelineConfig, to_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def sh(cwd: Path, *cmd: str) -> str:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               VISIONTUNE_WORKERS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t")
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    out = p.stdout + p.stderr
-    assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{out}"
-    return out
 
 
 def ran(out: str) -> set[str]:

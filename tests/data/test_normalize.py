@@ -9,7 +9,7 @@ import os
 import pytest
 from PIL import Image
 
-from datafixtures import gradient, make_cfg, snapshot
+from datafixtures import gradient, make_cfg, png, snapshot
 from visiontune.data.normalize import normalize_image, normalize_stage, output_name
 from visiontune.data.validate import validate_stage
 
@@ -59,3 +59,26 @@ def test_stage_outputs_in_range_and_rerun_writes_nothing(bad_raw, tmp_path):
 def test_normalize_without_validate_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `visiontune validate` first"):
         normalize_stage(make_cfg(tmp_path, tmp_path / "w"))
+
+
+@pytest.mark.parametrize("swap, says", [("symlink_out", "outside the data root"), ("content", "sha256")])
+def test_a_source_changed_after_validation_is_refused_and_nothing_is_written(tmp_path, swap, says):
+    """Normalize re-checks what validation recorded (issue 14, hole 4): a symlink re-pointed outside the
+    data root, or other bytes under the same name, is an error naming the file and the fix."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "real.png").write_bytes(png(gradient(400, 300)))
+    (tmp_path / "outside.png").write_bytes(png(gradient(500, 300)))
+    (raw / "a.png").symlink_to(raw / "real.png")
+    (raw / "annotations.jsonl").write_text(json.dumps({"image": "a.png", "text": "1"}) + "\n")
+    work = tmp_path / "w"
+    cfg = make_cfg(raw, work)
+    validate_stage(cfg)
+    (raw / "a.png").unlink()
+    if swap == "symlink_out":
+        (raw / "a.png").symlink_to(tmp_path / "outside.png")
+    else:
+        (raw / "a.png").write_bytes(png(gradient(500, 300)))
+    with pytest.raises(ValueError, match=rf"a\.png .*{says}.*Re-run `visiontune validate`"):
+        normalize_stage(cfg)
+    assert not [p for p in (work / "normalized").rglob("*") if p.is_file()]

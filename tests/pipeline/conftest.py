@@ -81,9 +81,11 @@ def _make_cfg(tmp: Path, assets: dict[str, Any], base: str | None = None, **sect
 
 
 def _start_training_run(cfg: Any, adapter: str, base: str, tracking_uri: str | None = None) -> str:
-    """Stand-in for the train stage's contract: a finished MLflow run + run.json. Returns the run id."""
+    """Stand-in for the train stage's contract: a finished MLflow run + run.json, handed on to evaluate and
+    register by the align stage (off). Returns the run id."""
     import mlflow
 
+    from visiontune.pipeline.align import align_stage
     from visiontune.pipeline.tracking import setup_mlflow, write_run_file
 
     uri = tracking_uri or cfg.tracking.uri
@@ -93,6 +95,7 @@ def _start_training_run(cfg: Any, adapter: str, base: str, tracking_uri: str | N
         mlflow.log_metric("train_loss", 1.0)
     write_run_file(cfg.train.output_dir, {"mlflow_run_id": run.info.run_id, "tracking_uri": uri,
                                           "experiment_id": exp_id, "adapter_dir": adapter, "base_model": base})
+    align_stage(cfg)
     return run.info.run_id
 
 
@@ -101,7 +104,7 @@ def _write_metrics(cfg: Any, **finetuned: float) -> Path:
     from visiontune.data.io import hash_tree
     from visiontune.pipeline.tracking import read_run_file
 
-    scores = {"exact_match": 0.0, "cer": 1.0, "bleu": 0.0, "rougeL": 0.0, **finetuned}
+    scores = {"exact_match": 0.0, "cer": 1.0, "chrf": 0.0, "rougeL": 0.0, **finetuned}
     run = read_run_file(cfg.train.output_dir)  # the metrics belong to this run's adapter, as evaluate writes them
     path = Path(cfg.eval.metrics_file)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,8 @@ def test_metrics_on_hand_computed_strings():
     assert m["rougeL"] == pytest.approx(1 / 3)  # only the third pair shares words (F1 = 1)
     assert set(m) == set(METRICS)
     same = compute_metrics(["the cat sat on the mat"], ["the cat sat on the mat"])
-    assert same == {"exact_match": 1.0, "cer": 0.0, "bleu": pytest.approx(100.0), "rougeL": 1.0}
-    assert compute_metrics(["zzzz"], ["the cat sat on the mat"])["bleu"] == 0.0
+    assert same == {"exact_match": 1.0, "cer": 0.0, "chrf": pytest.approx(100.0), "rougeL": 1.0}
+    assert compute_metrics(["zzzz"], ["the cat sat on the mat"])["chrf"] == 0.0
     assert compute_metrics(["日本 語"], ["日本 語"])["rougeL"] == 1.0  # non-Latin words are tokens too
     assert sample_cer("12345", "12") == pytest.approx(3 / 2)  # insertions: CER can exceed 1
 

@@ -25,7 +25,7 @@ from visiontune.pipeline.register import CHALLENGER, CHAMPION, artifact_key, dec
     (0.24, 0.3, "cer", 0.05, CHAMPION),
     (0.9, 0.8, "exact_match", 0.0, CHAMPION),    # higher is better for the others
     (0.7, 0.8, "exact_match", 0.0, CHALLENGER),
-    (40.0, 39.0, "bleu", 2.0, CHALLENGER),
+    (40.0, 39.0, "chrf", 2.0, CHALLENGER),
     (0.6, 0.5, "rougeL", 0.05, CHAMPION),
     (float("nan"), 0.5, "cer", 0.0, CHALLENGER),  # a broken evaluation never promotes
     (0.5, float("nan"), "cer", 0.0, CHAMPION),

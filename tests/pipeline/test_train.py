@@ -179,3 +179,95 @@ def test_padding_free_training(tmp_path, demo_dataset, tiny_model_dir, monkeypat
     assert result["tokens_seen"] == sum(b["input_ids"].numel() for b in batches)
     losses = [h["loss"] for h in result["history"] if "loss" in h]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+# ------------------------------------------------------------------------------- issue 14: holes 5 and 8
+def _mlflow_client(cfg: PipelineConfig):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+
+
+def test_a_second_training_on_a_busy_output_dir_fails_fast_and_touches_nothing(tmp_path, demo_dataset, tiny_model_dir,
+                                                                              monkeypatch):
+    """Hole 5: a live run holds train.output_dir. A second one (other settings) must neither attach to its
+    checkpoints and MLflow run nor delete them."""
+    monkeypatch.chdir(tmp_path)
+    cfg = from_dict(_cfg(tmp_path, demo_dataset, tiny_model_dir("qwen2_5_vl")))
+    out = Path(cfg.train.output_dir)
+    (out / "checkpoint-35").mkdir(parents=True)
+    (out / "checkpoint-35" / "trainer_state.json").write_text("{}")
+    live = '{"mlflow_run_id": "live-run", "status": "running", "fingerprint": "other settings"}'
+    (out / "run.json").write_text(live)
+    holder = subprocess.Popen(  # the live run: another process holding the folder's lock
+        [sys.executable, "-c", "import sys; from filelock import FileLock; l = FileLock(sys.argv[1]); l.acquire(); "
+         "print('held', flush=True); sys.stdin.read()", str(out / train_mod.LOCK_FILE)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.perf_counter()
+        with pytest.raises(OSError) as e:
+            train_mod.train_stage(cfg)
+        assert time.perf_counter() - t0 < 5
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    message = str(e.value)
+    assert str(out) in message and "another training" in message and "train.output_dir" in message
+    assert (out / "checkpoint-35" / "trainer_state.json").exists() and (out / "run.json").read_text() == live
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was started either
+
+
+def test_an_orphaned_run_is_marked_killed_by_the_next_run(tmp_path, demo_dataset, tiny_model_dir, monkeypatch):
+    """Hole 8: a run killed before its first checkpoint stays RUNNING in MLflow; the next run that does not
+    resume it marks it KILLED."""
+    from visiontune.pipeline.tracking import setup_mlflow, write_run_file
+
+    monkeypatch.chdir(tmp_path)
+    cfg = from_dict(_cfg(tmp_path, demo_dataset, tiny_model_dir("qwen2_5_vl"), max_steps=1))
+    client = _mlflow_client(cfg)
+    orphan = client.create_run(setup_mlflow(cfg.tracking.uri, cfg.tracking.experiment)).info.run_id
+    write_run_file(cfg.train.output_dir, {"mlflow_run_id": orphan, "tracking_uri": cfg.tracking.uri,
+                                          "status": "running", "fingerprint": stages.fingerprint("train", cfg)})
+    assert client.get_run(orphan).info.status == "RUNNING"
+    record = train_mod.train_stage(cfg)
+    assert client.get_run(orphan).info.status == "KILLED"
+    assert record["mlflow_run_id"] != orphan and record["killed_run_id"] == orphan
+    assert client.get_run(record["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_tokens_and_runtime_are_cumulative_across_a_resume(tmp_path, demo_dataset, tiny_model_dir, monkeypatch):
+    """Hole 8: after a crash at step 3 and a resume from checkpoint-2, tokens_seen equals an uninterrupted
+    run's and train_runtime_s adds the time up to the checkpoint to the resumed part."""
+    import json
+
+    from transformers import TrainerCallback
+
+    model_dir = tiny_model_dir("qwen2_5_vl")
+    straight_root, crashed_root = tmp_path / "straight", tmp_path / "crashed"
+    monkeypatch.chdir(tmp_path)
+    straight = train_mod.train_stage(from_dict(_cfg(straight_root, demo_dataset, model_dir)))
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            if state.global_step == 3:
+                raise RuntimeError("simulated crash at step 3")
+
+    real_callbacks = train_mod._make_callbacks
+    monkeypatch.setattr(train_mod, "_make_callbacks", lambda *a: real_callbacks(*a) + [Crash()])
+    cfg = from_dict(_cfg(crashed_root, demo_dataset, model_dir))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_mod.train_stage(cfg)
+    monkeypatch.setattr(train_mod, "_make_callbacks", real_callbacks)
+    crashed_run = json.loads((crashed_root / "out" / "run.json").read_text())["mlflow_run_id"]
+    resumed = train_mod.train_stage(cfg)
+
+    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["global_step"] == 4
+    assert resumed["mlflow_run_id"] == crashed_run
+    assert resumed["tokens_seen"] == straight["tokens_seen"]
+    prior = train_mod.checkpoint_counters(Path(cfg.train.output_dir) / "checkpoint-2")
+    assert straight["tokens_seen"] > prior["tokens_seen"] > 0
+    history = json.loads((crashed_root / "out" / "log_history.json").read_text())
+    segment = next(h["train_runtime"] for h in reversed(history) if "train_runtime" in h)  # HF's: this part only
+    assert prior["train_runtime_s"] > 0
+    assert resumed["train_runtime_s"] == pytest.approx(prior["train_runtime_s"] + segment, abs=0.05)

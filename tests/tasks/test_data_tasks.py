@@ -10,7 +10,7 @@ import pytest
 from prefect import flow
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
-from datafixtures import gradient, png  # noqa: E402  (tests/data/datafixtures.py)
+from datafixtures import numbered_raw  # noqa: E402  (tests/data/datafixtures.py)
 
 from visiontune.config import PipelineConfig, from_dict
 from visiontune.tasks.stages import TASKS, retry_on_transient_io, stage_cache_key
@@ -19,14 +19,7 @@ validate_task, normalize_task, convert_task = TASKS["validate"], TASKS["normaliz
 
 
 def _raw(tmp_path: Path, n: int = 20) -> Path:
-    raw = tmp_path / "raw"
-    raw.mkdir(exist_ok=True)
-    lines = []
-    for i in range(n):
-        (raw / f"{i}.png").write_bytes(png(gradient(310 + i, 300)))
-        lines.append(json.dumps({"image": f"{i}.png", "text": str(i)}))
-    (raw / "annotations.jsonl").write_text("\n".join(lines) + "\n")
-    return raw
+    return numbered_raw(tmp_path, n, size=(310, 300))
 
 
 def _cfg(tmp_path: Path, convert: dict | None = None, **data) -> PipelineConfig:

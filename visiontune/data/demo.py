@@ -123,13 +123,7 @@ def generate_demo(out_dir: str | Path, n: int = 600, seed: int = 3407) -> dict[s
     CPU time, 34 s on 2 cores). Files whose bytes are already there are left untouched (a re-run changes no mtime).
     """
     global _DIGITS
-    import contextlib
-    import multiprocessing as mp
-
     from sklearn.datasets import load_digits
-    from tqdm.auto import tqdm
-
-    from visiontune.data.probe import worker_count
 
     if n < 10:
         raise ValueError(f"demo.samples = {n}: the demo needs at least 10 samples (it plants 4 bad ones)")
@@ -137,9 +131,6 @@ def generate_demo(out_dir: str | Path, n: int = 600, seed: int = 3407) -> dict[s
     _DIGITS = (digits.images, digits.target)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    kinds: list[str] = []
-    written = 0
     # Deliberately bad records, at fixed positions so the same rows are bad every time.
     bad = {
         "empty_caption": n // 7,
@@ -147,20 +138,7 @@ def generate_demo(out_dir: str | Path, n: int = 600, seed: int = 3407) -> dict[s
         "duplicate_image": n // 2,
         "truncated_png": (2 * n) // 3,
     }
-    jobs = [(k, seed) for k in range(n)]
-    workers = worker_count(n)
-    bar = tqdm(total=n, desc="demo pages", unit="img", disable=n < 200)
-    with (mp.get_context("fork").Pool(workers) if workers > 1 else contextlib.nullcontext()) as pool:
-        pages = pool.imap(_page, jobs, chunksize=16) if pool is not None else map(_page, jobs)
-        for k, (kind, data, text) in enumerate(pages):
-            rel = f"images/{k:05d}.png"
-            if k == bad["truncated_png"]:
-                data = data[: len(data) // 2]
-            written += write_if_changed(out / rel, data)
-            rows.append({"image": rel, "text": text})
-            kinds.append(kind)
-            bar.update()
-    bar.close()
+    rows, kinds, written = _write_pages(out, n, seed, bad["truncated_png"])
     rows[bad["empty_caption"]]["text"] = ""
     rows[bad["missing_file"]]["image"] = "images/missing_00000.png"
     dup_src = rows[bad["duplicate_image"] - 1]
@@ -177,6 +155,36 @@ def generate_demo(out_dir: str | Path, n: int = 600, seed: int = 3407) -> dict[s
     )
     sizes = _counts(np.array(kinds))
     return {"raw_dir": str(out), "records": n, "files_written": written, "size_mix": sizes, "planted_bad_rows": bad}
+
+
+def _write_pages(out: Path, n: int, seed: int, truncated_row: int) -> tuple[list[dict], list[str], int]:
+    """Render the ``n`` pages into ``out/images`` (page ``truncated_row`` cut in half), one process per core;
+    returns (annotation rows, each page's size kind, files written)."""
+    import contextlib
+    import multiprocessing as mp
+
+    from tqdm.auto import tqdm
+
+    from visiontune.data.probe import worker_count
+
+    rows: list[dict] = []
+    kinds: list[str] = []
+    written = 0
+    jobs = [(k, seed) for k in range(n)]
+    workers = worker_count(n)
+    bar = tqdm(total=n, desc="demo pages", unit="img", disable=n < 200)
+    with (mp.get_context("fork").Pool(workers) if workers > 1 else contextlib.nullcontext()) as pool:
+        pages = pool.imap(_page, jobs, chunksize=16) if pool is not None else map(_page, jobs)
+        for k, (kind, data, text) in enumerate(pages):
+            rel = f"images/{k:05d}.png"
+            if k == truncated_row:
+                data = data[: len(data) // 2]
+            written += write_if_changed(out / rel, data)
+            rows.append({"image": rel, "text": text})
+            kinds.append(kind)
+            bar.update()
+    bar.close()
+    return rows, kinds, written
 
 
 def _counts(kinds: np.ndarray) -> dict[str, int]:

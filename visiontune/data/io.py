@@ -160,40 +160,8 @@ def read_annotations(
     path = annotations_path(raw_dir, annotations)
     if not path.exists():
         raise _not_found(path)
-    if path.is_dir():
-        records, utf8 = _read_datasets_dir(path), None
-    else:
-        suffix = path.suffix.lower()
-        if suffix in (".jsonl", ".json"):
-            records, utf8 = _read_jsonl_rows(path)
-        elif suffix == ".csv":
-            records, utf8 = _read_csv_rows(path)
-        elif suffix in (".parquet", ".pq"):
-            import pandas as pd
-
-            try:
-                records = pd.read_parquet(path).to_dict("records")
-            except Exception as e:  # pyarrow raises several types for a broken file
-                raise ValueError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e}); re-export it") from e
-            utf8 = None
-        else:
-            raise ValueError(
-                f"{path}: unsupported annotation format {suffix!r}; use .jsonl, .csv, .parquet or a folder "
-                f"written by datasets' save_to_disk"
-            )
-    columns: set[str] = set()
-    for rec in records:
-        if isinstance(rec, dict):
-            columns.update(rec)
-    if records:
-        needed = [c for c in (image_column, text_column, question_column, extra_images_column) if c]
-        missing = [c for c in needed if c not in columns]
-        if missing:
-            raise ValueError(
-                f"{path}: column(s) {missing} not found (columns present: {sorted(columns)}); set "
-                f"data.image_column / data.text_column / data.question_column / data.extra_images_column in "
-                f"params.yaml to the names your file uses"
-            )
+    records, utf8 = _read_records(path)
+    _check_columns(path, records, [c for c in (image_column, text_column, question_column, extra_images_column) if c])
     rows = []
     for i, rec in enumerate(records):
         row = RawRow(row=i)
@@ -201,23 +169,66 @@ def read_annotations(
             row.text_utf8 = False
         if not isinstance(rec, dict):
             row.parse_error = str(rec)
-            rows.append(row)
-            continue
-        try:
-            row.images = _image_refs(rec.get(image_column), i) + _image_refs(
-                rec.get(extra_images_column) if extra_images_column else None, i
-            )
-            row.answers = _turns(rec.get(text_column))
-            row.questions = _turns(rec.get(question_column)) if question_column else None
-            for value in (row.answers or []) + (row.questions or []):
-                if value is not None and _has_surrogates(value):
-                    row.text_utf8 = False
-            row.answers = _clean(row.answers)
-            row.questions = _clean(row.questions)
-        except ValueError as e:
-            row.parse_error = str(e)
+        else:
+            _parse_row(row, rec, image_column, text_column, question_column, extra_images_column)
         rows.append(row)
     return rows
+
+
+def _read_records(path: Path) -> tuple[list, Optional[list[bool]]]:
+    """(records, per-record "text was valid UTF-8" or None when the reader cannot tell) of any supported source."""
+    if path.is_dir():
+        return _read_datasets_dir(path), None
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return _read_jsonl_rows(path)
+    if suffix == ".csv":
+        return _read_csv_rows(path)
+    if suffix in (".parquet", ".pq"):
+        import pandas as pd
+
+        try:
+            return pd.read_parquet(path).to_dict("records"), None
+        except Exception as e:  # pyarrow raises several types for a broken file
+            raise ValueError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e}); re-export it") from e
+    raise ValueError(
+        f"{path}: unsupported annotation format {suffix!r}; use .jsonl, .csv, .parquet or a folder "
+        f"written by datasets' save_to_disk"
+    )
+
+
+def _check_columns(path: Path, records: list, needed: list[str]) -> None:
+    """A configured column that no record has is a configuration mistake: say which names the file uses."""
+    columns: set[str] = set()
+    for rec in records:
+        if isinstance(rec, dict):
+            columns.update(rec)
+    missing = [c for c in needed if c not in columns]
+    if records and missing:
+        raise ValueError(
+            f"{path}: column(s) {missing} not found (columns present: {sorted(columns)}); set "
+            f"data.image_column / data.text_column / data.question_column / data.extra_images_column in "
+            f"params.yaml to the names your file uses"
+        )
+
+
+def _parse_row(row: RawRow, rec: dict, image_column: str, text_column: str, question_column: Optional[str],
+               extra_images_column: Optional[str]) -> None:
+    """Fill ``row`` from one record; a value that cannot be read becomes ``row.parse_error``, never an exception."""
+    i = row.row
+    try:
+        row.images = _image_refs(rec.get(image_column), i) + _image_refs(
+            rec.get(extra_images_column) if extra_images_column else None, i
+        )
+        row.answers = _turns(rec.get(text_column))
+        row.questions = _turns(rec.get(question_column)) if question_column else None
+        for value in (row.answers or []) + (row.questions or []):
+            if value is not None and _has_surrogates(value):
+                row.text_utf8 = False
+        row.answers = _clean(row.answers)
+        row.questions = _clean(row.questions)
+    except ValueError as e:
+        row.parse_error = str(e)
 
 
 def _has_surrogates(s: str) -> bool:

@@ -18,6 +18,7 @@ import torch
 
 from visiontune.models.archs import get_spec
 from visiontune.models.checkpointing import checkpoint_fraction
+from visiontune.models.merge import attach_save_methods
 from visiontune.models.state import base_model, set_padding_side, vision_state
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class FastVisionModel:
         peft_model.max_seq_length = max_len
         state.checkpointing = ckpt
         _apply_checkpointing(peft_model, ckpt)  # Unsloth passes it here, too
-        return peft_model
+        return attach_save_methods(peft_model)  # save_pretrained_merged / save_pretrained_gguf, as in Unsloth
 
     @staticmethod
     def for_inference(model: torch.nn.Module) -> torch.nn.Module:

@@ -2,7 +2,7 @@
 
 Both models answer the same prompts (each conversation up to its last assistant turn) by batched greedy
 generation; the answers are scored against the reference answers with character error rate (the
-primary metric for transcription), exact match, corpus BLEU and ROUGE-L. Outputs:
+primary metric for transcription), exact match, chrF and ROUGE-L. Outputs:
 
 * ``eval.metrics_file``: DVC metrics JSON ``{"base": {...}, "finetuned": {...}, "delta": {...},
   "primary_metric": ..., "n_samples": ...}``;
@@ -31,7 +31,7 @@ from visiontune.pipeline.tracking import read_run_file, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
-METRICS = ("exact_match", "cer", "bleu", "rougeL")
+METRICS = ("exact_match", "cer", "chrf", "rougeL")
 LOWER_IS_BETTER = frozenset({"cer"})
 
 
@@ -86,7 +86,9 @@ def compute_metrics(predictions: Sequence[str], references: Sequence[str]) -> di
     * ``exact_match``: share of predictions equal to their reference (0..1);
     * ``cer``: corpus character error rate, total character edits / total reference characters (jiwer;
       lower is better, can exceed 1 when predictions are much longer than references);
-    * ``bleu``: sacrebleu corpus BLEU (0..100, default 13a tokenization);
+    * ``chrf``: sacrebleu corpus chrF (character n-gram F-score, 0..100). Chosen over BLEU, whose word
+      4-grams do not exist in short answers: corpus BLEU was 0.0 for every demo model (e.g. ``53836`` for
+      ``53336``: BLEU 0, chrF 26);
     * ``rougeL``: mean ROUGE-L F1 over samples (rouge-score, Unicode word tokens; 0..1).
 
     An empty prediction is valid (it scores as all deletions). Empty lists, unequal lengths and empty
@@ -103,10 +105,10 @@ def compute_metrics(predictions: Sequence[str], references: Sequence[str]) -> di
         edits += out.substitutions + out.deletions + out.insertions
     cer = edits / sum(len(r) for r in refs)
     exact = sum(p == r for p, r in zip(preds, refs)) / len(refs)
-    bleu = sacrebleu.corpus_bleu(preds, [refs]).score
+    chrf = sacrebleu.corpus_chrf(preds, [refs]).score
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_RougeTokenizer())
     rouge = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)) / len(refs)
-    return {"exact_match": float(exact), "cer": float(cer), "bleu": float(bleu), "rougeL": float(rouge)}
+    return {"exact_match": float(exact), "cer": float(cer), "chrf": float(chrf), "rougeL": float(rouge)}
 
 
 # ------------------------------------------------------------------------------------------- outputs
@@ -184,9 +186,10 @@ def load_eval_samples(dataset_dir: Union[str, Path], split: str, max_samples: in
 
 
 def trained_adapter(run: dict[str, Any], output_dir: Union[str, Path]) -> Path:
-    """The adapter folder the training run recorded in ``run.json`` (else ``<train.output_dir>/adapter``),
-    checked to hold a PEFT adapter."""
-    return require_adapter(run.get("adapter_dir") or Path(output_dir) / "adapter", "re-run `visiontune train`")
+    """The adapter folder recorded in ``run.json`` (train's, or the align stage's hand-off; else
+    ``<output_dir>/adapter``), checked to hold a PEFT adapter."""
+    return require_adapter(run.get("adapter_dir") or Path(output_dir) / "adapter",
+                           "re-run `visiontune train` and `visiontune align`")
 
 
 def _references(samples: list[dict], split: str) -> list[str]:
@@ -277,8 +280,8 @@ def evaluate_stage(cfg: Any) -> dict[str, Any]:
     grid_samples, grid_file = e.grid_samples, e.grid_file  # read always: DVC's params must not depend on the path
     if primary not in METRICS:
         raise ValueError(f"eval.primary_metric={primary!r}: choose one of {', '.join(METRICS)}")
-    run = read_run_file(cfg.train.output_dir)
-    adapter_dir = trained_adapter(run, cfg.train.output_dir)
+    run = read_run_file(cfg.align.output_dir)  # the align stage's hand-off: the SFT or the aligned adapter
+    adapter_dir = trained_adapter(run, cfg.align.output_dir)
     if run.get("base_model") and str(run["base_model"]) != str(cfg.model.name_or_path):
         log.warning("run.json says the adapter was trained on %s but model.name_or_path is %s; evaluating on %s",
                     run["base_model"], cfg.model.name_or_path, cfg.model.name_or_path)

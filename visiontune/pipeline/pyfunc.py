@@ -6,10 +6,16 @@ base model is a local directory (the offline demo's tiny model), that directory 
 on another machine needs nothing but the model URI. For a hub id only the id is stored
 (``model_config["base_model"]``) and the weights come from the hub (or its cache) at load time.
 
-Input: a pandas DataFrame with columns ``image`` (file path, base64-encoded image bytes, or raw bytes
-when called in-process) and, optionally, ``prompt`` (the user text; missing or empty, it is the training
+Input: a pandas DataFrame with columns ``image`` (base64-encoded image bytes, raw bytes when called
+in-process, or the path of a file under ``model_config["image_root"]`` when the model was registered with
+``register.image_root``) and, optionally, ``prompt`` (the user text; missing or empty, it is the training
 instruction recorded with the model). Output: one generated string per row.
 ``params={"max_new_tokens": n}`` overrides the generation length per request.
+
+The served model takes requests from others: it reads no file outside ``image_root`` (none without it),
+answers every refused image with one message (a caller cannot probe which files exist), and refuses
+images over ``model_config["max_pixels"]`` from their header, before decoding (decompression bombs).
+See docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -17,20 +23,21 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import mlflow.pyfunc
 
-from visiontune.images import ImageRule
+from visiontune.images import MAX_PIXELS, ImageRule, open_served_image
 from visiontune.inference import adapter_processor, generate_answers, require_adapter
 
 ADAPTER_ARTIFACT = "adapter"
 BASE_MODEL_ARTIFACT = "base_model"
 
 
-def _build_samples(model_input: Any, default_prompt: Optional[str] = None) -> list[dict]:
+def _build_samples(model_input: Any, default_prompt: Optional[str] = None,
+                   open_image: Callable[[Any], Any] = lambda v: v) -> list[dict]:
     """Conversation samples from a DataFrame / dict / list of dicts with ``image`` and (optionally) ``prompt``;
-    rows without a prompt get ``default_prompt``."""
+    rows without a prompt get ``default_prompt``; each image value goes through ``open_image``."""
     import pandas as pd
 
     if isinstance(model_input, dict):
@@ -46,14 +53,14 @@ def _build_samples(model_input: Any, default_prompt: Optional[str] = None) -> li
     if missing:
         raise ValueError(
             f"model input lacks column(s) {sorted(missing)} (got {list(model_input.columns)}); pass a DataFrame with "
-            "'image' (path or base64 bytes) and 'prompt' (text; optional for models that recorded an instruction)"
+            "'image' (base64 image bytes) and 'prompt' (text; optional for models that recorded an instruction)"
         )
     samples = []
     for image, prompt in model_input[["image", "prompt"]].itertuples(index=False):
         content: list[dict] = []
         no_image = image is None or (isinstance(image, float) and image != image) or (isinstance(image, str) and not image)
         if not no_image:  # None / NaN / "" make a text-only row
-            content.append({"type": "image", "image": image})
+            content.append({"type": "image", "image": open_image(image)})
         if prompt is None or (isinstance(prompt, float) and prompt != prompt) or prompt == "":
             prompt = default_prompt or ""
         content.append({"type": "text", "text": str(prompt)})
@@ -67,7 +74,8 @@ class VisionLoraModel(mlflow.pyfunc.PythonModel):
     ``model_config`` keys (set by the register stage): ``base_model`` (hub id or original path, used when no
     ``base_model`` artifact was logged), ``max_new_tokens``, ``batch_size``, ``resize``, ``resize_dimension``,
     ``snap_to_patch_size`` (the training :class:`~visiontune.images.ImageRule`; a missing one takes the rule's
-    default), ``dtype``, ``instruction`` (the training instruction: the prompt of rows that bring none).
+    default), ``dtype``, ``instruction`` (the training instruction: the prompt of rows that bring none),
+    ``image_root`` (the only folder whose files a request may name; None: none) and ``max_pixels``.
     """
 
     def load_context(self, context: Any) -> None:
@@ -103,7 +111,9 @@ class VisionLoraModel(mlflow.pyfunc.PythonModel):
         a schema (and warns unless they are ``list[...]``); the logged signature is the schema instead.
         """
         params = params or {}
-        samples = _build_samples(model_input, self.config.get("instruction"))
+        root, limit = self.config.get("image_root"), int(self.config.get("max_pixels") or MAX_PIXELS)
+        samples = _build_samples(model_input, self.config.get("instruction"),
+                                 lambda v: open_served_image(v, root, limit))
         return generate_answers(
             self.model, self.processor, samples,
             max_new_tokens=int(params.get("max_new_tokens") or self.config.get("max_new_tokens", 64)),
@@ -126,7 +136,8 @@ def example_image_b64(size: tuple[int, int] = (56, 56)) -> str:
 
 
 def model_signature(max_new_tokens: int) -> Any:
-    """Input columns image (string: path or base64) and optional prompt (string); output strings; param max_new_tokens."""
+    """Input columns image (string: base64, or a path under image_root) and optional prompt (string); output
+    strings; param max_new_tokens."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 

@@ -46,7 +46,7 @@ def decide(new: float, champion: Optional[float], metric: str, margin: float) ->
 
     ``champion`` is the current champion's value (None: there is none, so the new version wins). The new
     version wins only if it is better by strictly more than ``margin`` (cer: lower is better; exact_match,
-    bleu, rougeL: higher is better). A NaN new value never wins; a NaN champion value always loses.
+    chrf, rougeL: higher is better). A NaN new value never wins; a NaN champion value always loses.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r} (eval.primary_metric): choose one of {', '.join(METRICS)}")
@@ -178,7 +178,8 @@ def _log_model(cfg: Any, run: dict[str, Any], adapter_dir: Path, base: str) -> t
     rule = ImageRule(resize=im.resize, resize_dimension=im.resize_dimension, snap_to_patch_size=im.snap_to_patch_size)
     instruction = run.get("instruction")
     model_config = {"base_model": base, "max_new_tokens": int(r.max_new_tokens), "batch_size": int(r.batch_size),
-                    **dataclasses.asdict(rule), "dtype": cfg.model.dtype, "instruction": instruction}
+                    **dataclasses.asdict(rule), "dtype": cfg.model.dtype, "instruction": instruction,
+                    "image_root": r.image_root, "max_pixels": int(r.max_pixels)}  # what requests may read and decode
     input_example = None
     if with_example:
         input_example = pd.DataFrame({"image": [example_image_b64()], "prompt": [instruction or "Describe the image."]})
@@ -225,8 +226,8 @@ def register_stage(cfg: Any) -> dict[str, Any]:
     r = cfg.register
     margin, promotions_log = float(r.promotion_margin), Path(r.promotions_log)
     configured_uri, configured_base = cfg.tracking.uri, cfg.model.name_or_path
-    run = read_run_file(cfg.train.output_dir)
-    adapter_dir = trained_adapter(run, cfg.train.output_dir)
+    run = read_run_file(cfg.align.output_dir)  # the align stage's hand-off: the SFT or the aligned adapter
+    adapter_dir = trained_adapter(run, cfg.align.output_dir)
     metric, value, finetuned = read_scores(Path(cfg.eval.metrics_file), run, adapter_dir)
     base = str(run.get("base_model") or configured_base)
 

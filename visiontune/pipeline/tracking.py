@@ -8,12 +8,15 @@ artifact folder under ``mlflow/`` at the repository root. ``MLFLOW_TRACKING_URI`
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
-RUN_FILE = "run.json"  # written by train under train.output_dir; read by evaluate and register
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"  # written by train (train.output_dir) and align (align.output_dir: read by evaluate, register)
 
 
 def default_store(root: Optional[Path] = None) -> tuple[str, str]:
@@ -72,7 +75,7 @@ def read_run_file(output_dir: str | Path) -> dict[str, Any]:
     """The train stage's record of its MLflow run and adapter location."""
     path = Path(output_dir) / RUN_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the train stage first (`visiontune train`)")
+        raise FileNotFoundError(f"{path} not found: run the train stage first (`visiontune train`, then `visiontune align`)")
     return json.loads(path.read_text())
 
 
@@ -81,3 +84,27 @@ def write_run_file(output_dir: str | Path, record: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, default=str))
     return path
+
+
+def mark_killed(record: dict[str, Any]) -> Optional[str]:
+    """Set the MLflow run of a train ``record`` whose process died (run.json still says 'running') to KILLED.
+
+    Returns its run id, or None when it is not RUNNING (a Python error already ended it as FAILED) or its
+    store cannot be reached (a warning then: the next training must not fail over bookkeeping).
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    run_id = record.get("mlflow_run_id")
+    if not run_id:
+        return None
+    try:
+        client = MlflowClient(tracking_uri=record.get("tracking_uri"))
+        if client.get_run(run_id).info.status != "RUNNING":
+            return None
+        client.set_terminated(run_id, "KILLED")
+    except (MlflowException, OSError) as e:
+        log.warning("could not mark the orphaned MLflow run %s as KILLED: %s", run_id, e)
+        return None
+    log.warning("MLflow run %s was left RUNNING by a training that died; marked KILLED", run_id)
+    return run_id

@@ -5,19 +5,25 @@ data hash and git commit, adapter + processor, resolved config, loss curve); che
 ``train.save_steps`` and resumes from the newest complete checkpoint, so a killed run (even kill -9)
 continues where it stopped and reaches the same adapter as an uninterrupted run with the same seed.
 
+One training at a time per ``train.output_dir``: a lock on the folder makes a second run fail at once
+instead of attaching to the live run's checkpoints and MLflow run (or deleting them). A run that died
+without resuming is marked KILLED in MLflow by the next run; ``tokens_seen`` and ``train_runtime_s`` add up
+over resumes (see docs/reliability.md).
+
 TRL serves VLMs here with our collator and three settings (see ``_sft_config``): TRL's own VLM path
 would leave image tokens in the labels and cannot do assistant-only loss for VLMs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -27,6 +33,7 @@ from visiontune.pipeline import tracking
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
+LOCK_FILE = ".train.lock"  # inside train.output_dir; held (flock) while a training runs there
 
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     """The newest *complete* ``checkpoint-N`` folder (one whose trainer_state.json was written), or None.
@@ -52,6 +59,44 @@ class _CountingCollator:
         mask = batch.get("attention_mask")  # a padding-free batch has none: every token is real
         self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
         return batch
+
+
+def _run_clock(train_runtime_s: float = 0.0) -> Any:
+    """A callback keeping the training seconds up to the last optimizer step, from ``train_runtime_s`` (the
+    time before a resumed checkpoint) on. It is an ``ExportableState``: every checkpoint's trainer_state.json
+    (the file that makes a checkpoint complete) stores it, and :func:`checkpoint_counters` reads it back."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    class RunClock(TrainerCallback, ExportableState):
+        def __init__(self, train_runtime_s: float = 0.0) -> None:
+            self.train_runtime_s = self._base = float(train_runtime_s)
+            self._t0 = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
+            self._t0, self._base = time.perf_counter(), self.train_runtime_s
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            self.train_runtime_s = self._base + time.perf_counter() - self._t0
+
+        def state(self) -> dict:
+            return {"args": {}, "attributes": {"train_runtime_s": self.train_runtime_s}}
+
+    return RunClock(train_runtime_s)
+
+
+def checkpoint_counters(checkpoint: Optional[Path]) -> dict[str, Any]:
+    """``{"tokens_seen", "train_runtime_s"}`` up to ``checkpoint`` (zeros for None): what a resumed run adds to.
+
+    Tokens are the trainer's own count of the batches it trained on (``num_input_tokens_seen``, saved with
+    the checkpoint); seconds are the run clock's (:func:`_run_clock`).
+    """
+    if checkpoint is None:
+        return {"tokens_seen": 0, "train_runtime_s": 0.0}
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    clock = (state.get("stateful_callbacks") or {}).get("RunClock") or {}
+    return {"tokens_seen": int(state.get("num_input_tokens_seen") or 0),
+            "train_runtime_s": float((clock.get("attributes") or {}).get("train_runtime_s") or 0.0)}
 
 
 def _make_callbacks(counter: _CountingCollator, mlflow_active: bool) -> list:
@@ -125,6 +170,9 @@ def _sft_config(cfg: PipelineConfig, output_dir: Path) -> Any:
         dataset_text_field="",
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,
+        # Counted the way _CountingCollator counts (a padding-free batch has no padding mask), saved with each
+        # checkpoint: what a resumed run's tokens_seen starts from.
+        include_num_input_tokens_seen="all" if cfg.collator.padding_free else "non_padding",
         dataloader_num_workers=0,
         gradient_checkpointing=False,  # FastVisionModel already set checkpointing up as configured
     )
@@ -193,10 +241,12 @@ def train(cfg: PipelineConfig, train_data: Any, output_dir: Path, mlflow_active:
     """Train LoRA adapters on ``train_data`` (a datasets.Dataset or a list of conversations).
 
     Resumes from the newest complete checkpoint in ``output_dir``. Returns the trainer's log history
-    and where the adapter was saved.
+    and where the adapter was saved; ``tokens_seen`` and ``train_runtime_s`` include the part before the
+    checkpoint resumed from.
     """
     from trl import SFTTrainer
 
+    from visiontune.pipeline.eval_callback import eval_callbacks
     from visiontune.trainer import as_train_dataset
 
     model, processor = build_model(cfg)
@@ -205,11 +255,13 @@ def train(cfg: PipelineConfig, train_data: Any, output_dir: Path, mlflow_active:
     rows = getattr(data, "_vt_rows", None)
     base_collate = collator if rows is None else (lambda exs: collator([rows[e["_vt_index"]] for e in exs]))
     counter = _CountingCollator(base_collate)
+    resume = latest_checkpoint(output_dir)
+    before = checkpoint_counters(resume)
     trainer = SFTTrainer(model=model, args=_sft_config(cfg, output_dir), data_collator=counter,
                          train_dataset=data, processing_class=processor,
-                         callbacks=_make_callbacks(counter, mlflow_active))
+                         callbacks=_make_callbacks(counter, mlflow_active) + [_run_clock(before["train_runtime_s"])]
+                         + eval_callbacks(cfg, processor, output_dir, mlflow_active))
     trainer.remove_callback(__import__("transformers").trainer_callback.PrinterCallback)
-    resume = latest_checkpoint(output_dir)
     if resume:
         log.warning("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -222,26 +274,54 @@ def train(cfg: PipelineConfig, train_data: Any, output_dir: Path, mlflow_active:
     return {
         "adapter_dir": str(adapter_dir), "global_step": trainer.state.global_step, "history": history,
         "final_loss": losses[-1] if losses else None, "first_loss": losses[0] if losses else None,
-        "resumed_from": str(resume) if resume else None, "train_runtime_s": result.metrics.get("train_runtime"),
-        "dropped_samples": collator.dropped, "tokens_seen": counter.tokens,
+        "resumed_from": str(resume) if resume else None, "dropped_samples": collator.dropped,
+        # Cumulative over resumes. After the checkpoint, tokens are counted as the collator builds batches (one
+        # batch ahead of training), so a resumed run reports what an uninterrupted one does.
+        "train_runtime_s": before["train_runtime_s"] + result.metrics.get("train_runtime", 0.0),
+        "tokens_seen": before["tokens_seen"] + counter.tokens,
     }
 
 
-def _resumable_run(output_dir: Path, fingerprint: str) -> Optional[str]:
-    """The MLflow run id to continue, if ``output_dir`` holds an unfinished run with the same fingerprint.
+def _resumable_run(output_dir: Path, old: dict[str, Any], fingerprint: str) -> Optional[str]:
+    """The MLflow run id to continue, if ``old`` (the run.json in ``output_dir``) is an unfinished run with the
+    same fingerprint and a checkpoint to resume from.
 
     Checkpoints of a finished or a differently configured run are stale (its adapter is already in
-    MLflow) and are cleared.
+    MLflow) and are cleared. Only call this holding the folder's lock (:func:`output_dir_lock`).
     """
     previous = None
-    if (output_dir / tracking.RUN_FILE).exists():
-        old = tracking.read_run_file(output_dir)
-        if latest_checkpoint(output_dir) and old.get("status") == "running" and old.get("fingerprint") == fingerprint:
-            previous = old.get("mlflow_run_id")
+    if latest_checkpoint(output_dir) and old.get("status") == "running" and old.get("fingerprint") == fingerprint:
+        previous = old.get("mlflow_run_id")
     if previous is None:
         for stale in output_dir.glob("checkpoint-*"):
             shutil.rmtree(stale)
     return previous
+
+
+class OutputDirBusyError(BlockingIOError):
+    """``train.output_dir`` is in use by another training run."""
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: Path) -> Iterator[None]:
+    """Hold ``output_dir``'s lock for the body; fail at once if another training holds it.
+
+    An OS file lock (flock): the kernel drops it when its process dies, even by kill -9, so a crash leaves
+    no stale lock behind.
+    """
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(output_dir / LOCK_FILE, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputDirBusyError(
+            f"{output_dir} is in use by another training run (it holds {output_dir / LOCK_FILE}); wait for that "
+            "run to finish, or give this one its own folder: --set train.output_dir=<another folder>") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _log_outputs(cfg: PipelineConfig, output_dir: Path, history: list[dict], adapter_dir: str) -> None:
@@ -259,28 +339,61 @@ def _log_outputs(cfg: PipelineConfig, output_dir: Path, history: list[dict], ada
         [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h], indent=1))
 
 
+def check_base_model(name: str) -> None:
+    """Fail before any work (lock, MLflow run) when the base model ``name`` can only come from the hub, the
+    hub is off (``HF_HUB_OFFLINE``) and the cache lacks it: one line that says what to do, instead of the
+    loading errors from deep inside transformers."""
+    from huggingface_hub import is_offline_mode, try_to_load_from_cache
+
+    if not is_offline_mode() or Path(name).expanduser().exists() or Path(name).name.startswith("tiny-"):
+        return  # online, a local folder, or the demo's tiny model (built on first use)
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a hub id either: FastVisionModel.from_pretrained says what is wrong with it
+        return
+    if not isinstance(cached, str):
+        raise OSError(
+            f"base model {name!r} (model.name_or_path) is neither a local folder nor in the Hugging Face cache, "
+            f"and HF_HUB_OFFLINE is set: download it once while online (`hf download {name}`), or set "
+            "model.name_or_path to a local folder")
+
+
 def train_stage(cfg: PipelineConfig) -> dict[str, Any]:
-    """CLI / DVC / Prefect entry: train on the train split, tracked in MLflow, resumable."""
+    """CLI / DVC / Prefect entry: train on the train split, tracked in MLflow, resumable.
+
+    One training at a time per ``train.output_dir`` (:func:`output_dir_lock`).
+    """
+    check_base_model(cfg.model.name_or_path)
+    output_dir = Path(cfg.train.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with output_dir_lock(output_dir):
+        return _train_locked(cfg, output_dir)
+
+
+def _train_locked(cfg: PipelineConfig, output_dir: Path) -> dict[str, Any]:
+    """:func:`train_stage` once it holds ``output_dir``'s lock."""
     import mlflow
 
     from visiontune import stages
     from visiontune.data.convert import load_split, read_dataset_meta
 
-    output_dir = Path(cfg.train.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     dataset_dir = Path(cfg.data.work_dir) / "dataset"
-    train_data = load_split(Path(cfg.data.work_dir) / "dataset", "train")
+    train_data = load_split(dataset_dir, "train")
     experiment_id = tracking.setup_mlflow(cfg.tracking.uri, cfg.tracking.experiment)
     # Resume only an unfinished run of the same code, settings and data (the stage's registry fingerprint,
     # the same value that keys the Prefect cache).
     fingerprint = stages.fingerprint("train", cfg)
-    previous = _resumable_run(output_dir, fingerprint)
+    old = tracking.read_run_file(output_dir) if (output_dir / tracking.RUN_FILE).exists() else {}
+    previous = _resumable_run(output_dir, old, fingerprint)
+    # We hold the lock, so no process trains here: a run left 'running' that is not resumed died (kill -9,
+    # power loss) and would stay RUNNING in MLflow forever.
+    killed = tracking.mark_killed(old) if previous is None and old.get("status") == "running" else None
     with mlflow.start_run(run_id=previous, experiment_id=None if previous else experiment_id,
                           log_system_metrics=True) as run:
         record = {"mlflow_run_id": run.info.run_id, "tracking_uri": mlflow.get_tracking_uri(),
                   "experiment_id": run.info.experiment_id, "base_model": cfg.model.name_or_path,
                   "adapter_dir": str(output_dir / ADAPTER_DIR), "status": "running", "fingerprint": fingerprint,
-                  "instruction": read_dataset_meta(dataset_dir).get("instruction")}
+                  "instruction": read_dataset_meta(dataset_dir).get("instruction"), "killed_run_id": killed}
         tracking.write_run_file(output_dir, record)
         if previous is None:
             mlflow.log_params({k: str(v)[:500] for k, v in cfg.flat().items()})

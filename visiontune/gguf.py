@@ -1,0 +1,396 @@
+"""GGUF export for llama.cpp / Ollama: the merged language model plus its vision projector (mmproj).
+
+llama.cpp runs a vision-language model as two files: the language model (``model-Q8_0.gguf``) and the
+vision encoder with its projector (``mmproj-model-F16.gguf``, loaded by llama.cpp's ``mtmd``/``clip``).
+This module writes both with the ``gguf`` package from the merged weights of a LoRA model
+(:func:`visiontune.models.merge.merged_tensors`) or of a plain transformers model, following llama.cpp's
+conventions (tensor names through ``gguf``'s own name map, metadata keys of ``gguf``'s writer):
+
+* Qwen2-VL and Qwen2.5-VL: text architecture ``qwen2vl`` (M-RoPE sections), projector
+  ``qwen2vl_merger`` / ``qwen2.5vl_merger`` (fused qkv split into q, k, v; the two-frame patch
+  convolution split into two 2-D convolutions);
+* Gemma 3: text architecture ``gemma3`` (RMSNorm weights stored as ``1 + w``, per-layer sliding-window
+  pattern, local and global RoPE bases), projector ``gemma3``.
+
+Language-model types: ``f32``, ``f16`` and ``q8_0`` (Unsloth's ``"not_quantized"`` is f16, ``"fast_quantized"``
+is q8_0); the projector is always f16 (f32 for norms, biases and embeddings), as llama.cpp ships it. Other
+quantizations (Q4_K_M ...) are made from the f16 file by llama.cpp's ``llama-quantize``. The tokenizer must
+be byte-level BPE (Qwen's, the tiny test models'); a SentencePiece tokenizer is refused with the way out
+(llama.cpp's ``convert_hf_to_gguf.py`` on the merged folder).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+LANGUAGE_TYPES = ("f32", "f16", "q8_0")
+UNSLOTH_METHODS = {"not_quantized": "f16", "fast_quantized": "q8_0", "f32": "f32", "f16": "f16", "q8_0": "q8_0"}
+_TEXT_PREFIX, _VISION_PREFIXES = "model.language_model.", ("model.visual.", "model.vision_tower.",
+                                                           "model.multi_modal_projector.")
+
+
+class GGUFExportError(ValueError):
+    """The model cannot be written as GGUF by this exporter (architecture, tokenizer or type)."""
+
+
+# ------------------------------------------------------------------------------------------ per architecture
+@dataclass(frozen=True)
+class GGUFArch:
+    """How one architecture maps onto llama.cpp's text architecture and vision projector."""
+
+    text_arch: str
+    """``gguf.MODEL_ARCH`` member name of the language model (e.g. ``"QWEN2VL"``)."""
+    text_params: Callable[[Any, Any], None]
+    """(writer, text config) -> writes the architecture's own text metadata."""
+    text_tensor: Callable[[str, np.ndarray, Any], np.ndarray]
+    """(gguf name, float32 array, text config) -> the array as llama.cpp expects it."""
+    projector: Callable[[Any], str]
+    """model config -> ``clip.projector_type``."""
+    vision_params: Callable[[Any, Any, Any], None]
+    """(writer, model config, image processor) -> writes the projector's own metadata."""
+    vision_tensors: Callable[[str, np.ndarray], Iterable[tuple[str, np.ndarray]]]
+    """(HF name without the ``model.`` prefix, array) -> (name for the gguf map or final gguf name, array)."""
+    f32_vision: tuple[str, ...] = ()
+    """Substrings of projector tensor names kept in float32 (besides 1-D tensors)."""
+
+
+def _rope_theta(text: Any, layer_type: str = "full_attention") -> float:
+    """RoPE base of ``layer_type`` layers (transformers 5 nests rope_parameters by layer type where they differ)."""
+    rope = dict(getattr(text, "rope_parameters", None) or {})
+    if isinstance(rope.get(layer_type), dict):
+        rope = rope[layer_type]
+    return float(rope.get("rope_theta", getattr(text, "rope_theta", 10000.0)))
+
+
+def _qwen_text_params(w: Any, text: Any) -> None:
+    sections = list((getattr(text, "rope_parameters", None) or {}).get("mrope_section") or [])
+    if not sections:
+        raise GGUFExportError("Qwen-VL text config has no rope_parameters.mrope_section: not a Qwen2-VL checkpoint?")
+    w.add_rope_dimension_sections(sections + [0] * (4 - len(sections)))
+
+
+def _unchanged(name: str, array: np.ndarray, text: Any) -> np.ndarray:
+    return array
+
+
+def _qwen_projector(config: Any) -> str:
+    return "qwen2vl_merger" if config.model_type == "qwen2_vl" else "qwen2.5vl_merger"
+
+
+def _qwen_vision_params(w: Any, config: Any, image_processor: Any) -> None:
+    v = config.vision_config
+    w.add_vision_image_size(560)  # llama.cpp's default for Qwen-VL (dynamic resolution: a warm-up size)
+    w.add_uint32("clip.vision.spatial_merge_size", int(v.spatial_merge_size))
+    w.add_vision_attention_layernorm_eps(1e-6)
+    if config.model_type == "qwen2_vl":
+        w.add_vision_embedding_length(int(v.embed_dim))
+        w.add_vision_feed_forward_length(int(v.embed_dim * v.mlp_ratio))
+        return  # quick-GELU MLP: llama.cpp's default when neither use_gelu nor use_silu is set
+    w.add_vision_embedding_length(int(v.hidden_size))
+    w.add_vision_feed_forward_length(int(v.intermediate_size))
+    w.add_vision_use_silu(True)
+    full = list(v.fullatt_block_indexes)
+    period = full[0] + 1  # window attention everywhere except every period-th block
+    if any(b - a != period for a, b in zip(full, full[1:])):
+        raise GGUFExportError(f"fullatt_block_indexes={full} is not periodic; llama.cpp needs a period (n_wa_pattern)")
+    w.add_vision_n_wa_pattern(period)
+
+
+def _qwen_vision_tensors(name: str, array: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+    if ".attn.qkv." in name:  # fused [q; k; v] rows
+        for part, chunk in zip(("q", "k", "v"), np.split(array, 3, axis=0)):
+            yield name.replace(".qkv.", f".{part}."), chunk
+    elif name == "visual.patch_embed.proj.weight":  # Conv3d over 2 frames -> two Conv2d kernels
+        if array.shape[2] != 2:
+            raise GGUFExportError(f"patch embedding has temporal size {array.shape[2]}; llama.cpp supports 2")
+        yield "v.patch_embd.weight", np.ascontiguousarray(array[:, :, 0])
+        yield "v.patch_embd.weight.1", np.ascontiguousarray(array[:, :, 1])
+    else:
+        yield name, array
+
+
+def _gemma_text_params(w: Any, text: Any) -> None:
+    layer_types = list(getattr(text, "layer_types", None) or [])
+    if getattr(text, "sliding_window", None) and "sliding_attention" in layer_types:
+        w.add_sliding_window(int(text.sliding_window))
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
+        w.add_rope_freq_base_swa(_rope_theta(text, "sliding_attention"))
+    if getattr(text, "final_logit_softcapping", None):
+        w.add_final_logit_softcapping(float(text.final_logit_softcapping))
+
+
+def _gemma_query_factor(text: Any) -> float:
+    """llama.cpp scales Gemma 3 attention by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 62-layer 27B);
+    transformers by 1/sqrt(query_pre_attn_scalar). The ratio is folded into the query norm's weight (Q is
+    normalized, then scaled by it; RoPE is linear), so both compute the same logits."""
+    heads = text.num_attention_heads
+    llama_scale = (text.hidden_size / heads) ** -0.5 if text.num_hidden_layers == 62 else text.head_dim ** -0.5
+    return float(text.query_pre_attn_scalar) ** -0.5 / llama_scale
+
+
+def _gemma_text_tensor(name: str, array: np.ndarray, text: Any) -> np.ndarray:
+    if name.endswith("norm.weight"):  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp by w
+        array = array + 1.0
+        if name.endswith("attn_q_norm.weight"):
+            array = array * _gemma_query_factor(text)
+    return array
+
+
+def _gemma_vision_params(w: Any, config: Any, image_processor: Any) -> None:
+    v = config.vision_config
+    w.add_vision_image_size(int(v.image_size))
+    w.add_vision_embedding_length(int(v.hidden_size))
+    w.add_vision_feed_forward_length(int(v.intermediate_size))
+    w.add_vision_attention_layernorm_eps(float(getattr(v, "layer_norm_eps", 1e-6)))
+    w.add_vision_use_gelu(True)
+    per_side = int(math.isqrt(int(config.mm_tokens_per_image)))
+    factor = (v.image_size // v.patch_size) // per_side
+    if factor != 4:  # llama.cpp assumes 4 (every released Gemma 3); the tiny models pool less
+        w.add_vision_projector_scale_factor(int(factor))
+
+
+def _gemma_vision_tensors(name: str, array: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+    if name == "multi_modal_projector.mm_input_projection_weight":  # a bare parameter, stored as it is
+        yield "multi_modal_projector.mm_input_projection.weight", array
+    elif name == "multi_modal_projector.mm_soft_emb_norm.weight":
+        yield name, array + 1.0  # Gemma RMSNorm (1 + w)
+    elif name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
+        yield "vision_tower.vision_model." + name[len("vision_tower."):], array  # transformers 5 dropped a level
+    else:
+        yield name, array
+
+
+_QWEN = dict(text_arch="QWEN2VL", text_params=_qwen_text_params, text_tensor=_unchanged, projector=_qwen_projector,
+             vision_params=_qwen_vision_params, vision_tensors=_qwen_vision_tensors)
+ARCHS: dict[str, GGUFArch] = {
+    "qwen2_vl": GGUFArch(**_QWEN),
+    "qwen2_5_vl": GGUFArch(**_QWEN),
+    "gemma3": GGUFArch("GEMMA3", _gemma_text_params, _gemma_text_tensor, lambda config: "gemma3",
+                       _gemma_vision_params, _gemma_vision_tensors, f32_vision=(".embeddings.",)),
+}
+"""``config.model_type`` -> :class:`GGUFArch`: the architectures this exporter writes."""
+
+
+def gguf_arch(config: Any) -> GGUFArch:
+    """The :class:`GGUFArch` of a model config, or a clear error naming the supported ones."""
+    spec = ARCHS.get(getattr(config, "model_type", None))
+    if spec is None:
+        raise GGUFExportError(
+            f"GGUF export supports {', '.join(ARCHS)}, not {getattr(config, 'model_type', None)!r}. Save the merged "
+            "model (save_pretrained_merged) and convert that folder with llama.cpp's convert_hf_to_gguf.py "
+            "(plus --mmproj for the vision projector) where llama.cpp supports the architecture.")
+    return spec
+
+
+# ------------------------------------------------------------------------------------------ vocabulary
+def _pre_tokenizer(tokenizer_json: dict) -> str:
+    """llama.cpp's name for the pre-tokenizer of a byte-level BPE ``tokenizer.json`` (read from its structure)."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "starcoder"  # digits one by one, then GPT-2's regex
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    pattern = json.dumps(steps[0].get("pattern", {})) if kinds[:1] == ["Split"] else ""
+    if "\\\\p{N}{1,3}" in pattern:
+        return "llama-bpe"
+    if "\\\\p{N}|" in pattern and "?\\\\p{L}+" in pattern:
+        return "qwen2"
+    raise GGUFExportError(
+        f"unrecognised pre-tokenizer {kinds}: convert the merged folder with llama.cpp's convert_hf_to_gguf.py")
+
+
+def _add_vocab(w: Any, processor: Any, vocab_size: int) -> None:
+    """Tokens, types, merges, special ids and the chat template of a byte-level BPE tokenizer."""
+    import gguf
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    with tempfile.TemporaryDirectory(prefix="visiontune-gguf-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        tokenizer_json = json.loads((Path(tmp) / "tokenizer.json").read_text(encoding="utf-8"))
+        model = tokenizer_json.get("model", {})
+        if model.get("type") != "BPE" or model.get("byte_fallback") or (tokenizer_json.get("decoder") or {}).get("type") != "ByteLevel":
+            raise GGUFExportError(
+                "the tokenizer is not byte-level BPE (SentencePiece-style?); this exporter writes byte-level BPE "
+                "vocabularies only. Convert the merged folder with llama.cpp's convert_hf_to_gguf.py.")
+        merges = gguf.SpecialVocab(tmp, load_merges=True).merges
+    id_to_token = {i: t for t, i in tokenizer.get_vocab().items()}
+    if len(id_to_token) > vocab_size:
+        raise GGUFExportError(f"tokenizer has {len(id_to_token)} tokens but the model's vocab_size is {vocab_size}")
+    special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    added = {t.content for t in tokenizer.added_tokens_decoder.values()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = id_to_token.get(i)
+        tokens.append(token if token is not None else f"[PAD{i}]")
+        types.append(gguf.TokenType.UNUSED if token is None else gguf.TokenType.CONTROL if token in special
+                     else gguf.TokenType.USER_DEFINED if token in added else gguf.TokenType.NORMAL)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_pre_tokenizer(tokenizer_json))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for kind in ("bos", "eos", "pad", "unk"):
+        token_id = getattr(tokenizer, f"{kind}_token_id", None)
+        if token_id is not None:
+            getattr(w, f"add_{kind}_token_id")(int(token_id))
+    probe = tokenizer("a").input_ids
+    w.add_add_bos_token(tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id])
+    template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+    if template:
+        w.add_chat_template(template)
+
+
+# ------------------------------------------------------------------------------------------ writing
+def _tensor_type(gguf: Any, name: str, array: np.ndarray, ltype: str) -> Any:
+    """GGML type of one tensor: 1-D tensors in f32; q8_0 where rows split into 32-blocks, else f16."""
+    types = gguf.GGMLQuantizationType
+    if array.ndim == 1 or ltype == "f32":
+        return types.F32
+    if ltype == "q8_0" and array.shape[-1] % 32 == 0:
+        return types.Q8_0
+    return types.F16
+
+
+def _add_tensor(w: Any, name: str, array: np.ndarray, qtype: Any) -> None:
+    import gguf
+
+    data = gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
+    w.add_tensor(name, data, raw_dtype=qtype if qtype == gguf.GGMLQuantizationType.Q8_0 else None)
+
+
+def _finish(w: Any) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _map_name(name_map: Any, name: str) -> str:
+    if name.startswith(("v.", "mm.")):  # already a gguf name (a split made by the architecture)
+        return name
+    mapped = name_map.get_name(name, try_suffixes=(".weight", ".bias", ".weight.1"))
+    if mapped is None:
+        raise GGUFExportError(f"no llama.cpp tensor name for {name!r}")
+    return mapped
+
+
+def _write_language_model(path: Path, spec: GGUFArch, config: Any, tensors: dict[str, np.ndarray],
+                          processor: Any, ltype: str, name: str) -> Path:
+    import gguf
+
+    text = config.get_text_config()
+    arch = getattr(gguf.MODEL_ARCH, spec.text_arch)
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ltype])
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    w.add_context_length(int(text.max_position_embeddings))
+    w.add_embedding_length(int(text.hidden_size))
+    w.add_block_count(int(text.num_hidden_layers))
+    w.add_feed_forward_length(int(text.intermediate_size))
+    w.add_head_count(int(text.num_attention_heads))
+    w.add_head_count_kv(int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads))
+    w.add_key_length(int(head_dim))
+    w.add_value_length(int(head_dim))
+    w.add_layer_norm_rms_eps(float(text.rms_norm_eps))
+    w.add_rope_freq_base(_rope_theta(text))
+    spec.text_params(w, text)
+    _add_vocab(w, processor, int(text.vocab_size))
+    name_map = gguf.get_tensor_name_map(arch, int(text.num_hidden_layers))
+    tied = getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False)
+    for hf_name, array in tensors.items():
+        if hf_name == "lm_head.weight" and tied:
+            continue  # llama.cpp reuses token_embd
+        gguf_name = _map_name(name_map, "model." + hf_name[len(_TEXT_PREFIX):] if hf_name.startswith(_TEXT_PREFIX) else hf_name)
+        array = spec.text_tensor(gguf_name, array, text)
+        _add_tensor(w, gguf_name, array, _tensor_type(gguf, gguf_name, array, ltype))
+    _finish(w)
+    return path
+
+
+def _write_projector(path: Path, spec: GGUFArch, config: Any, tensors: dict[str, np.ndarray], processor: Any,
+                     name: str) -> Path:
+    import gguf
+
+    v = config.vision_config
+    image_processor = getattr(processor, "image_processor", processor)
+    blocks = int(getattr(v, "depth", None) or v.num_hidden_layers)
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_type(gguf.GGUFType.MMPROJ)
+    w.add_name(name)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_clip_has_vision_encoder(True)
+    w.add_clip_projector_type(spec.projector(config))
+    w.add_vision_projection_dim(int(config.get_text_config().hidden_size))
+    w.add_vision_patch_size(int(v.patch_size))
+    w.add_vision_block_count(blocks)
+    w.add_vision_head_count(int(getattr(v, "num_heads", None) or v.num_attention_heads))
+    w.add_vision_image_mean([float(x) for x in image_processor.image_mean])
+    w.add_vision_image_std([float(x) for x in image_processor.image_std])
+    spec.vision_params(w, config, image_processor)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, max(blocks, 3))  # the merger MLP is "block" 2
+    for hf_name, array in tensors.items():
+        for part_name, part in spec.vision_tensors(hf_name[len("model."):], array):
+            gguf_name = _map_name(name_map, part_name)
+            keep_f32 = part.ndim == 1 or any(s in part_name for s in spec.f32_vision)
+            _add_tensor(w, gguf_name, part, gguf.GGMLQuantizationType.F32 if keep_f32 else gguf.GGMLQuantizationType.F16)
+    _finish(w)
+    return path
+
+
+def write_gguf(model: Any, processor: Any, out_dir: Union[str, Path], types: Iterable[str] = ("q8_0",),
+               name: str = "model", dequantize: bool = False) -> list[Path]:
+    """Write ``model`` (LoRA or plain) as ``{name}-{TYPE}.gguf`` for each of ``types`` (:data:`LANGUAGE_TYPES`)
+    plus ``mmproj-{name}-F16.gguf`` in ``out_dir``; returns the files, language models first."""
+    from visiontune.models.merge import merged_tensors
+    from visiontune.models.state import base_model
+
+    types = list(dict.fromkeys(types))
+    bad = [t for t in types if t not in LANGUAGE_TYPES]
+    if bad or not types:
+        raise GGUFExportError(f"GGUF type(s) {bad or types}: choose from {', '.join(LANGUAGE_TYPES)}; make others "
+                              "(e.g. Q4_K_M) from the f16 file with llama.cpp's llama-quantize")
+    config = base_model(model).config
+    spec = gguf_arch(config)
+    arrays = {k: t.detach().float().cpu().numpy() for k, t in merged_tensors(model, dequantize=dequantize).items()
+              if t.is_floating_point()}
+    text = {k: a for k, a in arrays.items() if k.startswith(_TEXT_PREFIX) or k == "lm_head.weight"}
+    vision = {k: a for k, a in arrays.items() if k.startswith(_VISION_PREFIXES)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [_write_language_model(out / f"{name}-{t.upper()}.gguf", spec, config, text, processor, t, name)
+             for t in types]
+    return paths + [_write_projector(out / f"mmproj-{name}-F16.gguf", spec, config, vision, processor, name)]
+
+
+def save_pretrained_gguf(model: Any, save_directory: Union[str, Path], tokenizer: Any = None,
+                         quantization_method: Union[str, list[str]] = "fast_quantized", *, dequantize: bool = False,
+                         **unsloth_options: Any) -> list[Path]:
+    """Unsloth's ``save_pretrained_gguf``: the merged language model in each requested type plus the mmproj.
+
+    ``quantization_method``: one name or a list of ``"f32"``, ``"f16"``, ``"q8_0"``, ``"not_quantized"`` (f16),
+    ``"fast_quantized"`` (q8_0). Unsloth's build options (``maximum_memory_usage`` ...) have no effect.
+    Returns the written files.
+    """
+    from visiontune.models.merge import check_unsloth_options, processor_of
+
+    check_unsloth_options("save_pretrained_gguf", unsloth_options)
+    methods = [quantization_method] if isinstance(quantization_method, str) else list(quantization_method)
+    unknown = [m for m in methods if m.lower() not in UNSLOTH_METHODS]
+    if unknown:
+        raise GGUFExportError(f"quantization_method {unknown}: choose from {', '.join(UNSLOTH_METHODS)}; make "
+                              "other types from the f16 file with llama.cpp's llama-quantize")
+    return write_gguf(model, processor_of(model, tokenizer), save_directory,
+                      [UNSLOTH_METHODS[m.lower()] for m in methods], dequantize=dequantize)
