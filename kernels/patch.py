@@ -347,6 +347,8 @@ def max_seqlen_of(cu: torch.Tensor) -> int:
     ``benchmarks/bench_engine.py``). Keyed by ``id`` plus a weak reference (a tensor's ``==`` is
     elementwise, so tensors cannot be dictionary keys compared by value).
     """
+    if cu.is_inference():  # made under torch.inference_mode (generation): no version counter to key a cache on
+        return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
     hit = _MAX_SEQLEN.get(id(cu))
     if hit is not None and hit[0]() is cu and hit[1] == cu._version:
         return hit[2]

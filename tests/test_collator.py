@@ -50,18 +50,30 @@ def _answers_from_labels(batch, tok, row) -> str:
     return tok.decode([t for t in batch["labels"][row].tolist() if t != -100])
 
 
-def test_matches_processor_output(loaded):
-    arch, model, processor = loaded
-    collator = VisionDataCollator(model, processor, resize=None)
-    samples = [_multi(), _single()]
-    batch = collator(samples)
+def _text_only(answer: str = "hi") -> dict:
+    return {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Say hello to the whole world, please."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]}
+
+
+def _processor_batch(processor, samples: list[dict]):
+    """The model's own processor on ``samples`` (images unresized, right padding): the reference."""
     texts = [processor.apply_chat_template([
         {"role": m["role"], "content": [{"type": p["type"], **({"text": p["text"]} if p["type"] == "text" else {})}
                                          for p in m["content"]]} for m in s["messages"]], tokenize=False)
         for s in samples]
     images = [[p["image"] for m in s["messages"] for p in m["content"] if p["type"] == "image"] for s in samples]
     processor.tokenizer.padding_side = "right"
-    ref = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    return processor(text=texts, images=images if any(images) else None, return_tensors="pt", padding=True)
+
+
+def test_matches_processor_output(loaded):
+    arch, model, processor = loaded
+    collator = VisionDataCollator(model, processor, resize=None)
+    samples = [_multi(), _single()]
+    batch = collator(samples)
+    ref = _processor_batch(processor, samples)
     for key in ref:
         assert torch.equal(batch[key], ref[key]), f"{arch}: {key} differs from the processor's own output"
 
@@ -108,6 +120,57 @@ def test_loss_backpropagates_into_lora(loaded):
     assert grads and all(g is not None for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
     assert torch.isfinite(loss)
+
+
+def test_mixed_batches_of_text_and_image_rows(loaded):
+    """Text-only rows beside image rows, first and last. Where the processor encodes such a batch, the
+    collator's batch is the processor's; Mllama's cannot (ArchSpec.mixed_batch), so there the image rows'
+    inputs are the processor's batch of those rows. Either way every row's logits equal those of a batch of
+    its own kind (cross-attention gates opened, so a text row that saw the empty image would differ), its
+    labels are its answers, and the loss is finite and reaches the LoRA weights."""
+    arch, model, processor = loaded
+    collator = VisionDataCollator(model, processor, resize=None)
+    samples = [_text_only(), _multi(), _single(), _text_only("bye")]
+    batch = collator(samples)
+    if collator.spec.mixed_batch is None:
+        ref = _processor_batch(processor, samples)
+        assert set(ref) <= set(batch)
+        for key in ref:
+            assert torch.equal(batch[key], ref[key]), f"{arch}: {key} differs from the processor's own output"
+    else:
+        ref = _processor_batch(processor, samples[1:3])
+        for key in ref:  # rows 1-2, cut to the image rows' own (shorter) sequence length
+            ours = batch[key][1:3][tuple(slice(0, d) for d in ref[key].shape)]
+            assert torch.equal(ours, ref[key]), f"{arch}: {key} of the image rows differs from the processor's"
+    gates = [p for n, p in model.named_parameters() if n.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate"))]
+    saved = [g.detach().clone() for g in gates]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for g in gates:
+                g.fill_(0.7)
+            logits = model(**batch).logits
+            images_alone = model(**collator(samples[1:3])).logits
+            text_alone = model(**collator([samples[0], samples[3]])).logits
+    finally:
+        with torch.no_grad():
+            for g, old in zip(gates, saved):
+                g.copy_(old)
+        model.train()
+    for row, (ref_logits, ref_row) in enumerate([(text_alone, 0), (images_alone, 0), (images_alone, 1), (text_alone, 1)]):
+        n = int(batch["attention_mask"][row].sum())
+        torch.testing.assert_close(logits[row, :n], ref_logits[ref_row, :n], atol=1e-4, rtol=1e-4,
+                                   msg=lambda m: f"{arch}: row {row} of the mixed batch differs from its own kind: {m}")
+    eot = _answers_from_labels(collator([_text_only("")]), processor.tokenizer, 0)
+    assert _answers_from_labels(batch, processor.tokenizer, 0) == f"hi{eot}"
+    assert _answers_from_labels(batch, processor.tokenizer, 3) == f"bye{eot}"
+    assert _answers_from_labels(batch, processor.tokenizer, 2) == f"305{eot}"
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
 def test_images_from_paths_bytes_and_arrow_dicts(tmp_path, tiny_model_dir):

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Which sections belong to which stage; everything else a stage reads must be shared or an upstream output.
 OWN_SECTIONS = {"demo-data": {"demo"}, "tiny-model": set(), "validate": {"validate"}, "normalize": {"normalize"},
                 "convert": {"convert"}, "train": {"train", "lora", "collator"}, "align": {"align"},
-                "evaluate": {"eval"}, "register": {"register"}}
+                "evaluate": {"eval"}, "register": {"register"}, "export": {"export"}, "report": {"report"}}
 SHARED_SECTIONS = {"data", "model", "images", "tracking"}
 
 
@@ -47,7 +47,7 @@ def test_every_stage_has_a_cli_command_and_a_task():
     assert {s.name for s in stages.STAGES} <= set(sub.choices)
     assert set(TASKS) == {s.name for s in stages.pipeline()}
     assert [s.name for s in stages.pipeline()] == ["validate", "normalize", "convert", "train", "align", "evaluate",
-                                                   "register"]
+                                                   "register", "export", "report"]
 
 
 def _upstream_output_keys(stage: stages.Stage) -> set[str]:
@@ -142,10 +142,14 @@ def _run_tiny_model(tmp_path: Path) -> set[str]:
                                                      "tiny_architecture": "qwen2_vl", "tiny_size": "test"}}))
 
 
-# The model stages (train, evaluate, register) are checked in tests/pipeline with their fixtures.
+def _run_export(tmp_path: Path) -> set[str]:  # formats [] (off): reads every setting, loads no model
+    return _reads("export", from_dict({"export": {"output_dir": str(tmp_path / "export")}}))
+
+
+# The model stages (train, evaluate, register; export with formats) are checked in tests/pipeline with their fixtures.
 STAGE_RUNNERS: dict[str, Callable[[Path], set[str]]] = {
     "validate": _run_validate, "normalize": _run_normalize, "convert": _run_convert,
-    "demo-data": _run_demo_data, "tiny-model": _run_tiny_model,
+    "demo-data": _run_demo_data, "tiny-model": _run_tiny_model, "export": _run_export,
 }
 
 

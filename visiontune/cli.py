@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Optional
 
-from visiontune import stages
+from visiontune import _quiet, stages
 from visiontune.config import ConfigError, PipelineConfig, describe, load_params, to_yaml
 
 
@@ -73,7 +73,13 @@ def _run(args: argparse.Namespace, cfg: PipelineConfig) -> object:
     return stages.get(args.command).function()(cfg)
 
 
+def _one_line(error: Exception) -> str:
+    """An error's message on one line (libraries' messages, e.g. transformers' loading errors, span several)."""
+    return " ".join(str(error).split())
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    _quiet.install()  # known-benign third-party messages off, before any library loads (visiontune/_quiet.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
@@ -92,12 +98,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         cfg = load_params(args.params, args.overrides)
     except ConfigError as e:
-        print(f"visiontune: configuration error: {e}", file=sys.stderr)
+        print(f"visiontune: configuration error: {_one_line(e)}", file=sys.stderr)
         return 2
     try:
         result = _run(args, cfg)
     except (ConfigError, OSError, ValueError) as e:
-        print(f"visiontune {args.command}: {e}", file=sys.stderr)
+        print(f"visiontune {args.command}: {_one_line(e)}", file=sys.stderr)
         return 1
     if result is not None:
         print(json.dumps(result, indent=2, default=str))

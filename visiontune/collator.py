@@ -50,6 +50,15 @@ class SampleTooLongError(ValueError):
     """Every sample of a batch needed more than ``max_seq_length`` tokens before its last image ended."""
 
 
+def budget_verdict(length: int, image_end: int, limit: Optional[int]) -> str:
+    """The token budget's rule for one sample of ``length`` tokens whose last image token ends at ``image_end``:
+    ``"fit"``, ``"truncate"`` (longer than ``limit``: cut after its last image token) or ``"drop"`` (its image
+    tokens end past ``limit``: a cut would go through the image). ``limit`` None or 0: everything fits."""
+    if not limit or length <= limit:
+        return "fit"
+    return "drop" if image_end > limit else "truncate"
+
+
 def _find(seq: list[int], pattern: list[int], start: int = 0) -> int:
     n = len(pattern)
     if n == 0:
@@ -299,6 +308,33 @@ class VisionDataCollator:
 
     # ---------------------------------------------------------------------------------------- collate
     def _encode(self, texts: list[str], images: list[list[Image.Image]]) -> Any:
+        """The processor's batch for ``texts`` and their ``images`` (one list per sample, empty for text-only
+        rows); see :meth:`_encode_mixed` for architectures whose processor cannot mix the two."""
+        fill = self.spec.mixed_batch if self.spec is not None else None
+        if fill is not None and any(images) and not all(images):
+            return self._encode_mixed(texts, images, fill)
+        return self._process(texts, images)
+
+    def _encode_mixed(self, texts: list[str], images: list[list[Image.Image]], fill: Callable) -> dict[str, Any]:
+        """A batch mixing text-only and image rows, for processors that cannot encode one
+        (``ArchSpec.mixed_batch``): the image rows and the text rows are encoded apart, their ``input_ids`` and
+        ``attention_mask`` rows put back in sample order and padded (right) to the longer part, as the
+        processor pads; the architecture's ``fill`` gives the text rows its "no image" image inputs."""
+        rows = [i for i, imgs in enumerate(images) if imgs]
+        parts = [(rows, self._process([texts[i] for i in rows], [images[i] for i in rows]))]
+        text_rows = [i for i, imgs in enumerate(images) if not imgs]
+        parts.append((text_rows, self._process([texts[i] for i in text_rows], [])))
+        length = max(part["input_ids"].shape[1] for _, part in parts)
+        batch: dict[str, Any] = {}
+        for key, pad in (("input_ids", self.pad_token_id), ("attention_mask", 0)):
+            full = torch.full((len(texts), length), pad, dtype=parts[0][1][key].dtype)
+            for idx, part in parts:
+                full[idx, : part[key].shape[1]] = part[key]
+            batch[key] = full
+        batch.update(fill(parts[0][1], rows, len(texts), length))
+        return batch
+
+    def _process(self, texts: list[str], images: list[list[Image.Image]]) -> Any:
         kwargs: dict[str, Any] = dict(text=texts, return_tensors="pt", padding=True)
         if any(images):
             kwargs["images"] = images  # nested: one list per sample
@@ -365,25 +401,37 @@ class VisionDataCollator:
                     batch[key] = value[:, :new_len]
         return batch, convs
 
+    def _image_end(self, ids: list[int]) -> int:
+        """Tokens up to and including the last image token of one sample's ids (0 when it has no image)."""
+        return max((j + 1 for j, t in enumerate(ids) if t in self.image_token_ids), default=0)
+
+    def measure(self, examples: list[dict]) -> list[tuple[int, int]]:
+        """Per sample: (its tokens, tokens up to the end of its last image), encoded as this collator encodes
+        it (images loaded and resized by its rule, image tokens expanded by the processor). What the token
+        budget (:func:`budget_verdict`) judges; ``visiontune.budget`` measures a whole dataset with it."""
+        _, texts, images = self._prepare(examples)
+        batch = self._encode(texts, images)
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        return [(n, self._image_end(ids[:n])) for ids, n in zip(batch["input_ids"].tolist(), lengths)]
+
     def _rows_that_fit(self, ids_rows: list[list[int]], lengths: list[int], limit: int) -> list[int]:
         """Indexes of the samples whose last image token lies within ``limit``; the others are dropped with a
         warning. Updates the ``dropped`` and ``truncated`` counters; SampleTooLongError when none is left."""
         keep_rows = []
         for i, ids in enumerate(ids_rows):
-            img_pos = [j for j, t in enumerate(ids[: lengths[i]]) if t in self.image_token_ids]
-            last_img = img_pos[-1] if img_pos else -1
-            if last_img >= limit:
+            image_end = self._image_end(ids[: lengths[i]])
+            verdict = budget_verdict(lengths[i], image_end, limit)
+            if verdict == "drop":
                 self.dropped += 1
                 warnings.warn(
                     f"VisionDataCollator: dropped a sample needing {lengths[i]} tokens whose image tokens end "
-                    f"at position {last_img + 1} > max_seq_length={limit}; truncating would cut through the "
+                    f"at position {image_end} > max_seq_length={limit}; truncating would cut through the "
                     "image. Raise max_seq_length or use smaller images (resize='min').",
                     stacklevel=4,  # the caller of __call__ (__call__ -> _fit -> here)
                 )
             else:
                 keep_rows.append(i)
-                if lengths[i] > limit:
-                    self.truncated += 1
+                self.truncated += verdict == "truncate"
         if not keep_rows:
             raise SampleTooLongError(
                 f"every sample in the batch needs more than max_seq_length={limit} tokens before its last "

@@ -279,6 +279,18 @@ class ReportConfig:
 
 
 @dataclass
+class ExportConfig:
+    """The export stage: the champion (or a given version) as folders serving engines and llama.cpp load."""
+
+    formats: list = _f([], "What to export: any of merged_16bit (safetensors folder for vLLM / SGLang / TGI / transformers), "
+                       "merged_4bit (bitsandbytes NF4), lora (the adapter), gguf_f16, gguf_q8_0, gguf_f32 (llama.cpp "
+                       "language model + mmproj; Qwen2-VL, Qwen2.5-VL, Gemma 3). [] turns the stage off.")
+    version: Optional[str] = _f(None, "Registered model version to export; null exports the current champion.")
+    output_dir: str = _f("outputs/export", "Folder of the exported formats and their sha256 manifest.json (also logged to "
+                         "the version's MLflow run under export/v<version>).")
+
+
+@dataclass
 class TrackingConfig:
     """MLflow tracking (shared by train, evaluate and register)."""
 
@@ -308,6 +320,7 @@ class PipelineConfig:
     eval: EvalConfig = _section(EvalConfig)
     register: RegisterConfig = _section(RegisterConfig)
     report: ReportConfig = _section(ReportConfig)
+    export: ExportConfig = _section(ExportConfig)
     tracking: TrackingConfig = _section(TrackingConfig)
 
     def to_dict(self) -> dict:

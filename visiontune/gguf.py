@@ -309,10 +309,7 @@ def _write_language_model(path: Path, spec: GGUFArch, config: Any, tensors: dict
     spec.text_params(w, text)
     _add_vocab(w, processor, int(text.vocab_size))
     name_map = gguf.get_tensor_name_map(arch, int(text.num_hidden_layers))
-    tied = getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False)
     for hf_name, array in tensors.items():
-        if hf_name == "lm_head.weight" and tied:
-            continue  # llama.cpp reuses token_embd
         gguf_name = _map_name(name_map, "model." + hf_name[len(_TEXT_PREFIX):] if hf_name.startswith(_TEXT_PREFIX) else hf_name)
         array = spec.text_tensor(gguf_name, array, text)
         _add_tensor(w, gguf_name, array, _tensor_type(gguf, gguf_name, array, ltype))
@@ -354,7 +351,7 @@ def write_gguf(model: Any, processor: Any, out_dir: Union[str, Path], types: Ite
                name: str = "model", dequantize: bool = False) -> list[Path]:
     """Write ``model`` (LoRA or plain) as ``{name}-{TYPE}.gguf`` for each of ``types`` (:data:`LANGUAGE_TYPES`)
     plus ``mmproj-{name}-F16.gguf`` in ``out_dir``; returns the files, language models first."""
-    from visiontune.models.merge import merged_tensors
+    from visiontune.models.merge import embeddings_differ, merged_tensors
     from visiontune.models.state import base_model
 
     types = list(dict.fromkeys(types))
@@ -364,8 +361,12 @@ def write_gguf(model: Any, processor: Any, out_dir: Union[str, Path], types: Ite
                               "(e.g. Q4_K_M) from the f16 file with llama.cpp's llama-quantize")
     config = base_model(model).config
     spec = gguf_arch(config)
-    arrays = {k: t.detach().float().cpu().numpy() for k, t in merged_tensors(model, dequantize=dequantize).items()
-              if t.is_floating_point()}
+    tensors = merged_tensors(model, dequantize=dequantize)
+    text_config = config.get_text_config()
+    tied = (getattr(text_config, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False)) \
+        and not embeddings_differ(base_model(model), tensors)
+    arrays = {k: t.detach().float().cpu().numpy() for k, t in tensors.items()
+              if t.is_floating_point() and not (tied and k == "lm_head.weight")}  # llama.cpp reuses token_embd
     text = {k: a for k, a in arrays.items() if k.startswith(_TEXT_PREFIX) or k == "lm_head.weight"}
     vision = {k: a for k, a in arrays.items() if k.startswith(_VISION_PREFIXES)}
     out = Path(out_dir)

@@ -174,6 +174,13 @@ STAGES: tuple[Stage, ...] = (
         outs=(Out("${register.promotions_log}", cache=False, persist=True),),
         extra_code=("visiontune/pipeline/pyfunc_model.py",)),
     Stage(
+        "export", "export the champion as merged safetensors / GGUF folders (export.formats; [] = off)",
+        "visiontune.pipeline.export:export_stage",
+        _keys("export", "formats", "version", "output_dir") + ("register.promotions_log", "tracking.uri"),
+        deps=("${register.promotions_log}",),  # a new registration may move the champion
+        outs=(Out("${export.output_dir}"),),
+        extra_code=("visiontune/pipeline/pyfunc_model.py", "visiontune/pipeline/pyfunc.py")),  # loaded by MLflow
+    Stage(
         "report", "build the run's HTML report: decision, metrics, curves, gallery, errors, data, lineage",
         "visiontune.pipeline.report:report_stage",
         ("data.work_dir", "align.output_dir", "eval.metrics_file", "register.promotions_log")

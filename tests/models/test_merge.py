@@ -136,7 +136,7 @@ def four_bit_lora_model(path: str):
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
-                               llm_int8_skip_modules=["lm_head", "merger"])
+                               llm_int8_skip_modules=["lm_head", r".*visual"])  # the language model in 4-bit
     base = AutoModelForImageTextToText.from_pretrained(path, quantization_config=quant, dtype=torch.float32)
     peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     gen = torch.Generator().manual_seed(0)
@@ -164,7 +164,7 @@ def test_merging_into_4bit_weights_is_refused_and_dequantize_merges_exactly(tiny
     assert greedy(*load_plain(folder)) == expected  # merged into the NF4 weights the adapter saw
     quantized = save_pretrained_merged(peft, tmp_path / "nf4", processor, save_method="merged_4bit", dequantize=True)
     assert json.loads((quantized / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
-    assert len(greedy(*load_plain(quantized))[0]) == 8
+    assert all(1 <= len(ids) <= 8 for ids in greedy(*load_plain(quantized)))  # it loads and generates (lossy)
 
 
 # ------------------------------------------------------------------------------------------ serving check

@@ -1,6 +1,9 @@
 """The registered pyfunc model: loaded by MLflow's own API in a fresh Python process from
 ``models:/<name>@champion``, with the local base model gone (it travels as an artifact) and the
-development install of visiontune hidden (the model's own code copy is used)."""
+development install of visiontune hidden (the model's own code copy is used).
+
+What the served model refuses (paths outside ``register.image_root``, decompression bombs) is tested in
+tests/reliability/test_served_images.py."""
 
 from __future__ import annotations
 
@@ -30,7 +33,12 @@ assert "/code/visiontune/" in visiontune.__file__, visiontune.__file__
 df = pd.DataFrame({{"image": [sys.argv[1], sys.argv[2]], "prompt": ["Read.", "Read."]}})
 out = model.predict(df)
 short = model.predict(df.iloc[:1], params={{"max_new_tokens": 1}})
-print("RESULT" + json.dumps({{"out": list(out), "short": list(short)}}))
+try:  # a path outside register.image_root is refused, whether the file exists or not
+    model.predict(pd.DataFrame({{"image": [sys.argv[3]], "prompt": ["Read."]}}))
+    refused = None
+except Exception as e:
+    refused = str(e)
+print("RESULT" + json.dumps({{"out": list(out), "short": list(short), "refused": refused}}))
 """
 
 
@@ -44,7 +52,8 @@ def test_champion_loads_and_generates_in_a_fresh_process(make_cfg, start_trainin
 
     base_copy = project / "models" / "tiny-base"
     shutil.copytree(assets["base"], base_copy)
-    cfg = make_cfg(base=str(base_copy), register={"input_example": True})
+    image_root = assets["images"][0].parent  # requests may name files in this folder only (register.image_root)
+    cfg = make_cfg(base=str(base_copy), register={"input_example": True, "image_root": str(image_root)})
     start_training_run(cfg, assets["adapter"], str(base_copy))
     write_metrics(cfg, cer=0.3)
     mlflow_logger = logging.getLogger("mlflow")  # propagate=False: caplog must listen on it directly
@@ -63,13 +72,18 @@ def test_champion_loads_and_generates_in_a_fresh_process(make_cfg, start_trainin
     elsewhere = project / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking.uri, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", script, image, encode_image(image)], cwd=elsewhere, env=env,
-                          capture_output=True, text=True, timeout=240)
+    outside = project / "outside.png"
+    shutil.copy(image, outside)
+    proc = subprocess.run([sys.executable, "-c", script, image, encode_image(image), str(outside)], cwd=elsewhere,
+                          env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
     out, short = result["out"], result["short"]
     assert len(out) == 2 and all(isinstance(x, str) for x in out)
-    assert out[0] == out[1]  # a path and the same image's base64 bytes are the same input
+    assert out[0] == out[1]  # a path under image_root and the same image's base64 bytes are the same input
+    from visiontune.images import REFUSED_IMAGE
+
+    assert result["refused"] and REFUSED_IMAGE in result["refused"]
 
     # Same answer as base + adapter in this process, with the training collator's image settings.
     model, processor = FastVisionModel.from_pretrained(assets["base"], use_gradient_checkpointing=False,

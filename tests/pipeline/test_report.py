@@ -183,7 +183,7 @@ def _scripted_run(root: Path) -> tuple[str, str, dict]:
     thumbs = root / "thumbs"
     thumbs.mkdir()
     for i in range(len(ROWS)):
-        Image.new("RGB", (120 + 20 * i, 60), (40 * i, 90, 160)).save(thumbs / f"{i}.jpg")
+        Image.new("RGB", (120 + 20 * i, 60), (40 * i, 90, 160)).save(thumbs / f"r{i}.jpg")  # named by record id
     data = {"validate": {"records": 7, "valid": 5, "quarantined": 2, "failure_ratio": 0.2857, "max_failure_ratio": 0.5,
                          "failures_by_reason": {"undecodable": 1, "duplicate": 1}},
             "reasons": {"undecodable": "file cannot be decoded", "duplicate": "same image as an earlier record"},
@@ -251,7 +251,20 @@ def test_errors_are_marked_as_the_cer_counts_them():
     assert [s["kind"] for s in segments("12", "1x2")] == ["ok", "ins", "ok"]
     assert segments("12", "") == [{"kind": "del", "text": "12", "want": "12"}]
     assert confusions([("6789", "6788"), ("19", "18"), ("12", "1"), ("3", "37")]) == [
-        {"want": "9", "got": "8", "count": 2}, {"want": "2", "got": "", "count": 1}, {"want": "", "got": "7", "count": 1}]
+        {"want": "9", "got": "8", "count": 2}, {"want": "2", "got": "∅", "count": 1}, {"want": "∅", "got": "7", "count": 1}]
     statuses = [c["status"] for c in cards([{"index": str(i), "reference": r, "prediction": t, "cer": "0",
                                              "base_prediction": b, "base_cer": "0"} for i, (r, b, t) in enumerate(ROWS)], {})]
     assert statuses == [[], ["fixed"], ["wrong", "broken"], ["wrong"], ["fixed"]]
+
+
+def test_the_stage_refuses_another_runs_evaluation(tmp_path):
+    from visiontune.pipeline.report import report_stage
+    from visiontune.pipeline.tracking import write_run_file
+
+    cfg = from_dict({"align": {"output_dir": str(tmp_path / "align")}, "eval": {"metrics_file": str(tmp_path / "m.json")}})
+    write_run_file(cfg.align.output_dir, {"mlflow_run_id": "abc"})
+    with pytest.raises(FileNotFoundError, match="run the evaluate stage first"):
+        report_stage(cfg)
+    (tmp_path / "m.json").write_text(json.dumps({"mlflow_run_id": "other"}))
+    with pytest.raises(ValueError, match="scored run other, but the trained run is abc: re-run `visiontune evaluate`"):
+        report_stage(cfg)

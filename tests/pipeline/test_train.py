@@ -129,6 +129,8 @@ def test_kill_minus_9_resumes_to_the_same_adapter(tmp_path, demo_dataset, tiny_m
     record = yaml.safe_load((out / "run.json").read_text())
     assert record["resumed_from"] and "checkpoint-" in record["resumed_from"]
     assert record["global_step"] == 40
+    straight = yaml.safe_load((runs["straight"][0] / "out" / "run.json").read_text())
+    assert record["tokens_seen"] == straight["tokens_seen"]  # counted over both parts (issue 14, hole 8)
 
     a = _adapter_tensors(runs["straight"][0] / "out" / "adapter")
     b = _adapter_tensors(out / "adapter")

@@ -32,7 +32,7 @@ import torch
 import trl
 
 from visiontune.align.engine import install_engine
-from visiontune.models.state import vision_state
+from visiontune.models.state import padding_side, vision_state
 from visiontune.trainer import _one_checkpointing, fit_optimizer
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,17 @@ class GRPOTrainer(trl.GRPOTrainer):
                          _processor(model, processing_class, tokenizer), *more, **kwargs)
         why_not = "the entropy bonus needs entropy gradients" if self._entropy_bonus_enabled else None
         self.uses_fused_engine = use_fused_engine and _engine(self, self.temperature, why_not)
+
+    # TRL re-runs the processor on the prompts for the image inputs with the processor's own padding side and
+    # lines its outputs (Qwen's mm_token_type_ids) up with left-padded prompt ids: it must pad left, and a
+    # FastVisionModel's processor pads right for training.
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        with padding_side(self.processing_class, "left"):
+            return super().train(*args, **kwargs)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        with padding_side(self.processing_class, "left"):
+            return super().evaluate(*args, **kwargs)
 
 
 class DPOTrainer(trl.DPOTrainer):

@@ -173,7 +173,10 @@ def _write_pages(out: Path, n: int, seed: int, truncated_row: int) -> tuple[list
     jobs = [(k, seed) for k in range(n)]
     workers = worker_count(n)
     bar = tqdm(total=n, desc="demo pages", unit="img", disable=n < 200)
-    with (mp.get_context("fork").Pool(workers) if workers > 1 else contextlib.nullcontext()) as pool:
+    from visiontune._quiet import pool_worker_init
+
+    with (mp.get_context("fork").Pool(workers, initializer=pool_worker_init) if workers > 1
+          else contextlib.nullcontext()) as pool:
         pages = pool.imap(_page, jobs, chunksize=16) if pool is not None else map(_page, jobs)
         for k, (kind, data, text) in enumerate(pages):
             rel = f"images/{k:05d}.png"

@@ -190,7 +190,9 @@ def _run_jobs(jobs: list[tuple]) -> list[dict[str, Any]]:
     if workers > 1:
         import multiprocessing as mp
 
-        with mp.get_context("fork").Pool(workers) as pool:
+        from visiontune._quiet import pool_worker_init
+
+        with mp.get_context("fork").Pool(workers, initializer=pool_worker_init) as pool:
             return list(tqdm(pool.imap(_work, jobs, chunksize=8), total=len(jobs), desc="normalizing", unit="img"))
     return [_work(j) for j in tqdm(jobs, desc="normalizing", unit="img", disable=len(jobs) < 200)]
 

@@ -141,5 +141,7 @@ def probe_images(jobs: list[tuple[str, str, Optional[bytes], int]], desc: str = 
         return [probe_image(*j) for j in tqdm(jobs, desc=desc, unit="img", disable=len(jobs) < 200)]
     import multiprocessing as mp
 
-    with mp.get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
+    from visiontune._quiet import pool_worker_init
+
+    with mp.get_context("spawn" if os.name == "nt" else "fork").Pool(workers, initializer=pool_worker_init) as pool:
         return list(tqdm(pool.imap(_probe_star, jobs, chunksize=16), total=len(jobs), desc=desc, unit="img"))

@@ -196,6 +196,64 @@ def _mllama_processor(tok: Any, template: str) -> Any:
     return MllamaProcessor(image_processor=ip, tokenizer=tok, chat_template=template)
 
 
+def _mllama_mixed_batch(image_batch: Any, rows: list[int], n: int, length: int) -> dict[str, Any]:
+    """The image inputs of a Mllama batch of ``n`` rows (``length`` tokens) whose rows ``rows`` have images.
+
+    Mllama's processor cannot encode rows without images beside rows with images (transformers 5.24: an
+    IndexError, or ``aspect_ratio_ids`` for fewer rows than ``pixel_values``, which the model rejects with
+    "shape '[2, -1]' is invalid"). The text rows get what the processor gives an absent image: zero tiles,
+    ``aspect_ratio_ids`` 0, ``aspect_ratio_mask`` with only the first tile on, and a cross-attention mask of
+    zeros (the model then masks cross-attention out for those rows). The image rows' cross-attention masks
+    are extended to ``length`` as the processor builds them: an image attended to the end of its row stays
+    attended over the padding. Each row's logits equal those of the row alone (tested).
+    """
+    import torch
+
+    batch = {}
+    for key, value in image_batch.items():
+        if key in ("input_ids", "attention_mask"):
+            continue
+        if key == "cross_attention_mask" and value.shape[1] < length:
+            value = torch.cat([value, value[:, -1:].expand(-1, length - value.shape[1], -1, -1)], dim=1)
+        full = value.new_zeros((n, *value.shape[1:]))
+        if key == "aspect_ratio_mask":
+            full[:, :, 0] = 1
+        full[rows] = value
+        batch[key] = full
+    return batch
+
+
+def _stash_image_rows(layer: Any, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a cross-attention decoder layer: which rows of the batch have an image."""
+    mask = kwargs.get("full_text_row_masked_out_mask")
+    layer.cross_attn._vt_image_rows = None if mask is None else mask.amax(dim=(1, 2, 3)) > 0
+
+
+def _zero_rows_without_image(attn: Any, args: tuple, output: tuple) -> Any:
+    """Forward hook of a cross-attention module: rows without any image get no cross-attention output."""
+    rows = getattr(attn, "_vt_image_rows", None)
+    if rows is None or bool(rows.all()):
+        return output  # every row has an image (or none has): transformers' own computation, untouched
+    return (output[0] * rows.view(-1, 1, 1).to(output[0].dtype), *output[1:])
+
+
+def _mllama_prepare(model: Any) -> None:
+    """Make a text-only row of a mixed batch compute what it computes alone.
+
+    Alone, a row without images skips Mllama's cross-attention layers. In a batch with image rows those
+    layers run for it; transformers zeroes their MLP output for tokens that see no image but adds their
+    attention output (a uniform average over the batch's empty-image features, scaled by the trained
+    gate), which Meta's reference implementation zeroes as well. For rows with no image at all we zero it
+    too: the layer is then the identity for them, as when skipped. Batches in which every row has an image
+    are left exactly as transformers computes them. Idempotent.
+    """
+    for layer in model.modules():
+        if type(layer).__name__ == "MllamaCrossAttentionDecoderLayer" and not getattr(layer, "_vt_image_rows", False):
+            layer.register_forward_pre_hook(_stash_image_rows, with_kwargs=True)
+            layer.cross_attn.register_forward_hook(_zero_rows_without_image)
+            layer._vt_image_rows = True
+
+
 MLLAMA = ArchSpec(
     "mllama", "Llama 3.2 Vision",
     vision_attention=r"vision_model\.(?:transformer|global_transformer)\.layers\.\d+\.self_attn\.(?:q_proj|k_proj|v_proj|o_proj)",
@@ -216,6 +274,8 @@ MLLAMA = ArchSpec(
                   {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|finetune_right_pad_id|>"},
                   _mllama_config, _mllama_processor, "MllamaForConditionalGeneration"),
     dynamic_resolution=False,
+    mixed_batch=_mllama_mixed_batch,
+    prepare_model=_mllama_prepare,
 )
 
 # ---------------------------------------------------------------------------------------------------

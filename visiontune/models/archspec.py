@@ -137,6 +137,14 @@ class ArchSpec:
     """True when the model accepts any image size (Qwen, Pixtral); False for fixed-size/tiled inputs."""
     size_in_pixels: bool = False
     """True when the image processor's ``size`` holds pixel *counts* in shortest_edge/longest_edge (Qwen)."""
+    mixed_batch: Optional[Callable[[Any, list[int], int, int], dict[str, Any]]] = None
+    """None when the model's processor encodes a batch that mixes rows with and without images. Otherwise
+    (Mllama) the collator encodes the image rows and the text rows apart, and this gives the whole batch's
+    image inputs: (the image rows' batch, their indexes, batch size, sequence length) -> the image keys,
+    with the text rows holding what the processor gives an absent image."""
+    prepare_model: Optional[Callable[[Any], None]] = None
+    """What ``FastVisionModel.from_pretrained`` does to a freshly loaded model of this architecture, if
+    anything (Mllama: rows without an image skip cross-attention in a mixed batch, as they do alone)."""
 
     def pattern(self, vision: bool, language: bool, attention: bool, mlp: bool) -> str:
         """The regex of LoRA targets for the four Unsloth flags (a PEFT ``target_modules`` string)."""

@@ -83,6 +83,7 @@ class FastVisionModel:
                 "local_files_only=True with a filled Hugging Face cache)."
             ) from e
         processor = _load_processor(name, local_files_only)
+        _prepare_model(model)
         model.max_seq_length = max_seq_length
         state = vision_state(model)
         state.processor = processor
@@ -221,6 +222,16 @@ def _four_bit_config(torch_dtype: torch.dtype) -> Any:
         # Keep the vision-to-text projector and lm_head in full precision (small, sensitive).
         llm_int8_skip_modules=["lm_head", "multi_modal_projector", "merger"],
     )
+
+
+def _prepare_model(model: torch.nn.Module) -> None:
+    """The architecture's own preparation of a loaded model (``ArchSpec.prepare_model``), if it has one."""
+    try:
+        spec = get_spec(model)
+    except ValueError:  # an unregistered architecture loads as transformers made it
+        return
+    if spec.prepare_model is not None:
+        spec.prepare_model(model)
 
 
 def _load_processor(name: str, local_files_only: bool) -> Any:

@@ -37,8 +37,10 @@ from visiontune.models.state import base_model, vision_state
 log = logging.getLogger(__name__)
 
 SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
-# Kept in full precision by merged_4bit, as load_in_4bit does (small and sensitive).
-_KEEP_FULL_PRECISION = ["lm_head", "multi_modal_projector", "merger"]
+# merged_4bit quantizes the language model's linear layers only: lm_head, the projector and the vision
+# tower (small next to the language model, and sensitive) stay in 16-bit. transformers matches these
+# from the start of a module's name up to a dot, or as a suffix.
+_KEEP_FULL_PRECISION = ["lm_head", r".*multi_modal_projector", r".*visual", r".*vision_tower", r".*vision_model"]
 # Options of Unsloth's save_pretrained_merged / _gguf that have no effect here (memory tuning, hub upload
 # details, llama.cpp build steps): accepted, so that Unsloth calls run unchanged.
 _IGNORED_UNSLOTH_OPTIONS = {"push_to_hub", "temporary_location", "maximum_memory_usage", "save_function",
@@ -84,9 +86,12 @@ def _dense(param: torch.Tensor) -> torch.Tensor:
     quant_state = getattr(param, "quant_state", None)
     if quant_state is None:
         return param.detach()
-    import bitsandbytes as bnb
+    from bitsandbytes import functional
 
-    return bnb.functional.dequantize_4bit(param.data, quant_state)
+    data = param.data
+    if getattr(quant_state, "packing_format_for_cpu", False):  # bitsandbytes' CPU kernels repack on first use
+        data, quant_state = functional._convert_weight_packed_for_cpu_inverse(data, quant_state)
+    return functional.dequantize_4bit(data, quant_state)
 
 
 def _active_adapter(model: Any) -> Optional[str]:
@@ -116,6 +121,7 @@ def _lora_layer_tensors(module: Any, prefix: str, adapter: str) -> dict[str, tor
     return out
 
 
+@torch.no_grad()
 def merged_tensors(model: Any, dequantize: bool = False) -> dict[str, torch.Tensor]:
     """The weights of ``model`` (PEFT-wrapped or plain) with every LoRA update merged, under the names of
     the plain transformers model (``model.language_model.layers.0.self_attn.q_proj.weight`` ...).
@@ -152,7 +158,7 @@ def _module_name(root: torch.nn.Module, module: Any) -> Optional[str]:
     return next((name for name, m in root.named_modules() if m is module), None)
 
 
-def _embeddings_differ(base: Any, tensors: dict[str, torch.Tensor]) -> bool:
+def embeddings_differ(base: Any, tensors: dict[str, torch.Tensor]) -> bool:
     """True when the merged output embedding (lm_head) is no longer the input embedding: a tied model whose
     lm_head was trained in full (``modules_to_save``) or carries LoRA must be saved untied."""
     names = [_module_name(base, base.get_input_embeddings()), _module_name(base, base.get_output_embeddings())]
@@ -185,7 +191,7 @@ def merged_model(model: Any, dtype: Optional[torch.dtype] = None, dequantize: bo
     tensors = merged_tensors(model, dequantize=dequantize)
     target = dtype or next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
     tensors = {k: t.to(target) if t.is_floating_point() else t for k, t in tensors.items()}
-    config = _export_config(base.config, untie=_embeddings_differ(base, tensors))
+    config = _export_config(base.config, untie=embeddings_differ(base, tensors))
     with torch.device("meta"):
         fresh = type(base)(config)
     fresh.load_state_dict(tensors, strict=True, assign=True)

@@ -143,8 +143,6 @@ def _samples(s: dict[str, Any]) -> list[dict]:
     from visiontune.data.convert import load_split
 
     ds = load_split(Path(s["work_dir"]) / "dataset", s["split"], setting="align.split")
-    if s["max_samples"] < 0:
-        raise ValueError(f"align.max_samples={s['max_samples']}: use 0 (all) or a positive number")
     n = min(s["max_samples"], len(ds)) if s["max_samples"] else len(ds)
     if n == 0:
         raise ValueError(f"split {s['split']!r} is empty: nothing to align on (align.split)")
@@ -186,7 +184,8 @@ def _preference_rows(s: dict[str, Any], model: Any, processor: Any, resizer: Any
         rows = sampled_pairs(samples, answers, _reward_funcs(s)[0], resizer)
         if not rows:
             raise ValueError(f"no DPO pairs: the SFT model's {s['num_generations']} samples scored alike on every "
-                             "prompt; raise align.temperature or align.num_generations, or give chosen/rejected columns")
+                             "prompt; raise align.temperature or align.num_generations, or add chosen/rejected "
+                             "columns")
     table.rows.extend({"chosen": r["chosen"][0]["content"][0]["text"],
                        "rejected": r["rejected"][0]["content"][0]["text"]} for r in rows)
     return rows

@@ -93,9 +93,10 @@ def _thumbnail(messages: list[dict]) -> Optional[bytes]:
 
 
 def write_thumbnails(dataset_dir: Path, split: str, rows: list[dict[str, str]], out: Path) -> int:
-    """``out/<index>.jpg`` for each predictions row, its image found by record id in ``split`` (by position
-    when the row has none); returns how many were written."""
+    """``out/<thumbnail key>.jpg`` for each predictions row, its image found by record id in ``split`` (by
+    position when the row has none); returns how many were written."""
     from visiontune.data.convert import load_split
+    from visiontune.pipeline.report_views import thumbnail_key
 
     ds = load_split(dataset_dir, split, setting="the split in the metrics file")
     ids = ds["record_id"] if "record_id" in ds.column_names else []
@@ -106,7 +107,7 @@ def write_thumbnails(dataset_dir: Path, split: str, rows: list[dict[str, str]], 
         i = position.get(row.get("record_id") or "", int(row["index"]))
         data = _thumbnail(ds[i]["messages"]) if i < len(ds) else None
         if data:
-            (out / f"{row['index']}.jpg").write_bytes(data)
+            (out / f"{thumbnail_key(row)}.jpg").write_bytes(data)
             written += 1
     return written
 
@@ -115,7 +116,8 @@ def _record_inputs(client: Any, run_id: str, work_dir: Path, gallery_samples: in
     """Log the data summary and the gallery's thumbnails into the run (what a rebuild cannot find elsewhere)."""
     client.log_dict(run_id, data_summary(work_dir), "report/data_summary.json")
     with tempfile.TemporaryDirectory() as tmp:
-        metrics, rows = _artifact_json(client, run_id, "eval/metrics.json", tmp), _predictions(client, run_id, tmp)
+        metrics_path, predictions_path = _eval_files(client, run_id)
+        metrics, rows = _artifact_json(client, run_id, metrics_path, tmp), _predictions(client, run_id, predictions_path, tmp)
         if metrics and rows:
             thumbs = Path(tmp) / "thumbnails"
             if write_thumbnails(work_dir / "dataset", metrics["split"], _gallery_rows(rows, gallery_samples), thumbs):
@@ -123,21 +125,27 @@ def _record_inputs(client: Any, run_id: str, work_dir: Path, gallery_samples: in
 
 
 # ------------------------------------------------------------------------------------ what MLflow holds
-def _download(client: Any, run_id: str, path: str, dst: str) -> Optional[Path]:
+def _eval_files(client: Any, run_id: str) -> tuple[Optional[str], Optional[str]]:
+    """The evaluate stage's metrics (the .json) and predictions (the .csv) artifacts under ``eval/``; their
+    names are those of eval.metrics_file and eval.predictions_file at the time."""
+    paths = sorted(a.path for a in client.list_artifacts(run_id, "eval") if not a.is_dir)
+    return (next((p for p in paths if p.endswith(".json")), None), next((p for p in paths if p.endswith(".csv")), None))
+
+
+def _download(client: Any, run_id: str, path: Optional[str], dst: str) -> Optional[Path]:
     """The artifact ``path`` of the run downloaded under ``dst``, or None if the run has none."""
-    parent = path.rpartition("/")[0]
-    if path not in {a.path for a in client.list_artifacts(run_id, parent or None)}:
+    if path is None or path not in {a.path for a in client.list_artifacts(run_id, path.rpartition("/")[0] or None)}:
         return None
     return Path(client.download_artifacts(run_id, path, dst))
 
 
-def _artifact_json(client: Any, run_id: str, path: str, dst: str) -> Optional[Any]:
+def _artifact_json(client: Any, run_id: str, path: Optional[str], dst: str) -> Optional[Any]:
     local = _download(client, run_id, path, dst)
     return json.loads(local.read_text()) if local else None
 
 
-def _predictions(client: Any, run_id: str, dst: str) -> list[dict[str, str]]:
-    local = _download(client, run_id, "eval/predictions.csv", dst)
+def _predictions(client: Any, run_id: str, path: Optional[str], dst: str) -> list[dict[str, str]]:
+    local = _download(client, run_id, path, dst)
     if not local:
         return []
     with local.open(newline="", encoding="utf-8") as fh:
@@ -149,7 +157,8 @@ def _gallery_rows(rows: list[dict[str, str]], gallery_samples: int) -> list[dict
 
 
 def _thumbnails(client: Any, run_id: str, dst: str) -> dict[str, str]:
-    """Evaluation index -> data URI of its thumbnail, from the run's report/thumbnails."""
+    """Thumbnail key (:func:`~visiontune.pipeline.report_views.thumbnail_key`) -> data URI of the image,
+    from the run's report/thumbnails."""
     if "report/thumbnails" not in {a.path for a in client.list_artifacts(run_id, "report")}:
         return {}
     folder = Path(client.download_artifacts(run_id, "report/thumbnails", dst))
@@ -160,12 +169,13 @@ def _thumbnails(client: Any, run_id: str, dst: str) -> dict[str, str]:
 def collect(client: Any, run_id: str, gallery_samples: int) -> dict[str, Any]:
     """Every fact the page shows, read from the MLflow run ``run_id`` (nothing local)."""
     run = client.get_run(run_id)
+    metrics_path, predictions_path = _eval_files(client, run_id)
     with tempfile.TemporaryDirectory() as tmp:
         facts = {
-            "metrics": _artifact_json(client, run_id, "eval/metrics.json", tmp),
+            "metrics": _artifact_json(client, run_id, metrics_path, tmp),
             "decision": _artifact_json(client, run_id, "register/decision.json", tmp),
             "data": _artifact_json(client, run_id, "report/data_summary.json", tmp),
-            "rows": _predictions(client, run_id, tmp),
+            "rows": _predictions(client, run_id, predictions_path, tmp),
             "thumbnails": _thumbnails(client, run_id, tmp),
         }
     facts["curves"] = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in CURVES}
@@ -189,7 +199,7 @@ def _time(ms: Optional[int]) -> str:
 def build_report(client: Any, run_id: str, out_path: Path, gallery_samples: int) -> dict[str, Any]:
     """Render the page of ``run_id`` from MLflow into ``out_path``, log it to the run, link it from the
     decision record; returns a summary."""
-    from visiontune.pipeline.report_views import page_context
+    from visiontune.pipeline.report_views import page_context, thumbnail_key
 
     facts = collect(client, run_id, gallery_samples)
     html = render(page_context(facts))
@@ -200,7 +210,7 @@ def build_report(client: Any, run_id: str, out_path: Path, gallery_samples: int)
     _link_from_decision(client, run_id, facts, uri)
     shown = facts["gallery"]
     return {"report": str(out_path), "mlflow_run_id": run_id, "report_artifact": uri, "gallery_samples": len(shown),
-            "gallery_images": sum(r["index"] in facts["thumbnails"] for r in shown),
+            "gallery_images": sum(thumbnail_key(r) in facts["thumbnails"] for r in shown),
             "decision": (facts["decision"] or {}).get("decision"), "bytes": len(html.encode())}
 
 

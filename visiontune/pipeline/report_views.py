@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from collections import Counter
 from typing import Any, Optional
 
@@ -13,6 +14,12 @@ from visiontune.pipeline.evaluate import LOWER_IS_BETTER
 STATUSES = ("wrong", "fixed", "broken")  # the gallery's filters besides "all"
 LINEAGE_TAGS = ("git_commit", "dvc_data_md5", "base_model", "train_samples", "registered_model", "promotion_decision",
                 "eval_split", "select_best", "best_step", "selected_step")
+
+
+def thumbnail_key(row: dict[str, Any]) -> str:
+    """The name of a predictions row's thumbnail: its record id (so a thumbnail can never show another
+    sample's image), else its position."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(row.get("record_id") or f"index-{row['index']}"))
 
 
 # ------------------------------------------------------------------------------------------ text errors
@@ -47,7 +54,12 @@ def confusions(pairs: list[tuple[str, str]], top: int = 15) -> list[dict[str, An
                 counts.update((c, "") for c in ref)
             elif kind == "insert":
                 counts.update(("", c) for c in ans)
-    return [{"want": a, "got": b, "count": n} for (a, b), n in counts.most_common(top)]
+    return [{"want": _visible(a), "got": _visible(b), "count": n} for (a, b), n in counts.most_common(top)]
+
+
+def _visible(char: str) -> str:
+    """A character as the page shows it in a table: ∅ for none, ␣ for a space."""
+    return {"": "∅", " ": "␣"}.get(char, char)
 
 
 def _exact(answer: Optional[str], reference: str) -> Optional[bool]:
@@ -63,7 +75,7 @@ def cards(rows: list[dict[str, str]], thumbnails: dict[str, str]) -> list[dict[s
         tuned_ok, base_ok = _exact(r["prediction"], ref), _exact(base, ref)
         status = [s for s, on in (("wrong", not tuned_ok), ("fixed", base_ok is False and tuned_ok),
                                   ("broken", base_ok and not tuned_ok)) if on]
-        out.append({"index": r["index"], "record_id": r.get("record_id", ""), "thumb": thumbnails.get(r["index"]),
+        out.append({"index": r["index"], "record_id": r.get("record_id", ""), "thumb": thumbnails.get(thumbnail_key(r)),
                     "reference": ref, "tuned": segments(ref, r["prediction"]), "tuned_ok": tuned_ok,
                     "cer": float(r["cer"]), "base": None if base is None else segments(ref, base), "base_ok": base_ok,
                     "base_cer": float(r["base_cer"]) if r.get("base_cer") not in (None, "") else None,
@@ -72,7 +84,7 @@ def cards(rows: list[dict[str, str]], thumbnails: dict[str, str]) -> list[dict[s
 
 
 # ------------------------------------------------------------------------------------------ charts
-def _figure(width: float = 5.6, height: float = 3.2, columns: int = 1) -> tuple[Any, Any]:
+def _figure(width: float = 4.8, height: float = 3.2, columns: int = 1) -> tuple[Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -94,9 +106,9 @@ def _data_uri(fig: Any) -> str:
     return "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def curves_chart(curves: dict[str, list[tuple[int, float]]], final: Optional[dict[str, float]]) -> Optional[str]:
-    """Training loss (left) and the in-training evaluation (right: val CER and exact match, with the final
-    held-out scores as dotted lines) against the step."""
+def curves_chart(curves: dict[str, list[tuple[int, float]]], metrics: Optional[dict[str, Any]]) -> Optional[str]:
+    """Training loss (left) and the in-training evaluation (right: val CER and exact match, with the
+    evaluate stage's scores as dotted lines) against the step."""
     if not curves.get("loss") and not curves.get("val_cer"):
         return None
     fig, (ax, bx) = _figure(11, 3.4, columns=2)
@@ -104,13 +116,13 @@ def curves_chart(curves: dict[str, list[tuple[int, float]]], final: Optional[dic
         ax.plot(*zip(*curves["loss"]), color="#1f77b4", lw=1.5, label="train loss")
     ax.set(xlabel="step", ylabel="loss", title="training loss")
     ax.grid(alpha=0.3)
-    colors = {"cer": "#d62728", "exact_match": "#2ca02c"}
-    for metric, color in colors.items():
+    final = (metrics or {}).get("finetuned", {})
+    for metric, color in (("cer", "#d62728"), ("exact_match", "#2ca02c")):
         points = curves.get(f"val_{metric}")
         if points:
-            bx.plot(*zip(*points), marker="o", ms=3, color=color, label=f"val {metric}")
-        if final and metric in final:
-            bx.axhline(final[metric], color=color, ls=":", lw=1, label=f"test {metric} (final)")
+            bx.plot(*zip(*points), marker="o", ms=3, color=color, label=f"validation {metric}")
+        if metric in final:
+            bx.axhline(final[metric], color=color, ls=":", lw=1, label=f"{metrics.get('split', 'held-out')} {metric} (evaluate stage)")
     bx.set(xlabel="step", title="evaluation during training (validation subset)")
     for axis in (ax, bx):
         axis.xaxis.get_major_locator().set_params(integer=True)
@@ -163,12 +175,18 @@ def sizes_chart(sizes: Optional[dict[str, Any]]) -> Optional[str]:
     """Image width x height before (source) and after normalization, log-log."""
     if not sizes or not sizes.get("source"):
         return None
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
     fig, ax = _figure()
     for key, color, label in (("source", "#ff7f0e", "before (source)"), ("normalized", "#1f77b4", "after normalization")):
         w, h = zip(*sizes[key])
         ax.scatter(w, h, s=6, alpha=0.4, color=color, label=label)
     ax.set(xscale="log", yscale="log", xlabel="width (px)", ylabel="height (px)",
            title=f"image sizes ({sizes['count']} images)")
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers (50, 100, 200, 500 ...), not 2×10²
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=8, markerscale=3)
     ax.grid(alpha=0.3, which="both")
     return _data_uri(fig)
@@ -211,7 +229,7 @@ def page_context(facts: dict[str, Any]) -> dict[str, Any]:
         "run": facts["run"], "decision": facts["decision"], "metrics": metrics, "table": metrics_table(metrics),
         "has_base": bool(rows and "base_prediction" in rows[0]), "cards": gallery, "counts": counts,
         "n_rows": len(rows),
-        "charts": {"curves": curves_chart(facts["curves"], (metrics or {}).get("finetuned")),
+        "charts": {"curves": curves_chart(facts["curves"], metrics),
                    "cer": cer_histogram(rows), "length": length_chart(rows), "sizes": sizes_chart(data.get("sizes"))},
         "confusions": confusions([(r["reference"], r["prediction"]) for r in rows]),
         "base_confusions": confusions([(r["reference"], r["base_prediction"]) for r in rows if "base_prediction" in r]),

@@ -174,7 +174,7 @@ def _sft_config(cfg: PipelineConfig, output_dir: Path) -> Any:
         # checkpoint: what a resumed run's tokens_seen starts from.
         include_num_input_tokens_seen="all" if cfg.collator.padding_free else "non_padding",
         dataloader_num_workers=0,
-        gradient_checkpointing=False,  # FastVisionModel already set checkpointing up as configured
+        activation_checkpointing=False,  # FastVisionModel already set checkpointing up as configured
     )
 
 
@@ -246,11 +246,13 @@ def train(cfg: PipelineConfig, train_data: Any, output_dir: Path, mlflow_active:
     """
     from trl import SFTTrainer
 
+    from visiontune.budget import preflight
     from visiontune.pipeline.eval_callback import eval_callbacks
     from visiontune.trainer import as_train_dataset
 
     model, processor = build_model(cfg)
     collator = build_collator(cfg, model, processor)
+    train_data, budget = preflight(collator, train_data, output_dir, mlflow_active)  # before any step
     data = as_train_dataset(train_data)
     rows = getattr(data, "_vt_rows", None)
     base_collate = collator if rows is None else (lambda exs: collator([rows[e["_vt_index"]] for e in exs]))
@@ -274,7 +276,8 @@ def train(cfg: PipelineConfig, train_data: Any, output_dir: Path, mlflow_active:
     return {
         "adapter_dir": str(adapter_dir), "global_step": trainer.state.global_step, "history": history,
         "final_loss": losses[-1] if losses else None, "first_loss": losses[0] if losses else None,
-        "resumed_from": str(resume) if resume else None, "dropped_samples": collator.dropped,
+        "resumed_from": str(resume) if resume else None, "dropped_samples": collator.dropped + budget["dropped"],
+        "token_budget": budget,
         # Cumulative over resumes. After the checkpoint, tokens are counted as the collator builds batches (one
         # batch ahead of training), so a resumed run reports what an uninterrupted one does.
         "train_runtime_s": before["train_runtime_s"] + result.metrics.get("train_runtime", 0.0),
