@@ -132,7 +132,7 @@ class ModelConfig:
     tiny_seed: int = _f(3407, "Seed of that tiny model's random weights.", ge=0)
     max_seq_length: int = _f(1024, "Longest sequence (text + image tokens) a sample may have.", ge=1)
     dtype: Optional[str] = _f(None, "torch dtype name; None picks bfloat16 on GPUs that support it, float32 otherwise.")
-    load_in_4bit: bool = _f(False, "Load the frozen base in 4-bit NF4 (bitsandbytes, CUDA only).")
+    load_in_4bit: bool = _f(False, "Load the frozen base in 4-bit NF4 (bitsandbytes: CUDA, or its slower CPU backend).")
     use_gradient_checkpointing: Union[bool, str, float] = _f(
         False, "True, False, 'offload' (checkpoint and keep saved inputs on the CPU), 'mlp' (CUDA engine: only the MLPs "
         "recompute their gate/up projections; fastest memory saver at small batches) or a fraction in (0, 1): "
@@ -192,7 +192,8 @@ class TrainConfig:
     eval_max_new_tokens: int = _f(12, "Generation length limit of the evaluation during training.", ge=1)
     select_best: Optional[str] = _f(
         None, "cer or exact_match: save the adapter of the in-training evaluation that was best on this metric "
-        "instead of the last one (recorded in the run as best_step / selected_step); null keeps the last.")
+        "instead of the last one (recorded in the run as best_step / selected_step); null keeps the last.",
+        choices=("cer", "exact_match"))
 
 
 @dataclass

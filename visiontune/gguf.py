@@ -218,7 +218,8 @@ def _add_vocab(w: Any, processor: Any, vocab_size: int) -> None:
         tokenizer.save_pretrained(tmp)
         tokenizer_json = json.loads((Path(tmp) / "tokenizer.json").read_text(encoding="utf-8"))
         model = tokenizer_json.get("model", {})
-        if model.get("type") != "BPE" or model.get("byte_fallback") or (tokenizer_json.get("decoder") or {}).get("type") != "ByteLevel":
+        decoder = (tokenizer_json.get("decoder") or {}).get("type")
+        if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
             raise GGUFExportError(
                 "the tokenizer is not byte-level BPE (SentencePiece-style?); this exporter writes byte-level BPE "
                 "vocabularies only. Convert the merged folder with llama.cpp's convert_hf_to_gguf.py.")
@@ -310,7 +311,8 @@ def _write_language_model(path: Path, spec: GGUFArch, config: Any, tensors: dict
     _add_vocab(w, processor, int(text.vocab_size))
     name_map = gguf.get_tensor_name_map(arch, int(text.num_hidden_layers))
     for hf_name, array in tensors.items():
-        gguf_name = _map_name(name_map, "model." + hf_name[len(_TEXT_PREFIX):] if hf_name.startswith(_TEXT_PREFIX) else hf_name)
+        plain = "model." + hf_name[len(_TEXT_PREFIX):] if hf_name.startswith(_TEXT_PREFIX) else hf_name
+        gguf_name = _map_name(name_map, plain)
         array = spec.text_tensor(gguf_name, array, text)
         _add_tensor(w, gguf_name, array, _tensor_type(gguf, gguf_name, array, ltype))
     _finish(w)

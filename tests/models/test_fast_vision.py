@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -40,11 +42,12 @@ def test_from_pretrained_local_dir_cpu_defaults(tiny_model_dir):
     assert next(full.parameters()).dtype == torch.bfloat16
 
 
-def test_from_pretrained_errors(tmp_path, tiny_model_dir):
+def test_from_pretrained_errors(tmp_path, tiny_model_dir, monkeypatch):
     with pytest.raises(FileNotFoundError, match="visiontune tiny-model"):
         FastVisionModel.from_pretrained(str(tmp_path / "nope"))
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+    with monkeypatch.context() as m:  # 4-bit runs on CUDA and on bitsandbytes' CPU backend (test_four_bit.py)
+        m.setitem(sys.modules, "bitsandbytes", None)
+        with pytest.raises(RuntimeError, match="needs bitsandbytes"):
             FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), load_in_4bit=True)
     with pytest.raises(ValueError, match="use_gradient_checkpointing"):
         FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), use_gradient_checkpointing="sometimes")

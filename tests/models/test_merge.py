@@ -130,13 +130,15 @@ def test_bad_arguments_are_clear(tiny_model_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ 4-bit
-def four_bit_lora_model(path: str):
+def four_bit_lora_model(path: str, bits: int = 4):
     """A QLoRA model as transformers + bitsandbytes build it (bitsandbytes' CPU backend: Linear4bit layers)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
-                               llm_int8_skip_modules=["lm_head", r".*visual"])  # the language model in 4-bit
+    skip = ["lm_head", r".*visual"]  # the language model in 4-bit (or 8-bit)
+    quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                llm_int8_skip_modules=skip) if bits == 4
+             else BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip))
     base = AutoModelForImageTextToText.from_pretrained(path, quantization_config=quant, dtype=torch.float32)
     peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     gen = torch.Generator().manual_seed(0)
@@ -145,6 +147,26 @@ def four_bit_lora_model(path: str):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     return peft.eval()
+
+
+def dequantized_copy(peft):
+    """The QLoRA model with every bitsandbytes Linear4bit swapped for an fp32 Linear holding its dequantized
+    weight (LoRA wrappers kept): what the adapter computes, without bitsandbytes' CPU kernels (which round
+    differently, ~1% of the logit range on this model)."""
+    import copy
+
+    import bitsandbytes as bnb
+
+    reference = copy.deepcopy(peft)
+    for name, module in list(reference.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            dense.weight.data = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            if module.bias is not None:
+                dense.bias.data = module.bias.data.clone()
+            parent, _, child = name.rpartition(".")
+            setattr(reference.get_submodule(parent), child, dense)
+    return reference
 
 
 @pytest.mark.slow
@@ -159,12 +181,17 @@ def test_merging_into_4bit_weights_is_refused_and_dequantize_merges_exactly(tiny
     with pytest.raises(QuantizedMergeError, match=r"loaded in 4-bit .*Linear4bit.*dequantize=True"):
         save_pretrained_merged(peft, tmp_path / "refused", processor)
     assert not (tmp_path / "refused" / "model.safetensors").exists()
-    expected = greedy(peft, processor)
+    reference = dequantized_copy(peft)  # before any forward pass: bitsandbytes' CPU kernels repack on first use
     folder = save_pretrained_merged(peft, tmp_path / "merged", processor, dequantize=True)
-    assert greedy(*load_plain(folder)) == expected  # merged into the NF4 weights the adapter saw
+    assert greedy(*load_plain(folder)) == greedy(reference, processor)  # merged into the NF4 weights the adapter saw
     quantized = save_pretrained_merged(peft, tmp_path / "nf4", processor, save_method="merged_4bit", dequantize=True)
     assert json.loads((quantized / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     assert all(1 <= len(ids) <= 8 for ids in greedy(*load_plain(quantized)))  # it loads and generates (lossy)
+    greedy(peft, processor)  # the 4-bit model runs on CPU: bitsandbytes repacks its weights, lossy to undo
+    with pytest.raises(QuantizedMergeError, match="repacked .* Merge before running the model on CPU"):
+        merged_model(peft, dequantize=True)
+    with pytest.raises(QuantizedMergeError, match="8-bit bitsandbytes weights .* not supported"):
+        merged_model(four_bit_lora_model(path, bits=8), dequantize=True)
 
 
 # ------------------------------------------------------------------------------------------ serving check

@@ -22,7 +22,7 @@ from typing import Any
 
 from visiontune.config import PipelineConfig
 from visiontune.data.conversation import to_conversation
-from visiontune.data.io import dump_json, read_jsonl, write_if_changed
+from visiontune.data.io import dump_json, holds_work_dir, read_jsonl, write_if_changed
 
 SPLITS = ("train", "validation", "test")
 META_FILE = "visiontune_meta.json"  # inside the dataset folder: settings the model must carry along
@@ -127,6 +127,7 @@ def load_split(dataset_dir: str | Path, split: str, setting: str = "split") -> A
     return dd[split]
 
 
+@holds_work_dir  # one run at a time per data.work_dir
 def convert_stage(cfg: PipelineConfig) -> dict[str, Any]:
     """``visiontune convert``: write ``<work_dir>/dataset`` (DatasetDict) and ``<work_dir>/metrics/convert.json``."""
     c = cfg.convert

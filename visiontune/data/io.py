@@ -10,13 +10,16 @@ validation then quarantines with its reason.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import hashlib
 import io
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".pq")
 
@@ -86,14 +89,89 @@ def write_if_changed(path: str | Path, data: bytes | str) -> bool:
     return True
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota exceeded, file-size limit (RLIMIT_FSIZE)
+
+
+class DiskFullError(OSError):
+    """A write failed for want of space (or of quota, or under a file-size limit); nothing was replaced."""
+
+
 def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` (parents created) through a temporary file and a rename, so a reader or a
-    killed run never sees a half-written file."""
+    """Write ``data`` to ``path`` (parents created) through a temporary file and a rename, so a reader, a
+    killed run or a full disk never leaves a half-written file where the old one was.
+
+    A failed write removes its temporary file; for want of space it raises :class:`DiskFullError` (an
+    ``OSError`` with the same errno) naming the file and saying that the old one is untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in DISK_FULL:
+            raise DiskFullError(
+                e.errno, f"could not write {path} ({len(data)} bytes): {e.strerror} (the disk, a quota or a file-size "
+                f"limit is full). {'The previous file is untouched' if path.exists() else 'Nothing was written'}: "
+                "free some space and run the stage again") from e
+        raise
+
+
+class FolderBusyError(BlockingIOError):
+    """A folder is in use by another visiontune process."""
+
+
+@contextlib.contextmanager
+def folder_lock(lock_file: str | Path, busy: str, error: type[BlockingIOError] = FolderBusyError) -> Iterator[None]:
+    """Hold an OS file lock (flock) on ``lock_file`` for the body; if another process holds it, raise
+    ``error(busy)`` at once instead of waiting. The kernel drops the lock when its process dies, even by
+    kill -9, so a crash leaves no stale lock."""
+    from filelock import FileLock, Timeout
+
+    Path(lock_file).parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_file, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise error(busy) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+WORK_DIR_LOCK = ".visiontune.lock"  # inside data.work_dir: held while a stage writes or trains on its data
+
+
+def work_dir_lock(work_dir: str | Path) -> contextlib.AbstractContextManager:
+    """One stage at a time per ``data.work_dir`` (:func:`holds_work_dir`); fails at once when it is taken."""
+    work = Path(work_dir)
+    return folder_lock(work / WORK_DIR_LOCK, (
+        f"{work} is in use by another visiontune run (it holds {work / WORK_DIR_LOCK}); wait for that run to finish, "
+        "or give this one its own data folder: --set data.work_dir=<another folder>"))
+
+
+_Stage = TypeVar("_Stage", bound=Callable[..., Any])
+
+
+def holds_work_dir(stage: _Stage) -> _Stage:
+    """Decorator of a stage function ``stage(cfg)`` that writes under ``data.work_dir``: it runs holding
+    :func:`work_dir_lock`.
+
+    The data stages rewrite files the next stages read, and training reads the dataset and its images for
+    as long as it runs: a second run's stage on the same folder would mix two runs' files (normalize even
+    deletes the images the other run's manifest names). The second one fails at once with
+    :class:`FolderBusyError` instead (tests/reliability/test_concurrency.py).
+    """
+
+    @functools.wraps(stage)
+    def locked(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+        with work_dir_lock(cfg.data.work_dir):
+            return stage(cfg, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
 
 
 def dump_json(obj: Any) -> str:

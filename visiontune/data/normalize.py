@@ -28,7 +28,7 @@ from typing import Any, Optional
 from PIL import Image, ImageOps
 
 from visiontune.config import PipelineConfig
-from visiontune.data.io import atomic_write, dump_json, read_jsonl, sha256_bytes, write_if_changed
+from visiontune.data.io import atomic_write, dump_json, holds_work_dir, read_jsonl, sha256_bytes, write_if_changed
 from visiontune.images import bounded_size, snap_to_multiple, to_rgb
 
 FORMAT_VERSION = 2  # bump when the resizing code changes its output, so old files are not reused
@@ -225,6 +225,7 @@ def manifest_stats(manifest: dict, min_px: int, max_px: int) -> dict[str, Any]:
     }
 
 
+@holds_work_dir  # one run at a time per data.work_dir
 def normalize_stage(cfg: PipelineConfig) -> dict[str, Any]:
     """``visiontune normalize``: normalize the images of ``<work_dir>/validated/records.jsonl``."""
     n = cfg.normalize

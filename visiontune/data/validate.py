@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from visiontune.config import PipelineConfig, ValidateConfig
-from visiontune.data.io import RawRow, dump_json, dump_jsonl, read_annotations, write_if_changed
+from visiontune.data.io import RawRow, dump_json, dump_jsonl, holds_work_dir, read_annotations, write_if_changed
 from visiontune.data.probe import COLUMNS as PROBE_COLUMNS
 from visiontune.data.probe import probe_images
 
@@ -375,6 +375,7 @@ def _write_outputs(out: Path, metrics_path: Path, res: dict[str, Any], good: lis
     write_if_changed(metrics_path, dump_json(metrics))
 
 
+@holds_work_dir  # one run at a time per data.work_dir
 def validate_stage(cfg: PipelineConfig) -> dict[str, Any]:
     """``visiontune validate``: read ``data.annotations`` under ``data.raw_dir``, validate, write outputs.
 

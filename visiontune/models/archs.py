@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from visiontune.models.archspec import GEMMA_NORM, LLAMA_NORM, ArchSpec, ImageTokens, KernelMap, TinySpec
+from visiontune.models.archspec import (GEMMA_NORM, LLAMA_NORM, ArchSpec, ImageTokens, KernelMap, TinySpec,
+                                        full_name_regex)
 
 _LANG_ATTN = r"language_model\.layers\.\d+\.self_attn\.(?:q_proj|k_proj|v_proj|o_proj)"
 _LANG_MLP = r"language_model\.layers\.\d+\.mlp\.(?:gate_proj|up_proj|down_proj)"
@@ -400,6 +401,15 @@ MISTRAL3 = ArchSpec(
 
 REGISTRY: dict[str, ArchSpec] = {spec.model_type: spec for spec in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, MLLAMA, GEMMA3, MISTRAL3)}
 """``config.model_type`` -> :class:`ArchSpec`: the one list of supported architectures."""
+
+
+def full_precision_modules() -> list[str]:
+    """What ``load_in_4bit`` keeps in full precision: the layers no LoRA map targets unless named
+    (``ArchSpec.never``: the vision-to-text projector or merger, and ``lm_head``), small and sensitive to
+    quantization. One regex for every registered architecture, as transformers 5 matches
+    ``llm_int8_skip_modules``: from the start of the full module name (a plain ``"merger"`` would not
+    match ``model.visual.merger.mlp.0``)."""
+    return [full_name_regex(spec.never for spec in REGISTRY.values())]
 
 
 class UnsupportedArchitectureError(ValueError):

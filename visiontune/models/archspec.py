@@ -21,6 +21,12 @@ from typing import Any, Callable, Optional
 # ("model.visual.blocks.0.attn.qkv") and inside PEFT's wrapper ("base_model.model.model.visual...").
 _PREFIX = r"(?:.*\.)?"
 
+def full_name_regex(patterns: Iterable[str]) -> str:
+    """One regex that matches a full module name (under any prefix, PEFT's wrapper included) by any of
+    ``patterns`` (regexes over the name without prefix)."""
+    return _PREFIX + "(?:" + "|".join(patterns) + ")"
+
+
 LLAMA_NORM = (0.0, True)
 """RMSNorm convention ``w * x_hat.to(dtype)`` (Llama, Qwen, Mistral)."""
 GEMMA_NORM = (1.0, False)
@@ -163,7 +169,7 @@ class ArchSpec:
                 "finetune_language_layers must be True, and at least one of finetune_attention_modules / "
                 "finetune_mlp_modules must be True (or pass target_modules explicitly)."
             )
-        return _PREFIX + "(?:" + "|".join(parts) + ")"
+        return full_name_regex(parts)
 
     def classify(self, name: str) -> Optional[str]:
         """'vision_attention' | 'vision_mlp' | 'language_attention' | 'language_mlp' | 'never' | None."""

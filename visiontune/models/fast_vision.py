@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from visiontune.models.archs import get_spec
+from visiontune.models.archs import full_precision_modules, get_spec
 from visiontune.models.checkpointing import checkpoint_fraction
 from visiontune.models.merge import attach_save_methods
 from visiontune.models.state import base_model, set_padding_side, vision_state
@@ -84,6 +84,8 @@ class FastVisionModel:
             ) from e
         processor = _load_processor(name, local_files_only)
         _prepare_model(model)
+        if load_in_4bit:
+            _keep_cpu_4bit_differentiable(model)
         model.max_seq_length = max_seq_length
         state = vision_state(model)
         state.processor = processor
@@ -134,6 +136,8 @@ class FastVisionModel:
             raise ValueError(f"r={r}: LoRA rank must be a positive integer")
         targets = _lora_targets(model, target_modules, finetune_vision_layers, finetune_language_layers,
                                 finetune_attention_modules, finetune_mlp_modules)
+        if loftq_config is not None:
+            _check_loftq(model)
         config = LoraConfig(
             r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias, target_modules=targets,
             use_rslora=use_rslora, modules_to_save=modules_to_save, init_lora_weights=True if loftq_config is None else "loftq",
@@ -208,20 +212,56 @@ def _load_kwargs(torch_dtype: torch.dtype, load_in_4bit: bool, attn_implementati
 
 
 def _four_bit_config(torch_dtype: torch.dtype) -> Any:
-    """bitsandbytes NF4 quantization (``load_in_4bit=True``); needs a CUDA GPU."""
-    if not torch.cuda.is_available():
+    """bitsandbytes NF4 quantization (``load_in_4bit=True``) of every linear layer but the vision-to-text
+    projector and ``lm_head`` (:func:`~visiontune.models.archs.full_precision_modules`). On a CUDA GPU, or on the CPU through bitsandbytes' CPU backend (0.50 tested:
+    loading, LoRA training steps and generation, tests/models/test_four_bit.py; slow, for small models)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
         raise RuntimeError(
-            "load_in_4bit=True needs a CUDA GPU (bitsandbytes 4-bit kernels); none is visible. "
-            "Set load_in_4bit=False (model.load_in_4bit: false in params.yaml) on CPU machines."
-        )
+            f"load_in_4bit=True needs bitsandbytes, which does not import here ({e}): pip install "
+            "'bitsandbytes>=0.50' (it has CUDA and CPU backends), or set load_in_4bit=False "
+            "(model.load_in_4bit: false in params.yaml)."
+        ) from e
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch_dtype,
-        # Keep the vision-to-text projector and lm_head in full precision (small, sensitive).
-        llm_int8_skip_modules=["lm_head", "multi_modal_projector", "merger"],
+        llm_int8_skip_modules=full_precision_modules(),
     )
+
+
+def _keep_cpu_4bit_differentiable(model: torch.nn.Module) -> None:
+    """On the CPU, keep every bitsandbytes 4-bit layer on the dequantize-and-matmul path that training uses.
+
+    bitsandbytes 0.50's CPU backend, on CPUs with AVX512-BF16, repacks a ``Linear4bit``'s weight for a bf16
+    kernel at the layer's first forward in eval mode without grad (e.g. ``for_inference`` + ``generate``).
+    The layer keeps using that kernel when training resumes, and it has no backward: no gradient reaches
+    the layers before it, silently, and its outputs differ from training's (measured: 0.1 on a 128-wide
+    layer). It also fails on layers narrower than its 64-wide blocks (tiny models). Slower CPU inference
+    is the price; CUDA layers are untouched.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu") and module.weight.device.type == "cpu":
+            module.support_avx512bf16_for_cpu = False
+
+
+def _check_loftq(model: torch.nn.Module) -> None:
+    """LoftQ quantizes the full-precision base weights itself while it initialises the adapters (PEFT's
+    ``loftq_init``, which runs on CUDA or XPU only): refuse a base already in 4-bit (PEFT would treat the
+    packed 4-bit bytes as weights) and a machine without either device, each with what to do."""
+    quantized = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    if quantized:
+        raise ValueError(
+            f"loftq_config: the base model is already quantized ({len(quantized)} bitsandbytes layers, e.g. "
+            f"{quantized[0]!r}); LoftQ quantizes the base itself. Load it with load_in_4bit=False and pass "
+            "loftq_config to get_peft_model.")
+    xpu = getattr(torch, "xpu", None)
+    if not torch.cuda.is_available() and not (xpu is not None and xpu.is_available()):
+        raise RuntimeError(
+            "loftq_config: PEFT's LoftQ initialisation runs on a CUDA (or XPU) device and none is visible; "
+            "initialise on a GPU machine and save the adapter, or use loftq_config=None here.")
 
 
 def _prepare_model(model: torch.nn.Module) -> None:

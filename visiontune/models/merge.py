@@ -9,13 +9,15 @@ next to the processor (tokenizer, image processor, chat template). The folder lo
 ``AutoModelForImageTextToText.from_pretrained(folder)``; no visiontune import is needed.
 
 ``save_method`` follows Unsloth: ``"merged_16bit"`` (the model's own float dtype; pass ``dtype`` to cast,
-e.g. bfloat16 for a model trained in float32), ``"merged_4bit"`` (merged, then stored as bitsandbytes
-NF4: for inference only, lossy) and ``"lora"`` (the adapter alone, plus the processor).
+e.g. bfloat16 for a model trained in float32), ``"merged_4bit"`` (merged, then the language model's linear
+layers stored as bitsandbytes NF4: for inference only, lossy) and ``"lora"`` (the adapter alone, plus the
+processor).
 
 A base model loaded in 4-bit (QLoRA) is refused: adding the LoRA update to NF4 weights would
-re-quantize it away. Dequantize first, as Unsloth and LLaMA-Factory do: ``dequantize=True`` folds the
-update into the dequantized NF4 weights (the weights the adapter was trained against), or reload the base
-in 16-bit and apply the adapter to it.
+re-quantize it away. Dequantize first, as Unsloth does: ``dequantize=True`` folds the update into the
+dequantized NF4 weights (the weights the adapter was trained against), or reload the base in 16-bit and
+apply the adapter to it. 8-bit bases are refused. On CPU, merge before running a 4-bit model: bitsandbytes'
+CPU kernels repack its weights on the first forward pass, in a form that no longer dequantizes exactly.
 
 The model is never modified: merged weights are new tensors, placed in a fresh model built on the meta
 device (unchanged tensors are shared, not copied).
@@ -88,10 +90,12 @@ def _dense(param: torch.Tensor) -> torch.Tensor:
         return param.detach()
     from bitsandbytes import functional
 
-    data = param.data
-    if getattr(quant_state, "packing_format_for_cpu", False):  # bitsandbytes' CPU kernels repack on first use
-        data, quant_state = functional._convert_weight_packed_for_cpu_inverse(data, quant_state)
-    return functional.dequantize_4bit(data, quant_state)
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        raise QuantizedMergeError(
+            "bitsandbytes' CPU kernels have repacked this 4-bit model's weights for inference (they do on the first "
+            "forward pass on CPU), and the repacked form does not dequantize exactly. Merge before running the "
+            "model on CPU, or reload it (base + adapter) and merge right away.")
+    return functional.dequantize_4bit(param.data, quant_state)
 
 
 def _active_adapter(model: Any) -> Optional[str]:

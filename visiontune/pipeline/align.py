@@ -230,10 +230,10 @@ def _train(s: dict[str, Any], run: dict[str, Any], sft_adapter: Path, out: Path)
         _log_run(s, adapter, table)
     history = trainer.state.log_history
     (out / "log_history.json").write_text(json.dumps(history, indent=1))
-    curve = [h["reward"] for h in history if "reward" in h] or [h["rewards/accuracies"] for h in history
-                                                                  if "rewards/accuracies" in h]
+    name, key = ("reward", "reward") if s["method"] == "grpo" else ("accuracy", "rewards/accuracies")
+    curve = [h[key] for h in history if key in h]
     return {"adapter": adapter, "global_step": trainer.state.global_step, "runtime_s": time.perf_counter() - start,
-            "first": curve[0] if curve else None, "last": curve[-1] if curve else None,
+            f"{name}_first": curve[0] if curve else None, f"{name}_last": curve[-1] if curve else None,
             "fused_engine": getattr(trainer, "uses_fused_engine", False)}
 
 
@@ -248,7 +248,8 @@ def align_stage(cfg: Any) -> dict[str, Any]:
     sft_adapter = trained_adapter(run, s["train_dir"])
     out = Path(s["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)  # an earlier run's aligned adapter is stale now
+    shutil.rmtree(out / ADAPTER_DIR, ignore_errors=True)  # what an earlier run aligned is stale now
+    (out / "log_history.json").unlink(missing_ok=True)
     summary: dict[str, Any] = {"method": s["method"], "sft_adapter_dir": str(sft_adapter)}
     adapter = sft_adapter
     if s["method"] != "none":

@@ -57,7 +57,8 @@ def last_registration(promotions_log: Path) -> dict[str, Any]:
     """The register stage's latest decision record (model name, version, registry URI)."""
     lines = [line for line in promotions_log.read_text().splitlines() if line.strip()] if promotions_log.is_file() else []
     if not lines:
-        raise FileNotFoundError(f"{promotions_log} holds no registration: run the register stage first (`visiontune register`)")
+        raise FileNotFoundError(f"{promotions_log} holds no registration: run the register stage first "
+                                "(`visiontune register`)")
     return json.loads(lines[-1])
 
 

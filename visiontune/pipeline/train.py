@@ -23,11 +23,12 @@ import shutil
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
 from visiontune.config import PipelineConfig
+from visiontune.data.io import work_dir_lock
 from visiontune.pipeline import tracking
 
 log = logging.getLogger(__name__)
@@ -123,11 +124,9 @@ def _make_callbacks(counter: _CountingCollator, mlflow_active: bool) -> list:
                 if torch.cuda.is_available():
                     logs["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             if mlflow_active:
-                import mlflow
-
                 metrics = {k.replace("train_", "train/") if k.startswith("train_") else k: float(v)
                            for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
-                mlflow.log_metrics(metrics, step=state.global_step)
+                tracking.log_metrics(metrics, step=state.global_step)  # buffered: a server outage stalls nothing
 
     class PostfixProgress(ProgressCallback):
         """The standard tqdm bar (steps, ETA) with loss and tokens/s in its postfix."""
@@ -305,26 +304,17 @@ class OutputDirBusyError(BlockingIOError):
     """``train.output_dir`` is in use by another training run."""
 
 
-@contextlib.contextmanager
-def output_dir_lock(output_dir: Path) -> Iterator[None]:
+def output_dir_lock(output_dir: Path) -> contextlib.AbstractContextManager:
     """Hold ``output_dir``'s lock for the body; fail at once if another training holds it.
 
-    An OS file lock (flock): the kernel drops it when its process dies, even by kill -9, so a crash leaves
-    no stale lock behind.
+    An OS file lock (flock, :func:`visiontune.data.io.folder_lock`): the kernel drops it when its process
+    dies, even by kill -9, so a crash leaves no stale lock behind.
     """
-    from filelock import FileLock, Timeout
+    from visiontune.data.io import folder_lock
 
-    lock = FileLock(output_dir / LOCK_FILE, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise OutputDirBusyError(
-            f"{output_dir} is in use by another training run (it holds {output_dir / LOCK_FILE}); wait for that "
-            "run to finish, or give this one its own folder: --set train.output_dir=<another folder>") from None
-    try:
-        yield
-    finally:
-        lock.release()
+    return folder_lock(output_dir / LOCK_FILE, (
+        f"{output_dir} is in use by another training run (it holds {output_dir / LOCK_FILE}); wait for that "
+        "run to finish, or give this one its own folder: --set train.output_dir=<another folder>"), OutputDirBusyError)
 
 
 def _log_outputs(cfg: PipelineConfig, output_dir: Path, history: list[dict], adapter_dir: str) -> None:
@@ -369,7 +359,7 @@ def train_stage(cfg: PipelineConfig) -> dict[str, Any]:
     check_base_model(cfg.model.name_or_path)
     output_dir = Path(cfg.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with output_dir_lock(output_dir):
+    with work_dir_lock(cfg.data.work_dir), output_dir_lock(output_dir):  # its data must not change under it either
         return _train_locked(cfg, output_dir)
 
 
@@ -403,7 +393,8 @@ def _train_locked(cfg: PipelineConfig, output_dir: Path) -> dict[str, Any]:
             mlflow.set_tags({"dvc_data_md5": tracking.dvc_data_hash(), "git_commit": tracking.git_commit(),
                              "base_model": cfg.model.name_or_path, "visiontune.stage": "train",
                              "train_samples": str(len(train_data))})
-        result = train(cfg, train_data, output_dir)
+        with tracking.buffered_metrics(run.info.run_id, mlflow.get_tracking_uri()):
+            result = train(cfg, train_data, output_dir)
         _log_outputs(cfg, output_dir, result.pop("history"), result["adapter_dir"])
         record.update({k: v for k, v in result.items() if k != "adapter_dir"})
         record["status"] = "finished"

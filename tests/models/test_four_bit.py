@@ -1,0 +1,103 @@
+"""load_in_4bit=True and loftq_config: QLoRA on bitsandbytes' CPU backend (0.50), LoftQ's preconditions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visiontune import FastVisionModel, VisionDataCollator
+
+bnb = pytest.importorskip("bitsandbytes", reason="load_in_4bit needs bitsandbytes (a Linux dependency of visiontune)")
+
+
+def _sample(seed: int) -> dict:
+    image = Image.fromarray((np.random.RandomState(seed).rand(60, 60, 3) * 255).astype("uint8"))
+    return {"messages": [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Read."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": str(10 + seed)}]},
+    ]}
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "mllama"])
+def test_qlora_loads_trains_generates_and_trains_again_on_the_cpu(arch, tiny_model_dir):
+    """The seed page's QLoRA cycle on the CPU: the base in NF4 (projector and lm_head in full precision), LoRA
+    on the 4-bit layers, the loss falls, generation works, and training afterwards still sends gradients
+    through the 4-bit layers (bitsandbytes' CPU inference repacking would stop them: see
+    fast_vision._keep_cpu_4bit_differentiable)."""
+    from visiontune.kernels.patch import lora_params
+
+    model, processor = FastVisionModel.from_pretrained(tiny_model_dir(arch), load_in_4bit=True,
+                                                       use_gradient_checkpointing=True)
+    four_bit = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert any("language_model" in n for n in four_bit) and any("vision" in n or "visual" in n for n in four_bit)
+    assert type(model.lm_head) is torch.nn.Linear and not any("projector" in n or "merger" in n for n in four_bit)
+    model = FastVisionModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0)
+    lora_on_4bit = [m for m in model.modules() if hasattr(m, "lora_A") and isinstance(m.get_base_layer(), bnb.nn.Linear4bit)]
+    assert lora_on_4bit and type(lora_on_4bit[0]).__module__ == "peft.tuners.lora.bnb"
+    # The engine's fused LoRA GEMM takes plain nn.Linear bases only: 4-bit layers keep PEFT's path (README).
+    assert lora_params(lora_on_4bit[0], torch.zeros(1, lora_on_4bit[0].in_features)) is None
+
+    batch = VisionDataCollator(model, processor)([_sample(0), _sample(1)])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    losses = []
+    for _ in range(4):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.5, losses
+
+    FastVisionModel.for_inference(model)
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read."}]}],
+                                           add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=[[_sample(0)["messages"][0]["content"][0]["image"]]], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+    FastVisionModel.for_training(model)
+    model(**batch).loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if "lora_A" in n and (p.grad is None or not p.grad.abs().sum())]
+    assert not no_grad, f"after generation, no gradient reached {no_grad[:3]}"
+
+
+def test_loftq_preconditions(tiny_model_dir):
+    """LoftQ quantizes the base itself (PEFT's loftq_init, CUDA/XPU only): a 4-bit base is refused, and so is a
+    machine without such a device, each before PEFT would fail or silently use packed bytes as weights."""
+    from peft import LoftQConfig
+
+    quantized, _ = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), load_in_4bit=True)
+    with pytest.raises(ValueError, match="already quantized.*load_in_4bit=False"):
+        FastVisionModel.get_peft_model(quantized, r=4, loftq_config=LoftQConfig(loftq_bits=4))
+    if not torch.cuda.is_available():
+        full, _ = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"))
+        with pytest.raises(RuntimeError, match="CUDA \\(or XPU\\)"):
+            FastVisionModel.get_peft_model(full, r=4, loftq_config=LoftQConfig(loftq_bits=4))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="PEFT 0.21's LoftQ initialisation (peft.utils.loftq_utils.loftq_init) moves the weights to "
+                           "'cuda' or 'xpu'; bitsandbytes' CPU backend cannot serve it")
+def test_loftq_initialises_and_trains_on_the_gpu(tiny_model_dir):
+    """LoftQ: base weights become their NF4 reconstruction, the adapters start from the SVD of the residual
+    (lora_B is not zero), and a few steps lower the loss."""
+    from peft import LoftQConfig
+
+    model, processor = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), dtype="float32",
+                                                       use_fused_kernels=False)
+    model = FastVisionModel.get_peft_model(model, r=8, lora_alpha=16, loftq_config=LoftQConfig(loftq_bits=4))
+    assert any(float(p.abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    batch = {k: v.to("cuda") if torch.is_tensor(v) else v
+             for k, v in VisionDataCollator(model, processor)([_sample(0), _sample(1)]).items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    losses = []
+    for _ in range(4):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0], losses

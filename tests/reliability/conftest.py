@@ -1,0 +1,39 @@
+"""Fixtures of the fault-injection suite: a small real dataset made by the real data stages, and MLflow's
+process-wide state put back after a test that points it at a server of its own."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> Path:
+    """``data.work_dir`` of a 24-page demo dataset (validated, normalized, converted); read-only."""
+    from visiontune import stages
+    from visiontune.config import from_dict
+    from visiontune.data.demo import generate_demo
+
+    root = tmp_path_factory.mktemp("reliability-data")
+    generate_demo(root / "raw", n=24, seed=5)
+    cfg = from_dict({"data": {"raw_dir": str(root / "raw"), "work_dir": str(root / "work")},
+                     "validate": {"max_failure_ratio": 0.5}})
+    for name in ("validate", "normalize", "convert"):
+        stages.get(name).function()(cfg)
+    return root / "work"
+
+
+@pytest.fixture
+def mlflow_uri_restored():
+    """Put MLflow's tracking and registry URIs (and ``$MLFLOW_TRACKING_URI``, which ``set_tracking_uri``
+    exports) back as they were: later tests must not talk to a server this test stopped."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(before)
+    mlflow.set_registry_uri(before)
