@@ -11,8 +11,11 @@ caption, a setting or a module a stage imports re-runs exactly the stages DVC wo
 delete a stage's outputs by hand, run with ``refresh_cache=True``; the stages are idempotent.)
 
 Retries: a stage with ``retry_any`` (train) retries any failure, since a crashed run resumes from its
-newest checkpoint; the others retry only transient I/O errors (an ``OSError`` other than a missing file
-or a permission problem, e.g. a network filesystem hiccup): retrying cannot fix a bad configuration.
+newest checkpoint; the others retry only transient I/O errors (an ``OSError`` such as EIO from a network
+filesystem hiccup): retrying cannot fix a bad configuration, a missing file or a permission problem.
+No stage retries a full disk (2 s later it is still full) or a folder another run holds (that run is
+refused; retrying would interleave the two runs' stages). tests/reliability/test_prefect.py runs these
+retries in real flows.
 """
 
 from __future__ import annotations
@@ -24,19 +27,37 @@ from prefect import Task, task
 
 from visiontune import stages
 from visiontune.config import PipelineConfig
+from visiontune.data.io import DISK_FULL
 
 _NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
+def _failure(state: Any) -> Optional[BaseException]:
+    """The exception a failed task run's ``state`` holds."""
+    if isinstance(state.data, BaseException):
+        return state.data
+    try:
+        state.result(raise_on_failure=True)
+    except BaseException as e:  # noqa: BLE001 - we only classify it
+        return e
+    return None
+
+
+def _refused(exc: Optional[BaseException]) -> bool:
+    """A folder another run holds (BlockingIOError) or a full disk: waiting 2 s changes neither."""
+    return isinstance(exc, BlockingIOError) or (isinstance(exc, OSError) and exc.errno in DISK_FULL)
+
+
 def retry_on_transient_io(task_: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry OSErrors that are not 'missing' or 'forbidden'."""
-    exc = state.data if isinstance(state.data, BaseException) else None
-    if exc is None:
-        try:
-            state.result(raise_on_failure=True)
-        except BaseException as e:  # noqa: BLE001 - we only classify it
-            exc = e
-    return isinstance(exc, OSError) and not isinstance(exc, _NOT_TRANSIENT)
+    """Prefect ``retry_condition_fn``: retry OSErrors that are not 'missing', 'forbidden', 'busy' or 'disk full'."""
+    exc = _failure(state)
+    return isinstance(exc, OSError) and not isinstance(exc, _NOT_TRANSIENT) and not _refused(exc)
+
+
+def retry_unless_refused(task_: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn`` of a ``retry_any`` stage (train: a crashed run resumes from its newest
+    checkpoint): any failure but a busy folder or a full disk."""
+    return not _refused(_failure(state))
 
 
 def stage_cache_key(stage: str, cfg: PipelineConfig) -> str:
@@ -81,9 +102,9 @@ def make_task(stage: stages.Stage) -> Task:
 
     call.__name__ = f"{stage.name.replace('-', '_')}_task"
     call.__doc__ = f"{stage.help} (Prefect task over {stage.entry})."
-    retry = {} if stage.retry_any else {"retry_condition_fn": retry_on_transient_io}
+    retry = retry_unless_refused if stage.retry_any else retry_on_transient_io
     return task(call, name=stage.name, cache_key_fn=_key_fn(stage.name), retries=stage.retries,
-                retry_delay_seconds=2, persist_result=True, **retry)
+                retry_delay_seconds=2, persist_result=True, retry_condition_fn=retry)
 
 
 TASKS: dict[str, Task] = {s.name: make_task(s) for s in stages.pipeline()}

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from visiontune.models.checkpointing import checkpoint_modules
+from visiontune.testing import ARCHITECTURES
 
 
 def _model():
@@ -205,3 +206,33 @@ def test_replaying_is_true_only_inside_the_backward_recomputation(mode):
     handle.remove()
     assert seen == [False, True] and not replaying()
     assert layer.lin.weight.grad is not None and layer.lin.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_from_pretrained_checkpointing_gives_the_gradients_of_none(arch, tiny_model_dir):
+    """use_gradient_checkpointing=True straight after from_pretrained + get_peft_model (no for_training: TRL
+    users call trainer.train() directly) gives the gradients of False. A KV cache left on in the text config
+    made every recomputed layer attend to the forward's detached keys/values: no gradient reached the k/v
+    projections or the vision tower."""
+    import numpy as np
+    from PIL import Image
+
+    from visiontune import FastVisionModel, VisionDataCollator
+
+    image = Image.fromarray((np.random.RandomState(0).rand(60, 60, 3) * 255).astype("uint8"))
+    sample = {"messages": [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Read."}]},
+                           {"role": "assistant", "content": [{"type": "text", "text": "42"}]}]}
+    grads = {}
+    for mode in (True, False):
+        model, processor = FastVisionModel.from_pretrained(tiny_model_dir(arch), use_gradient_checkpointing=mode)
+        model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        model.train()
+        model(**VisionDataCollator(model, processor)([sample, sample])).loss.backward()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for name, ref in grads[False].items():
+        torch.testing.assert_close(grads[True][name], ref, atol=1e-6, rtol=1e-4, msg=lambda m: f"{arch} {name}: {m}")

@@ -124,14 +124,15 @@ class FolderBusyError(BlockingIOError):
 
 
 @contextlib.contextmanager
-def folder_lock(lock_file: str | Path, busy: str, error: type[BlockingIOError] = FolderBusyError) -> Iterator[None]:
-    """Hold an OS file lock (flock) on ``lock_file`` for the body; if another process holds it, raise
-    ``error(busy)`` at once instead of waiting. The kernel drops the lock when its process dies, even by
-    kill -9, so a crash leaves no stale lock."""
+def folder_lock(lock_file: str | Path, busy: str, error: type[BlockingIOError] = FolderBusyError,
+                wait_s: float = 0) -> Iterator[None]:
+    """Hold an OS file lock (flock) on ``lock_file`` for the body; if another process holds it for more than
+    ``wait_s`` seconds (default: not at all), raise ``error(busy)``. The kernel drops the lock when its
+    process dies, even by kill -9, so a crash leaves no stale lock."""
     from filelock import FileLock, Timeout
 
     Path(lock_file).parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(lock_file, timeout=0)
+    lock = FileLock(lock_file, timeout=wait_s)
     try:
         lock.acquire()
     except Timeout:

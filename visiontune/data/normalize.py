@@ -135,9 +135,9 @@ def normalize_records(
     results = _run_jobs([(src, str(dst), sig, sha, resolved_roots) for sha, src, dst in jobs])
     for (sha, src, dst), res in zip(jobs, results):
         entries[sha] = {"path": dst.as_posix(), "source": src, **res}
-    removed = _remove_unreferenced(out / "images", entries)
     manifest = {"settings": sig, "images": dict(sorted(entries.items()))}
-    write_if_changed(manifest_path, dump_json(manifest))
+    write_if_changed(manifest_path, dump_json(manifest))  # first: if it fails (disk full), the old one's files stay
+    removed = _remove_unreferenced(out / "images", entries)
     return {"manifest": manifest, "written": len(jobs), "skipped": len(entries) - len(jobs), "removed": removed}
 
 

@@ -101,7 +101,10 @@ class FastVisionModel:
     def _set_checkpointing(model: torch.nn.Module, mode: Union[bool, str, float]) -> None:
         _apply_checkpointing(model, mode)
         if mode is not False:
-            model.config.use_cache = False
+            # Off in the text config too: transformers 5's language models read their own use_cache, and a
+            # KV cache filled in forward hands a recomputed layer the forward's detached keys and values
+            # (no gradient reached k/v projections or the vision tower: tests/models/test_checkpointing.py).
+            _set_use_cache(model, False)
 
     @staticmethod
     def get_peft_model(

@@ -9,6 +9,11 @@ validation split greedily, through the one generation path of the evaluate stage
 the loss. The entries also go into the trainer's log history, so they are in every checkpoint's
 ``trainer_state.json`` (a resumed run keeps its curve and its best step) and in ``log_history.json``.
 
+What it costs, measured on the demo model (2 CPU cores shared with other work): one evaluation of 32 pages
+takes about one to two training steps (0.36 s on a quiet machine, where a step took 0.2-0.5 s); a 600-step
+run evaluated every 100 steps spent 32.7 s of 1,757 s in evaluation (1.9%), so the default of every 200
+steps costs the demo's 1,200-step training about 1%.
+
 The validation split, not the test split: ``train.select_best`` picks an adapter on these numbers, and
 picking on the test split would make the final test scores optimistic.
 

@@ -19,6 +19,7 @@ MLflow aliases keep no history, so every decision is recorded three ways:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -213,6 +214,27 @@ def _record_decision(client: Any, record: dict[str, Any], promotions_log: Path) 
         fh.write(json.dumps(record, sort_keys=True) + "\n")
 
 
+REGISTRY_LOCK_WAIT_S = 600.0  # how long a registration waits for another one on the same repository
+
+
+def registry_lock(promotions_log: Path) -> contextlib.AbstractContextManager:
+    """Hold the repository's registration lock (next to ``register.promotions_log``), waiting for another
+    registration to finish (seconds) for at most :data:`REGISTRY_LOCK_WAIT_S`.
+
+    Two registrations at once would both compare against the same champion and both take ``champion``; the
+    one that moved the alias last would keep it, the worse one as likely as the better
+    (tests/reliability/test_concurrency.py). Registrations from other repositories to the same tracking
+    server do not see this lock: give each its own ``register.model_name``.
+    """
+    from visiontune.data.io import folder_lock
+
+    lock_file = promotions_log.with_name(promotions_log.name + ".lock")
+    return folder_lock(lock_file, (
+        f"another registration on this repository (it holds {lock_file}) did not finish within "
+        f"{REGISTRY_LOCK_WAIT_S:.0f} s: wait for it or stop it, then run `visiontune register` again"),
+        wait_s=REGISTRY_LOCK_WAIT_S)
+
+
 def register_stage(cfg: Any) -> dict[str, Any]:
     """``visiontune register``: log + register the fine-tuned model; move ``champion`` or set ``challenger``.
 
@@ -238,23 +260,23 @@ def register_stage(cfg: Any) -> dict[str, Any]:
     run_id = run["mlflow_run_id"]
     info, logged = _log_model(cfg, run, adapter_dir, base)
     eval_tags = {f"eval_{k}": str(v) for k, v in finetuned.items() if k in METRICS}
-    version = str(mlflow.register_model(info.model_uri, r.model_name, tags={"run_id": run_id, **eval_tags}).version)
-
-    champ_mv, champ_value = _champion(client, r.model_name, metric)
-    if champ_mv is not None and str(champ_mv.version) == version:  # cannot happen for a fresh version; be safe
-        champ_mv, champ_value = None, None
-    decision, reason = decide(value, champ_value, metric, margin)
-    if champ_mv is not None and champ_value is None:
-        decision, reason = CHAMPION, f"current champion v{champ_mv.version} has no {metric} recorded: replaced"
-    record = {
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model_name": r.model_name, "version": version, "decision": decision, "alias": decision, "reason": reason,
-        "metric": metric, "value": value, "champion_version": None if champ_mv is None else str(champ_mv.version),
-        "champion_value": champ_value, "margin": margin, "run_id": run_id, "model_uri": info.model_uri,
-        "registered_uri": f"models:/{r.model_name}/{version}", "tracking_uri": uri, "git_commit": git_commit(),
-        "base_model": base, "base_model_logged": BASE_MODEL_ARTIFACT in logged,
-    }
-    _record_decision(client, record, promotions_log)
+    with registry_lock(promotions_log):  # from the new version to its alias: one registration at a time
+        version = str(mlflow.register_model(info.model_uri, r.model_name, tags={"run_id": run_id, **eval_tags}).version)
+        champ_mv, champ_value = _champion(client, r.model_name, metric)
+        if champ_mv is not None and str(champ_mv.version) == version:  # cannot happen for a fresh version; be safe
+            champ_mv, champ_value = None, None
+        decision, reason = decide(value, champ_value, metric, margin)
+        if champ_mv is not None and champ_value is None:
+            decision, reason = CHAMPION, f"current champion v{champ_mv.version} has no {metric} recorded: replaced"
+        record = {
+            "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "model_name": r.model_name, "version": version, "decision": decision, "alias": decision, "reason": reason,
+            "metric": metric, "value": value, "champion_version": None if champ_mv is None else str(champ_mv.version),
+            "champion_value": champ_value, "margin": margin, "run_id": run_id, "model_uri": info.model_uri,
+            "registered_uri": f"models:/{r.model_name}/{version}", "tracking_uri": uri, "git_commit": git_commit(),
+            "base_model": base, "base_model_logged": BASE_MODEL_ARTIFACT in logged,
+        }
+        _record_decision(client, record, promotions_log)
     record["prefect_artifact"] = _prefect_artifact(record)
     log.info("registered %s v%s as %s: %s", r.model_name, version, decision, reason)
     return record
