@@ -36,9 +36,13 @@ chromium:
 
 # The same pipeline through DVC. dvc runs each stage's `cmd` (`visiontune ...`) through the shell, so
 # the venv's bin/ must be on PATH. After a `make demo` the first repro re-runs the stages once (the flow
-# does not fill DVC's cache); later ones skip what did not change.
+# does not fill DVC's cache); later ones skip what did not change. A fresh clone has no data/raw (DVC
+# tracks it, git does not): it is generated first by the deterministic demo generator, whose pages hash
+# exactly to data.dvc's md5 (tests/test_fresh_clone.py). `make repro STAGES=validate` stops after a stage.
+STAGES ?=
 repro: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" HF_HUB_OFFLINE=1 $(BIN)/dvc repro
+	test -e data/raw || HF_HUB_OFFLINE=1 $(BIN)/visiontune demo-data
+	PATH="$(abspath $(BIN)):$$PATH" HF_HUB_OFFLINE=1 $(BIN)/dvc repro $(STAGES)
 
 clean-demo:
 	rm -rf data/validated data/normalized data/dataset outputs models mlflow/mlflow.db mlflow/artifacts

@@ -278,6 +278,28 @@ def test_padding_free_refuses_what_would_mix_samples(tiny_model_dir):
         VisionDataCollator(model, processor, padding_free=True)
 
 
+def test_padding_free_keeps_samples_apart_with_a_cache_or_refuses_a_4bit_base(tiny_model_dir):
+    """Two ways the engine's packed attention fell back to transformers' (samples of the packed row then attend
+    to each other, silently): a KV cache (use_cache stays on without checkpointing and for_training, e.g. an
+    eval-mode forward), fixed by the packed batch's use_cache=False; and 4-bit base layers, refused."""
+    from visiontune.kernels import patch_model
+
+    pytest.importorskip("bitsandbytes")
+    model, processor = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), use_gradient_checkpointing=False)
+    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, random_state=7)
+    patch_model(model, enabled=True)
+    model.eval()
+    samples = [_single(1, "4071"), _multi(2)]
+    with torch.no_grad():
+        padded = model(**VisionDataCollator(model, processor, resize=None)(samples)).loss
+        packed = model(**VisionDataCollator(model, processor, resize=None, padding_free=True)(samples)).loss
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-4)
+    four_bit, processor = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), load_in_4bit=True)
+    patch_model(four_bit, enabled=True)
+    with pytest.raises(ValueError, match="quantized base .* load_in_4bit"):
+        VisionDataCollator(four_bit, processor, padding_free=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])

@@ -146,3 +146,9 @@ def test_ranges_between_settings_and_from_overrides(tmp_path):
     with pytest.raises(ConfigError, match="collator.pad_to_multiple_of=0"):
         from_dict({"collator": {"pad_to_multiple_of": 0}})
     assert any(line.strip().startswith("r: 16") and "[int, value >= 1]" in line for line in describe().splitlines())
+
+
+def test_float_settings_take_exponent_notation_without_a_dot():
+    assert load_params("params.yaml", ["train.learning_rate=5e-4"]).train.learning_rate == 5e-4
+    with pytest.raises(ConfigError, match="expected a number"):
+        from_dict({"train": {"learning_rate": "fast"}})

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import yaml
 from PIL import Image
 
@@ -34,6 +35,7 @@ def test_pool_workers_end_quietly_under_prefects_sigterm_handler(tmp_path, capfd
     assert "Traceback" not in err and "TerminationSignal" not in err, err
 
 
+@pytest.mark.slow
 def test_stage_runs_print_none_of_the_known_noise(tmp_path, tiny_model_dir):
     """demo-data and the pipeline's stages up to register through the CLI: bitsandbytes, transformers/PEFT,
     MLflow and datasets stay quiet; the stages' results print. Two processes, data stages and model stages:

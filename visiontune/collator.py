@@ -33,6 +33,7 @@ from visiontune.images import ImageRule, load_image
 from visiontune.inference import chat_parts, model_resizer
 from visiontune.models.archs import REGISTRY, ArchSpec, get_spec
 from visiontune.models.archspec import ImageTokens
+from visiontune.models.fast_vision import quantized_layers
 from visiontune.models.packing import pack_padded_batch
 from visiontune.models.state import base_model, padding_side, vision_state
 
@@ -88,7 +89,16 @@ def _check_padding_free(model: Any, config: Any) -> None:
         )
     handle = vision_state(model).kernel_handle
     attn_impl = str(getattr(config, "_attn_implementation", "") or "")
-    if not (handle is not None and handle.active) and not attn_impl.startswith("flash_attention"):
+    flash = attn_impl.startswith("flash_attention")
+    quantized = quantized_layers(model)
+    if quantized and not flash:
+        raise ValueError(
+            f"padding_free=True with a quantized base ({quantized[0]!r} is a bitsandbytes layer: load_in_4bit): the "
+            "engine's packed attention takes full-precision projections only, and transformers' own attention "
+            "would let the samples of a packed row attend to each other. Use attn_implementation="
+            "'flash_attention_2', load_in_4bit=False, or padding_free=False."
+        )
+    if not (handle is not None and handle.active) and not flash:
         raise ValueError(
             "padding_free=True needs attention that keeps packed samples apart: visiontune's fused kernels "
             "(on by default with FastVisionModel on CUDA; on the CPU call visiontune.kernels.patch_model(model, "
@@ -455,4 +465,7 @@ class VisionDataCollator:
                 packed[key] = value[keep][None]
             else:
                 packed[key] = value
+        # A KV cache (use_cache on, e.g. in eval mode) sends the engine's attention back to transformers' code,
+        # where the samples of the packed row would attend to each other.
+        packed["use_cache"] = False
         return packed

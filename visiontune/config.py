@@ -358,6 +358,12 @@ def _check_type(where: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"{where}: expected null, got {value!r}")
     if tp is Any:
         return value
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads 5e-4 (no dot) as a string; a float setting takes it as the number it spells.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (list, dict):

@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from visiontune.models.checkpointing import checkpoint_modules
-from visiontune.testing import ARCHITECTURES
 
 
 def _model():
@@ -208,7 +207,7 @@ def test_replaying_is_true_only_inside_the_backward_recomputation(mode):
     assert layer.lin.weight.grad is not None and layer.lin.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "mllama", "gemma3"])  # three text-model families
 def test_from_pretrained_checkpointing_gives_the_gradients_of_none(arch, tiny_model_dir):
     """use_gradient_checkpointing=True straight after from_pretrained + get_peft_model (no for_training: TRL
     users call trainer.train() directly) gives the gradients of False. A KV cache left on in the text config

@@ -7,6 +7,7 @@ A plain module (not conftest) so the reliability tests import it by a unique nam
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -87,6 +88,19 @@ class MlflowServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=5)
         self.proc = None
+
+
+def solid_colour_raw(raw: Path, n: int) -> Path:
+    """``raw``: ``n`` small solid-colour PNGs (all different) and an ``annotations.jsonl`` captioning them."""
+    from PIL import Image
+
+    raw.mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        Image.new("RGB", (40, 30), (i * 37 % 256, i * 91 % 256, i * 53 % 256)).save(raw / f"{i}.png")
+        rows.append(json.dumps({"image": f"{i}.png", "text": f"colour {i}"}) + "\n")
+    (raw / "annotations.jsonl").write_text("".join(rows))
+    return raw
 
 
 def tiny_train_settings(root: Path, work_dir: Path, model_dir: str, tracking_uri: Optional[str] = None,

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
@@ -117,6 +118,54 @@ def atomic_write(path: str | Path, data: bytes) -> None:
                 f"limit is full). {'The previous file is untouched' if path.exists() else 'Nothing was written'}: "
                 "free some space and run the stage again") from e
         raise
+
+
+# How libraries that hide the errno report a short write: torch.save's zip writer, safetensors (Rust io errors).
+_SHORT_WRITE = ("unexpected pos", "file write failed", "os error 28", "os error 27", "os error 122",
+                "No space left on device", "File too large", "Disk quota exceeded")
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno in DISK_FULL
+    return isinstance(error, (OSError, RuntimeError)) and any(s in str(error) for s in _SHORT_WRITE)
+
+
+@contextlib.contextmanager
+def disk_full_explained(folder: str | Path, advice: str) -> Iterator[None]:
+    """Turn a failed write for want of space inside the body (an ``OSError`` with ENOSPC/EDQUOT/EFBIG, or the
+    RuntimeError torch.save raises for a short write) into one :class:`DiskFullError` that says so and what
+    to do (``advice``); other errors pass unchanged."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, DiskFullError) or not _is_disk_full(e):
+            raise
+        code = e.errno if isinstance(e, OSError) and e.errno in DISK_FULL else errno.ENOSPC
+        raise DiskFullError(code, f"could not write under {folder}: the disk, a quota or a file-size limit is full "
+                                  f"({type(e).__name__}: {e}). {advice}") from e
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path`` to write into; when the body succeeds it takes
+    ``path``'s place (the old folder is removed only once the new one is there), when the body fails it
+    is removed and ``path`` stays as it was: a full disk never leaves a half-written folder where a good
+    one was."""
+    path = Path(path)
+    staging, old = (path.with_name(f".{path.name}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
+    for leftover in (staging, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if path.exists():
+        os.replace(path, old)
+    os.replace(staging, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class FolderBusyError(BlockingIOError):

@@ -160,7 +160,7 @@ class FastVisionModel:
             raise ValueError(f"get_peft_model: {e}. Check target_modules={targets!r} against model.named_modules().") from e
         peft_model.max_seq_length = max_len
         state.checkpointing = ckpt
-        _apply_checkpointing(peft_model, ckpt)  # Unsloth passes it here, too
+        FastVisionModel._set_checkpointing(peft_model, ckpt)  # Unsloth passes it here, too
         return attach_save_methods(peft_model)  # save_pretrained_merged / save_pretrained_gguf, as in Unsloth
 
     @staticmethod
@@ -235,6 +235,12 @@ def _four_bit_config(torch_dtype: torch.dtype) -> Any:
     )
 
 
+def quantized_layers(model: torch.nn.Module) -> list[str]:
+    """Names of the bitsandbytes-quantized linear layers of ``model`` (``load_in_4bit``; 8-bit too): the
+    engine's fused LoRA paths take plain ``nn.Linear`` bases only, and LoftQ wants none."""
+    return [n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+
+
 def _keep_cpu_4bit_differentiable(model: torch.nn.Module) -> None:
     """On the CPU, keep every bitsandbytes 4-bit layer on the dequantize-and-matmul path that training uses.
 
@@ -254,7 +260,7 @@ def _check_loftq(model: torch.nn.Module) -> None:
     """LoftQ quantizes the full-precision base weights itself while it initialises the adapters (PEFT's
     ``loftq_init``, which runs on CUDA or XPU only): refuse a base already in 4-bit (PEFT would treat the
     packed 4-bit bytes as weights) and a machine without either device, each with what to do."""
-    quantized = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    quantized = quantized_layers(model)
     if quantized:
         raise ValueError(
             f"loftq_config: the base model is already quantized ({len(quantized)} bitsandbytes layers, e.g. "

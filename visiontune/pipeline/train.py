@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 
 from visiontune.config import PipelineConfig
-from visiontune.data.io import work_dir_lock
+from visiontune.data.io import atomic_dir, disk_full_explained, work_dir_lock
 from visiontune.pipeline import tracking
 
 log = logging.getLogger(__name__)
@@ -36,15 +36,23 @@ log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
 LOCK_FILE = ".train.lock"  # inside train.output_dir; held (flock) while a training runs there
 
+def _complete(checkpoint: Path) -> bool:
+    """Its trainer_state.json (the Trainer writes it last) is there and whole: a full disk can cut it short."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     """The newest *complete* ``checkpoint-N`` folder (one whose trainer_state.json was written), or None.
 
-    A run killed while saving leaves a partial folder; it is skipped, not resumed from.
+    A run killed while saving, or stopped by a full disk, leaves a partial folder; it is skipped, not resumed from.
     """
     if not output_dir.exists():
         return None
-    done = [p for p in output_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()
-            and p.name.split("-")[-1].isdigit()]
+    done = [p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and _complete(p)]
     return max(done, key=lambda p: int(p.name.split("-")[-1])) if done else None
 
 
@@ -267,8 +275,9 @@ def train(cfg: PipelineConfig, train_data: Any, output_dir: Path, mlflow_active:
         log.warning("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     adapter_dir = output_dir / ADAPTER_DIR
-    model.save_pretrained(adapter_dir)
-    processor.save_pretrained(adapter_dir)
+    with atomic_dir(adapter_dir) as staging:  # a full disk leaves the previous adapter whole
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
     history = trainer.state.log_history
     (output_dir / "log_history.json").write_text(json.dumps(history, indent=2))
     losses = [h["loss"] for h in history if "loss" in h]
@@ -393,7 +402,9 @@ def _train_locked(cfg: PipelineConfig, output_dir: Path) -> dict[str, Any]:
             mlflow.set_tags({"dvc_data_md5": tracking.dvc_data_hash(), "git_commit": tracking.git_commit(),
                              "base_model": cfg.model.name_or_path, "visiontune.stage": "train",
                              "train_samples": str(len(train_data))})
-        with tracking.buffered_metrics(run.info.run_id, mlflow.get_tracking_uri()):
+        with tracking.buffered_metrics(run.info.run_id, mlflow.get_tracking_uri()), disk_full_explained(output_dir, (
+                "Complete checkpoints and the previous adapter are untouched (a partial checkpoint is skipped): free "
+                "some space and run the stage again; it resumes from the newest complete checkpoint")):
             result = train(cfg, train_data, output_dir)
         _log_outputs(cfg, output_dir, result.pop("history"), result["adapter_dir"])
         record.update({k: v for k, v in result.items() if k != "adapter_dir"})
