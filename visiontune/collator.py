@@ -11,7 +11,11 @@ conversation); this class adds what the processor does not do:
   ``ignore_index`` (found from the chat template itself, or by ``instruction_part``/``response_part``);
 * a token budget: a sample longer than ``max_seq_length`` is cut only after its last image token; if
   the cut would go through image tokens (the classic "image features and image tokens do not match"
-  crash) the sample is dropped with a warning, and an error is raised if nothing is left;
+  crash) the sample is dropped with a warning, and an error is raised if nothing is left
+  (:func:`budget_verdict`; ``visiontune.budget`` applies it to a whole dataset before training);
+* batches that mix text-only and image rows, on every architecture: where the processor cannot encode
+  one (Mllama), the two kinds are encoded apart and merged by the architecture's rule
+  (``ArchSpec.mixed_batch``);
 * ``padding_free=True`` (Qwen2/2.5/3-VL, Mistral 3): the batch becomes one packed row with no pad
   tokens, per-sample (M-RoPE) positions and ``cu_seq_lens_*`` for varlen attention. Needs attention that
   honours sample boundaries (the engine's patched attention or flash-attention 2); the collator refuses

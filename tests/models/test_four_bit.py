@@ -20,6 +20,20 @@ def _sample(seed: int) -> dict:
     ]}
 
 
+def _train_steps(model: torch.nn.Module, batch: dict, steps: int = 4) -> list[float]:
+    """``steps`` AdamW steps on ``batch``; the losses. The last step's gradients are left in place."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    losses = []
+    for step in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(float(loss))
+        if step < steps - 1:
+            optimizer.step()
+            optimizer.zero_grad()
+    return losses
+
+
 def _reached(model: torch.nn.Module) -> set[str]:
     """Names of the LoRA A matrices the last backward gave a non-zero gradient."""
     return {n for n, p in model.named_parameters() if "lora_A" in n and p.grad is not None and bool(p.grad.abs().sum())}
@@ -45,16 +59,10 @@ def test_qlora_loads_trains_generates_and_trains_again_on_the_cpu(arch, tiny_mod
     assert lora_params(lora_on_4bit[0], torch.zeros(1, lora_on_4bit[0].in_features)) is None
 
     batch = VisionDataCollator(model, processor)([_sample(0), _sample(1)])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    losses = []
-    for _ in range(4):
-        loss = model(**batch).loss
-        loss.backward()
-        reached = _reached(model)  # (tiny Mllama's zero cross-attention gates keep its vision tower at zero)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(loss))
+    losses = _train_steps(model, batch)
+    reached = _reached(model)  # (tiny Mllama's zero cross-attention gates keep its vision tower at zero)
     assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.5, losses
+    model.zero_grad()
 
     FastVisionModel.for_inference(model)
     prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read."}]}],
@@ -98,14 +106,7 @@ def test_loftq_initialises_and_trains_on_the_gpu(tiny_model_dir):
     assert any(float(p.abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
     batch = {k: v.to("cuda") if torch.is_tensor(v) else v
              for k, v in VisionDataCollator(model, processor)([_sample(0), _sample(1)]).items()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    losses = []
-    for _ in range(4):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(loss))
+    losses = _train_steps(model, batch)
     assert losses[-1] < losses[0], losses
 
 
