@@ -58,7 +58,8 @@ def test_qlora_loads_trains_generates_and_trains_again_on_the_cpu(arch, tiny_mod
     # The engine's fused LoRA GEMM takes plain nn.Linear bases only: 4-bit layers keep PEFT's path (README).
     assert lora_params(lora_on_4bit[0], torch.zeros(1, lora_on_4bit[0].in_features)) is None
 
-    batch = VisionDataCollator(model, processor)([_sample(0), _sample(1)])
+    batch = {k: v.to(model.device) if torch.is_tensor(v) else v  # on a CUDA machine the model is on the GPU
+             for k, v in VisionDataCollator(model, processor)([_sample(0), _sample(1)]).items()}
     losses = _train_steps(model, batch)
     reached = _reached(model)  # (tiny Mllama's zero cross-attention gates keep its vision tower at zero)
     assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.5, losses
@@ -67,7 +68,8 @@ def test_qlora_loads_trains_generates_and_trains_again_on_the_cpu(arch, tiny_mod
     FastVisionModel.for_inference(model)
     prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read."}]}],
                                            add_generation_prompt=True)
-    inputs = processor(text=[prompt], images=[[_sample(0)["messages"][0]["content"][0]["image"]]], return_tensors="pt")
+    inputs = processor(text=[prompt], images=[[_sample(0)["messages"][0]["content"][0]["image"]]],
+                       return_tensors="pt").to(model.device)
     out = model.generate(**inputs, min_new_tokens=3, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
 

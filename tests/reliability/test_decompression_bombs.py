@@ -1,8 +1,10 @@
 """Decompression bombs are refused before decoding, on every decode path, with bounded memory.
 
 Each bomb is a real PNG (tests/reliability/bombs.py): under 4 MB on disk, 0.9 to 3.6 GB decoded. Memory is
-measured in a fresh child process (its own ``ru_maxrss``, before and after the call), so what the test
-process or an earlier test allocated cannot hide or fake a decode.
+measured in a fresh child process by its own high-water mark (``VmHWM`` in /proc/self/status, before and
+after the call), so what the test process or an earlier test allocated cannot hide or fake a decode.
+(Not ``ru_maxrss``: Linux carries it over fork and exec, so a child of a 1.9 GB pytest process reported
+1.9 GB before doing anything.)
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ MiB = 1 << 20
 BOUND = 64 * MiB
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 sys.path.insert(0, {here!r})
 from visiontune.data.probe import probe_image
 from visiontune.images import load_image
 
 def peak():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
 
 def call():
     if {what!r} == "probe":
@@ -100,11 +104,12 @@ def test_validate_quarantines_bombs_as_too_many_pixels(bomb_files, tmp_path):
         rows.append({"image": bomb_files[key].name, "text": "2"})
     (raw / "annotations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     script = (
-        "import json, resource; from visiontune.config import from_dict; "
+        "import json; from visiontune.config import from_dict; "
         "from visiontune.data.validate import validate_stage; "
         f"s = validate_stage(from_dict({{'data': {{'raw_dir': {str(raw)!r}, 'work_dir': {str(tmp_path / 'work')!r}}}, "
         "'validate': {'max_failure_ratio': 0.9}})); "
-        "print('RESULT' + json.dumps({'summary': s, 'peak': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))"
+        "hwm = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]; "
+        "print('RESULT' + json.dumps({'summary': s, 'peak': hwm}))"
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
