@@ -14,13 +14,11 @@ def small_dataset(tmp_path_factory) -> Path:
     """``data.work_dir`` of a 24-page demo dataset (validated, normalized, converted); read-only."""
     from visiontune import stages
     from visiontune.config import from_dict
-    from visiontune.data.demo import generate_demo
 
     root = tmp_path_factory.mktemp("reliability-data")
-    generate_demo(root / "raw", n=24, seed=5)
     cfg = from_dict({"data": {"raw_dir": str(root / "raw"), "work_dir": str(root / "work")},
-                     "validate": {"max_failure_ratio": 0.5}})
-    for name in ("validate", "normalize", "convert"):
+                     "demo": {"samples": 24, "seed": 5}, "validate": {"max_failure_ratio": 0.5}})
+    for name in ("demo-data", "validate", "normalize", "convert"):  # the real stages, as `visiontune run` does
         stages.get(name).function()(cfg)
     return root / "work"
 

@@ -7,6 +7,7 @@ A plain module (not conftest) so the reliability tests import it by a unique nam
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import resource
@@ -103,20 +104,34 @@ def solid_colour_raw(raw: Path, n: int) -> Path:
     return raw
 
 
+TINY_TRAINING = {  # the tiny training of tests/pipeline/test_train.py: a few steps on CPU in seconds
+    "model": {"max_seq_length": 512}, "lora": {"r": 4, "lora_alpha": 8}, "images": {"resize": [112, 56]},
+    "train": {"max_steps": 4, "save_steps": 2, "logging_steps": 1, "per_device_train_batch_size": 2,
+              "learning_rate": 5e-3, "warmup_steps": 0},
+}
+
+
 def tiny_train_settings(root: Path, work_dir: Path, model_dir: str, tracking_uri: Optional[str] = None,
                         **train: Any) -> dict[str, Any]:
-    """Settings of a tiny training on ``work_dir``'s dataset (as tests/pipeline/test_train.py uses)."""
-    t = {"output_dir": str(root / "out"), "max_steps": 4, "save_steps": 2, "logging_steps": 1,
-         "per_device_train_batch_size": 2, "learning_rate": 5e-3, "warmup_steps": 0}
-    t.update(train)
-    return {
-        "data": {"work_dir": str(work_dir)},
-        "model": {"name_or_path": model_dir, "max_seq_length": 512},
-        "lora": {"r": 4, "lora_alpha": 8},
-        "images": {"resize": [112, 56]},
-        "train": t,
-        "tracking": {"uri": tracking_uri or f"sqlite:///{root / 'mlflow.db'}", "experiment": "t"},
-    }
+    """:data:`TINY_TRAINING` on ``work_dir``'s dataset, writing under ``root`` (``train`` overrides its section)."""
+    settings = copy.deepcopy(TINY_TRAINING)
+    settings["model"]["name_or_path"] = model_dir
+    settings["train"].update(output_dir=str(root / "out"), **train)
+    settings["data"] = {"work_dir": str(work_dir)}
+    settings["tracking"] = {"uri": tracking_uri or f"sqlite:///{root / 'mlflow.db'}", "experiment": "t"}
+    return settings
+
+
+def crash_at(step: int) -> Any:
+    """A trainer callback that raises RuntimeError once training reaches ``step`` (a crash after a checkpoint)."""
+    from transformers import TrainerCallback
+
+    class CrashAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            if state.global_step == step:
+                raise RuntimeError(f"crash at step {step}")
+
+    return CrashAt()
 
 
 def file_size_limit(max_bytes: int):

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from faults import file_size_limit, run_cli, solid_colour_raw, tiny_train_settings
+from faults import crash_at, file_size_limit, run_cli, solid_colour_raw, tiny_train_settings
 from visiontune.config import from_dict
 from visiontune.data.normalize import normalize_stage
 from visiontune.data.validate import validate_stage
@@ -98,7 +98,8 @@ def test_a_folder_replaced_atomically_survives_a_full_disk(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True, text=True, timeout=120,
                           preexec_fn=file_size_limit(64 * 1024))
     assert proc.returncode == 1 and "File too large" in proc.stderr
-    assert [p.name for p in tmp_path.iterdir()] == ["adapter"] and (target / "weights.bin").read_bytes() == b"good" * 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    assert (target / "weights.bin").read_bytes() == b"good" * 1000
 
 
 def test_a_checkpoint_cut_short_by_a_full_disk_is_not_resumed_from(tmp_path):
@@ -111,32 +112,27 @@ def test_a_checkpoint_cut_short_by_a_full_disk_is_not_resumed_from(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_full_disk_while_checkpointing_keeps_the_good_checkpoint(tmp_path, small_dataset, tiny_model_dir, monkeypatch):
+def test_a_full_disk_while_checkpointing_keeps_the_good_checkpoint(tmp_path, small_dataset, tiny_model_dir,
+                                                                   monkeypatch):
     """A training crashes after checkpoint-2; the next one resumes from it and runs out of room writing
     checkpoint-4 (its optimizer state is the largest file): one clear line, checkpoint-2 untouched and still
     the one to resume from, no adapter. With room again, the third run resumes from checkpoint-2 and finishes
     the same MLflow run."""
-    from transformers import TrainerCallback
-
     import mlflow
 
     monkeypatch.chdir(tmp_path)
     settings = tiny_train_settings(tmp_path, small_dataset, tiny_model_dir("qwen2_5_vl"))
     settings["lora"]["r"] = 128  # optimizer state ~3 MB, adapter ~1.5 MB, database ~1 MB: room for all but the first
 
-    class Crash(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
-            if state.global_step == 3:
-                raise RuntimeError("crash at step 3")
-
     real_callbacks = train_mod._make_callbacks
-    monkeypatch.setattr(train_mod, "_make_callbacks", lambda *a: real_callbacks(*a) + [Crash()])
+    monkeypatch.setattr(train_mod, "_make_callbacks", lambda *a: real_callbacks(*a) + [crash_at(3)])
     with pytest.raises(RuntimeError, match="crash at step 3"):
         train_mod.train_stage(from_dict(settings))
     monkeypatch.setattr(train_mod, "_make_callbacks", real_callbacks)
     out = Path(settings["train"]["output_dir"])
     good = _snapshot(out / "checkpoint-2")
-    sizes = {name: (out / "checkpoint-2" / name).stat().st_size for name in ("adapter_model.safetensors", "optimizer.pt")}
+    sizes = {name: (out / "checkpoint-2" / name).stat().st_size
+             for name in ("adapter_model.safetensors", "optimizer.pt")}
     limit = max(sizes["adapter_model.safetensors"], (tmp_path / "mlflow.db").stat().st_size) + 256 * 1024
     assert limit < sizes["optimizer.pt"], (limit, sizes)
 

@@ -139,7 +139,8 @@ def test_a_flow_killed_mid_training_resumes_from_cached_upstream_results(tmp_pat
     os.killpg(first.pid, signal.SIGKILL)
     assert first.wait(timeout=30) == -signal.SIGKILL
     assert not (out / "adapter").exists(), "the training finished before the kill"
-    data_files = [p for p in (tmp_path / "data").rglob("*") if p.is_file() and "raw" not in p.parts and not p.name.endswith(".lock")]
+    data_files = [p for p in (tmp_path / "data").rglob("*")
+                  if p.is_file() and "raw" not in p.parts and not p.name.endswith(".lock")]
     mtimes = {p: p.stat().st_mtime_ns for p in data_files}
 
     second = subprocess.run([VISIONTUNE, "run", "--params", "params.yaml"], cwd=tmp_path, env=env,

@@ -72,7 +72,7 @@ def test_a_tracking_server_restarted_mid_training_loses_nothing(tmp_path, small_
         chaos.join(timeout=300)
         print("timeline", timeline)
         assert "error" not in timeline, timeline
-        assert "restart_s" in timeline and not timeline["finished_before_crash"], f"the crash missed the training: {timeline}"
+        assert "restart_s" in timeline and not timeline["finished_before_crash"], f"the crash missed training: {timeline}"
         # Training went on while the server was away (before: the first log call after the crash waited for
         # the server, through MLflow's HTTP retries, and the step stood still until after it was back).
         assert timeline["back_at_step"] > timeline["crashed_at_step"], timeline
@@ -98,8 +98,8 @@ def _assert_nothing_lost(uri: str, record: dict, cfg, fetch_dir: Path) -> None:
     assert {"train/runtime", "train/loss"} <= set(run.data.metrics)  # the end-of-training summary
     out = Path(cfg.train.output_dir)
     for name in ("loss_curve.png", "resolved_config.yaml", "adapter/adapter_model.safetensors"):
-        fetched = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=name, dst_path=str(fetch_dir),
-                                                      tracking_uri=uri)
+        fetched = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=name,
+                                                      dst_path=str(fetch_dir), tracking_uri=uri)
         assert _sha(Path(fetched)) == _sha(out / name), name
 
 

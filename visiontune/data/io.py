@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +122,7 @@ def atomic_write(path: str | Path, data: bytes) -> None:
 
 
 # How libraries that hide the errno report a short write: torch.save's zip writer, safetensors (Rust io errors).
-_SHORT_WRITE = ("unexpected pos", "file write failed", "os error 28", "os error 27", "os error 122",
+_SHORT_WRITE = ("unexpected pos", "file write failed", "iostream error", "os error 28", "os error 27", "os error 122",
                 "No space left on device", "File too large", "Disk quota exceeded")
 
 
@@ -219,9 +220,25 @@ def holds_work_dir(stage: _Stage) -> _Stage:
     @functools.wraps(stage)
     def locked(cfg: Any, *args: Any, **kwargs: Any) -> Any:
         with work_dir_lock(cfg.data.work_dir):
-            return stage(cfg, *args, **kwargs)
+            try:
+                return stage(cfg, *args, **kwargs)
+            except BaseException:
+                _remove_temporaries(Path(cfg.data.work_dir))
+                raise
 
     return locked  # type: ignore[return-value]
+
+
+_TEMPORARY = re.compile(r"^\..+\.tmp\d+$")  # atomic_write's temporary files
+
+
+def _remove_temporaries(folder: Path) -> None:
+    """Delete what :func:`atomic_write` calls left half-written under ``folder``: a process pool stopped by a
+    failed stage (a full disk) kills its other workers mid-write. Only with the folder's lock held: then no
+    other process is writing there."""
+    for p in folder.rglob(".*.tmp*"):
+        if _TEMPORARY.match(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
 
 
 def dump_json(obj: Any) -> str:
@@ -420,6 +437,15 @@ def _turns(v: Any) -> Optional[list[Optional[str]]]:
     return out
 
 
+def _utf8_path(ref: str) -> str:
+    """``ref``, unless it holds bytes that are not UTF-8 (kept as surrogates while reading): then a ValueError,
+    which makes the row unparsable (no file of the folder is named so that the table could say it)."""
+    if _has_surrogates(ref):
+        shown = ref.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        raise ValueError(f"image path {shown!r} is not valid UTF-8")
+    return ref
+
+
 def _image_refs(v: Any, row: int) -> list[ImageRef]:
     if _is_null(v) or (isinstance(v, str) and not v.strip()):
         return []
@@ -436,11 +462,11 @@ def _image_refs(v: Any, row: int) -> list[ImageRef]:
                 name = item.get("path") or f"image {k}"
                 refs.append(ImageRef(ref=f"<embedded {name} of row {row}>", data=bytes(item["bytes"])))
             elif item.get("path"):
-                refs.append(ImageRef(ref=str(item["path"])))
+                refs.append(ImageRef(ref=_utf8_path(str(item["path"]))))
             else:
                 raise ValueError(f"image value {sorted(item)} has neither bytes nor path")
         elif isinstance(item, str) and item.strip():
-            refs.append(ImageRef(ref=item.strip()))
+            refs.append(ImageRef(ref=_utf8_path(item.strip())))
         elif not _is_null(item):
             raise ValueError(f"image value of type {type(item).__name__} is neither a path nor image bytes")
     return refs
@@ -453,8 +479,12 @@ def _read_jsonl_rows(path: Path) -> tuple[list, list[bool]]:
         try:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a valid JSON array ({e}); write one JSON object per line instead") from e
-        return [d if isinstance(d, dict) else f"row is {type(d).__name__}, not an object" for d in data], [True] * len(data)
+            if not _parses(raw.lstrip().split(b"\n", 1)[0]):  # else JSON Lines whose first row is an array: one bad row
+                raise ValueError(f"{path}: not a valid JSON array ({e}); write one JSON object per line instead") from e
+        else:
+            rows = data if isinstance(data, list) else [data]
+            return ([d if isinstance(d, dict) else f"row is {type(d).__name__}, not an object" for d in rows],
+                    [True] * len(rows))
     records: list = []
     utf8: list[bool] = []
     for n, line in enumerate(raw.splitlines(), start=1):
@@ -471,6 +501,14 @@ def _read_jsonl_rows(path: Path) -> tuple[list, list[bool]]:
             records.append(f"line {n} is not valid JSON: {e.msg} at column {e.colno}")
         utf8.append(ok)
     return records, utf8
+
+
+def _parses(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return True
 
 
 def _read_csv_rows(path: Path) -> tuple[list, list[bool]]:

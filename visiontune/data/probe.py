@@ -56,9 +56,9 @@ def probe_image(ref: str, root: str, data: Optional[bytes], max_pixels: int) -> 
             row["error"] = f"path {ref!r} resolves outside the data root {root}"
             return row
         assert path is not None
-        row["exists"] = path.is_file()
+        row["exists"] = os.path.isfile(path)  # os.path: False, not an OSError, for a name too long to exist
         if not row["exists"]:
-            row["error"] = f"{path} does not exist" if not path.exists() else f"{path} is not a regular file"
+            row["error"] = f"{path} does not exist" if not os.path.exists(path) else f"{path} is not a regular file"
             return row
         try:
             with open(path, "rb") as fh:
@@ -99,13 +99,13 @@ def _probe_pixels(data: bytes, max_pixels: int, row: dict[str, Any]) -> None:
             if w * h > max_pixels or w * h == 0:
                 row["error"] = f"{w}x{h} = {w * h} pixels; not decoded (limit validate.max_pixels = {max_pixels})"
                 return  # decodable stays None: this is a size problem, judged by the pixels expectation
+            with warnings.catch_warnings():  # decode first: getexif() decodes a PNG too, and its errors are
+                warnings.simplefilter("ignore")  # swallowed below; a second load() after a failed one passes
+                im.load()
             try:  # after the size check: PIL decodes a PNG to find an EXIF chunk stored after its pixels
                 row["exif_orientation"] = int(im.getexif().get(0x0112, 1))
             except Exception:  # a broken EXIF block is not a broken image
                 row["exif_orientation"] = None
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                im.load()
             row["decodable"] = True
     except Image.DecompressionBombError as e:  # pragma: no cover - guard is off above; kept for safety
         row["decodable"] = False

@@ -236,7 +236,8 @@ def log_metrics(metrics: dict[str, float], step: int) -> None:
 
 
 @contextlib.contextmanager
-def buffered_metrics(run_id: str, tracking_uri: str, flush_timeout_s: float = FLUSH_TIMEOUT_S) -> Iterator[MetricsBuffer]:
+def buffered_metrics(run_id: str, tracking_uri: str,
+                     flush_timeout_s: float = FLUSH_TIMEOUT_S) -> Iterator[MetricsBuffer]:
     """Send :func:`log_metrics` calls for ``run_id`` through a :class:`MetricsBuffer` while the body runs,
     and deliver all of them before it ends. When the body raises, what it logged is still delivered (a
     resumed run continues those curves); a delivery failure then only warns, so the body's error shows."""
