@@ -62,6 +62,12 @@ class ImageRule:
         target_size(64, 32, self.resize, self.resize_dimension, (64, 64), None)  # raises for a bad `resize`
 
     @classmethod
+    def of(cls, section: Any) -> "ImageRule":
+        """The rule read field by field from the config's ``images`` section (an ImageRule, or the read-recording
+        view the stage registry's tests pass), so every setting read is a recorded read."""
+        return cls(**{f.name: getattr(section, f.name) for f in fields(cls)})
+
+    @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ImageRule":
         """The rule from a mapping holding (some of) its fields, e.g. a served model's ``model_config``;
         other keys are ignored and missing fields take the defaults."""

@@ -167,7 +167,7 @@ def eval_callbacks(cfg: Any, processor: Any, output_dir: Path, mlflow_active: bo
     t, im = cfg.train, cfg.images
     every, n, max_new, select = t.eval_every_steps, t.eval_samples, t.eval_max_new_tokens, t.select_best
     batch_size = t.per_device_train_batch_size
-    rule = ImageRule(resize=im.resize, resize_dimension=im.resize_dimension, snap_to_patch_size=im.snap_to_patch_size)
+    rule = ImageRule.of(im)
     if select is not None and (select not in METRICS or every <= 0 or n <= 0):  # each value's range: the config's
         raise ValueError(f"train.select_best={select!r}: use null, or one of {', '.join(METRICS)} together with "
                          f"train.eval_every_steps > 0 and train.eval_samples > 0 (now {every} and {n})")

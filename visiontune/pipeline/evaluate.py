@@ -209,7 +209,7 @@ def _predict(cfg: Any, adapter_dir: Path, samples: list[dict]) -> tuple[list[str
     from visiontune.models.fast_vision import FastVisionModel
 
     e, m, im = cfg.eval, cfg.model, cfg.images
-    rule = ImageRule(resize=im.resize, resize_dimension=im.resize_dimension, snap_to_patch_size=im.snap_to_patch_size)
+    rule = ImageRule.of(im)
     gen_kwargs = dict(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, rule=rule)
     model, processor = FastVisionModel.from_pretrained(
         m.name_or_path, max_seq_length=m.max_seq_length, dtype=m.dtype, load_in_4bit=m.load_in_4bit,

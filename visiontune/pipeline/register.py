@@ -176,7 +176,7 @@ def _log_model(cfg: Any, run: dict[str, Any], adapter_dir: Path, base: str) -> t
     artifacts = {ADAPTER_ARTIFACT: str(adapter_dir.resolve())}
     if Path(base).is_dir() and log_base_model:
         artifacts[BASE_MODEL_ARTIFACT] = str(Path(base).resolve())
-    rule = ImageRule(resize=im.resize, resize_dimension=im.resize_dimension, snap_to_patch_size=im.snap_to_patch_size)
+    rule = ImageRule.of(im)
     instruction = run.get("instruction")
     model_config = {"base_model": base, "max_new_tokens": int(r.max_new_tokens), "batch_size": int(r.batch_size),
                     **dataclasses.asdict(rule), "dtype": cfg.model.dtype, "instruction": instruction,
