@@ -1,16 +1,25 @@
 """Throughput of the data stage: validation and normalization of N mixed-size images (default 5,000).
 
-Writes a temporary raw folder of mixed images (PNG and JPEG, grey and colour, long sides from 80 to
-2,400 px, a few bad files), then times
+Writes a raw folder of mixed images (PNG and JPEG, grey and colour, long sides from 80 to 2,900 px, a few
+bad files), then times
 
 * validation: probing every image (full decode, sha256) + both Great Expectations suites + writing the
   records/quarantine/GX result files (``validate_stage``), and
-* normalization: EXIF/RGB/resize into 300-1000 px + encoding + manifest (``normalize_stage``),
+* normalization: EXIF/RGB/resize into 300-1000 px + encoding + manifest (``normalize_stage``), once per
+  ``--format``,
 
 with ``VISIONTUNE_WORKERS`` processes (default: one per core). Prints images/s for each and a JSON line.
 
-    python benchmarks/bench_data.py                # 5,000 images
-    python benchmarks/bench_data.py --n 500 --format jpeg
+Before/after in one run: ``--compare-with DIR`` times a second checkout of visiontune (e.g. the previous
+commit, ``git worktree add /tmp/old HEAD``) on the same raw folder; each side
+runs in a fresh process (one after the other) whose ``import visiontune`` resolves to its own checkout. ``--executor dask``
+times the stages on a Dask cluster instead (``data.executor: dask``, a temporary LocalCluster of
+``--dask-workers`` processes; the time includes starting it). ``--raw DIR`` keeps the generated images in
+DIR (generated only if DIR has none), so several runs can share them.
+
+    python benchmarks/bench_data.py                                   # 5,000 images, PNG, this checkout
+    python benchmarks/bench_data.py --format png jpeg --compare-with /tmp/old
+    python benchmarks/bench_data.py --n 3000 --executor local dask --dask-workers 2
 """
 
 from __future__ import annotations
@@ -20,12 +29,17 @@ import io
 import json
 import multiprocessing as mp
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+HERE = Path(__file__).resolve()
 
 
 def _make(args: tuple[int, str]) -> tuple[str, str]:
@@ -54,52 +68,124 @@ def _make(args: tuple[int, str]) -> tuple[str, str]:
     return name, str(rng.integers(0, 99999))
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def generate(raw: Path, n: int) -> float:
+    """Write ``n`` images and annotations.jsonl into ``raw`` unless it already holds them; seconds spent."""
+    if (raw / "annotations.jsonl").is_file() and len((raw / "annotations.jsonl").read_text().splitlines()) == n:
+        return 0.0
+    raw.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with mp.get_context("fork").Pool(_cores()) as pool:
+        rows = pool.map(_make, [(i, str(raw)) for i in range(n)], chunksize=32)
+    (raw / "annotations.jsonl").write_text("".join(json.dumps({"image": n, "text": t}) + "\n" for n, t in rows))
+    return time.perf_counter() - t0
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and of its finished children (the stages' worker processes, joined at the
+    end of each stage): unlike wall time, hardly moved by other jobs sharing the cores."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def time_stages(raw: str, work: str, formats: list[str], executor: str, dask_workers: int, dask_chunk: int) -> dict:
+    """Validate once, then normalize once per format (each into its own copy of the validated records)."""
+    import visiontune
+    from visiontune.config import from_dict
+    from visiontune.data.normalize import normalize_stage
+    from visiontune.data.validate import validate_stage
+
+    def cfg(work_dir: Path, fmt: str = "png"):
+        data = {"raw_dir": raw, "work_dir": str(work_dir)}
+        if executor != "local":  # (an old checkout has no executor settings)
+            data.update(executor=executor, dask_workers=dask_workers, dask_chunk=dask_chunk)
+        return from_dict({"data": data, "normalize": {"image_format": fmt}})
+
+    out: dict = {"code": str(Path(visiontune.__file__).resolve().parents[1]), "executor": executor}
+    t0, c0 = time.perf_counter(), _cpu()
+    v = validate_stage(cfg(Path(work) / "v"))
+    out["validate_s"] = round(time.perf_counter() - t0, 2)
+    out["validate_cpu_ms_per_image"] = round((_cpu() - c0) / v["records"] * 1000, 2)
+    out.update(records=v["records"], valid=v["valid"], quarantined=v["quarantined"])
+    for fmt in formats:
+        w = Path(work) / fmt
+        shutil.copytree(Path(work) / "v" / "validated", w / "validated")
+        t0, c0 = time.perf_counter(), _cpu()
+        res = normalize_stage(cfg(w, fmt))
+        out[f"normalize_{fmt}_s"] = round(time.perf_counter() - t0, 2)
+        out[f"normalize_{fmt}_cpu_ms_per_image"] = round((_cpu() - c0) / res["images"] * 1000, 2)
+        out[f"normalize_{fmt}_images"] = res["images"]
+        out[f"normalize_{fmt}_mb"] = round(res["bytes"] / 1e6, 1)
+        t0 = time.perf_counter()
+        again = normalize_stage(cfg(w, fmt))
+        out[f"normalize_{fmt}_rerun_s"] = round(time.perf_counter() - t0, 2)
+        assert again["written"] == 0, again
+    return out
+
+
+def _side(code: Path, raw: Path, work: Path, args: argparse.Namespace, executor: str) -> dict:
+    """:func:`time_stages` in a fresh process whose ``import visiontune`` is the checkout at ``code``."""
+    env = {**os.environ, "PYTHONPATH": str(code) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, str(HERE), "--_time", json.dumps({
+        "raw": str(raw), "work": str(work), "formats": args.format, "executor": executor,
+        "dask_workers": args.dask_workers, "dask_chunk": args.dask_chunk})]
+    proc = subprocess.run(cmd, env=env, cwd=code, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{code} ({executor}) failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=5000)
-    ap.add_argument("--format", default="png", choices=["png", "jpeg"], help="normalized image format")
-    ap.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed afterwards)")
+    ap.add_argument("--format", nargs="+", default=["png"], choices=["png", "jpeg"], help="normalized image format(s)")
+    ap.add_argument("--dir", default=None, help="parent of the temporary work folder (default: the system's)")
+    ap.add_argument("--raw", default=None, help="keep the generated raw images here (reused when present)")
+    ap.add_argument("--compare-with", default=None, help="another visiontune checkout, timed on the same images")
+    ap.add_argument("--executor", nargs="+", default=["local"], choices=["local", "dask"])
+    ap.add_argument("--dask-workers", type=int, default=2)
+    ap.add_argument("--dask-chunk", type=int, default=256)
+    ap.add_argument("--_time", default=None, help=argparse.SUPPRESS)  # internal: one side of a comparison
     args = ap.parse_args()
+    if args._time:
+        print(json.dumps(time_stages(**json.loads(args._time))))
+        return
 
-    from visiontune.config import from_dict
-    from visiontune.data.normalize import normalize_stage
-    from visiontune.data.probe import worker_count
-    from visiontune.data.validate import validate_stage
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    here = HERE.parents[1]
+    sides = [(here, ex) for ex in args.executor]
+    if args.compare_with:
+        sides = [(Path(args.compare_with).resolve(), "local")] + sides
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        raw = Path(tmp) / "raw"
-        raw.mkdir()
-        t0 = time.perf_counter()
-        with mp.get_context("fork").Pool(cores) as pool:
-            rows = pool.map(_make, [(i, str(raw)) for i in range(args.n)], chunksize=32)
-        (raw / "annotations.jsonl").write_text("".join(json.dumps({"image": n, "text": t}) + "\n" for n, t in rows))
-        gen_s = time.perf_counter() - t0
+        raw = Path(args.raw).resolve() if args.raw else Path(tmp) / "raw"
+        gen_s = generate(raw, args.n)
         mb = sum(p.stat().st_size for p in raw.iterdir()) / 1e6
-        cfg = from_dict({"data": {"raw_dir": str(raw), "work_dir": str(Path(tmp) / "work")},
-                          "normalize": {"image_format": args.format}})
-
-        t0 = time.perf_counter()
-        v = validate_stage(cfg)
-        val_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        nrm = normalize_stage(cfg)
-        norm_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        again = normalize_stage(cfg)
-        rerun_s = time.perf_counter() - t0
-
-    result = {
-        "images": args.n, "raw_mb": round(mb, 1), "cores_available": cores, "workers": worker_count(args.n),
-        "generate_s": round(gen_s, 1),
-        "validate_s": round(val_s, 2), "validate_images_per_s": round(args.n / val_s, 1),
-        "valid": v["valid"], "quarantined": v["quarantined"],
-        "normalize_s": round(norm_s, 2), "normalize_images_per_s": round(nrm["images"] / norm_s, 1),
-        "normalize_format": args.format, "normalize_rerun_s": round(rerun_s, 2), "rerun_written": again["written"],
-    }
-    print(f"validation:    {result['validate_images_per_s']:8.1f} images/s ({args.n} images in {val_s:.1f} s)")
-    print(f"normalization: {result['normalize_images_per_s']:8.1f} images/s ({nrm['images']} images in {norm_s:.1f} s, {args.format})")
-    print(f"re-run of normalization with nothing changed: {rerun_s:.2f} s, {again['written']} written")
+        runs = []
+        for k, (code, ex) in enumerate(sides):
+            r = _side(code, raw, Path(tmp) / f"work{k}", args, ex)
+            runs.append(r)
+            print(f"{r['code']} [{ex}]: validation {args.n / r['validate_s']:.1f} images/s ({r['validate_s']} s); "
+                  + "; ".join(f"normalization {f} {r[f'normalize_{f}_images'] / r[f'normalize_{f}_s']:.1f} images/s "
+                              f"({r[f'normalize_{f}_s']} s, {r[f'normalize_{f}_mb']} MB)" for f in args.format), flush=True)
+    for r in runs:
+        r["validate_images_per_s"] = round(args.n / r["validate_s"], 1)
+        for f in args.format:
+            r[f"normalize_{f}_images_per_s"] = round(r[f"normalize_{f}_images"] / r[f"normalize_{f}_s"], 1)
+    result = {"images": args.n, "raw_mb": round(mb, 1), "cores_available": _cores(),
+              "local_workers": int(os.environ.get("VISIONTUNE_WORKERS", _cores())), "generate_s": round(gen_s, 1),
+              "runs": runs}
+    if args.compare_with:
+        old, new = runs[0], runs[1]
+        result["speedup"] = {f"normalize_{f}": round(old[f"normalize_{f}_s"] / new[f"normalize_{f}_s"], 2)
+                             for f in args.format}
+        result["speedup"]["validate"] = round(old["validate_s"] / new["validate_s"], 2)
+        result["cpu_speedup"] = {f"normalize_{f}": round(old[f"normalize_{f}_cpu_ms_per_image"]
+                                                         / new[f"normalize_{f}_cpu_ms_per_image"], 2)
+                                 for f in args.format}
     print(json.dumps(result))
 
 

@@ -3,8 +3,9 @@
 One Prefect task per stage of the registry (:mod:`visiontune.stages`), in its order; each task wraps
 the same function that ``dvc.yaml`` runs, so ``visiontune run`` (this flow) and ``dvc repro`` are two
 front doors to one pipeline. Runs on Prefect's ephemeral local server by default; set
-``PREFECT_API_URL`` to use a real one. ``serve`` registers the flow on a cron schedule (needs a running
-Prefect server).
+``PREFECT_API_URL`` to use a real one. ``serve`` registers the flow on a cron schedule and runs it in its
+own process; ``deploy`` puts it on a process work pool for workers to run (both need a running Prefect
+server; docs/scaling-out.md).
 """
 
 from __future__ import annotations
@@ -59,15 +60,89 @@ def retrain_flow(params: str = "params.yaml", overrides: Optional[list[str]] = N
     return results
 
 
-def serve(cron: str, name: str = "visiontune-retrain", params: str = "params.yaml",
-          overrides: Optional[list[str]] = None) -> None:
-    """Serve the flow as a deployment on ``cron`` (blocks; runs triggered by the schedule or by hand
-    through the Prefect UI/API execute in this process, exactly like ``visiontune run``)."""
+def _check_cron(cron: str) -> None:
     from prefect.client.schemas.schedules import CronSchedule
 
     try:
         CronSchedule(cron=cron)
     except ValueError as e:
         raise ValueError(f"--cron {cron!r} is not a valid cron expression, e.g. '0 3 * * 1' (Mondays 03:00): {e}") from e
+
+
+def serve(cron: str, name: str = "visiontune-retrain", params: str = "params.yaml",
+          overrides: Optional[list[str]] = None) -> None:
+    """Serve the flow as a deployment on ``cron`` (blocks; runs triggered by the schedule or by hand
+    through the Prefect UI/API execute in this process, exactly like ``visiontune run``)."""
+    _check_cron(cron)
     retrain_flow.serve(name=name, cron=cron,
                        parameters={"params": str(Path(params).resolve()), "overrides": list(overrides or [])})
+
+
+PROCESS_POOL = "process"  # the work-pool type whose workers run flow runs as local subprocesses
+
+
+def deploy(cron: str, pool: str, name: str = "visiontune-retrain", params: str = "params.yaml",
+           overrides: Optional[list[str]] = None, working_dir: Optional[str] = None) -> dict[str, Any]:
+    """Create or update the deployment ``visiontune-retrain/<name>`` on the process work pool ``pool``,
+    scheduled on ``cron``; returns at once (unlike :func:`serve`, nothing runs in this process).
+
+    Runs (scheduled, or triggered from the UI/API) are executed by a worker of the pool
+    (``prefect worker start --pool POOL``), each in a subprocess whose current directory is ``working_dir``
+    (default: this one), so ``params``' relative paths (data/, outputs/, mlflow/) are the project's. The
+    flow is referenced by module path (``visiontune.flows.retrain.retrain_flow``): a worker needs
+    visiontune installed in its Python, not a copy of the code. The pool is created (type ``process``)
+    when missing; a pool of another type is refused (its workers would need an image, not a folder).
+    Needs a Prefect server (``PREFECT_API_URL``): deployments on the ephemeral API vanish with the process.
+
+    Returns the deployment's full name and id, the pool (and whether it was created), the schedule and
+    the working directory.
+    """
+    import asyncio
+
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+    from prefect.types.entrypoint import EntrypointType
+    from prefect.workers.process import ProcessWorker
+
+    _check_cron(cron)
+    api = PREFECT_API_URL.value()
+    if not api:
+        raise ValueError("visiontune deploy needs a Prefect server: start one (`prefect server start`) and set "
+                         "PREFECT_API_URL=http://127.0.0.1:4200/api (or `prefect config set PREFECT_API_URL=...`)")
+    workdir = Path(working_dir or os.getcwd()).resolve()
+    params_path = Path(params).resolve()
+    if not params_path.is_file():
+        raise FileNotFoundError(f"params file {params_path} does not exist: runs of the deployment would all fail; "
+                                "write one with `visiontune config --write params.yaml`")
+
+    async def ensure_pool() -> bool:
+        async with get_client() as client:
+            try:
+                existing = await client.read_work_pool(pool)
+            except ObjectNotFound:
+                await client.create_work_pool(WorkPoolCreate(
+                    name=pool, type=PROCESS_POOL, base_job_template=ProcessWorker.get_default_base_job_template()))
+                return True
+        if existing.type != PROCESS_POOL:
+            raise ValueError(f"work pool {pool!r} has type {existing.type!r}; visiontune deploy needs a {PROCESS_POOL!r} "
+                             f"pool (its workers run the flow in a local folder): pass another --pool, or create one "
+                             f"with `prefect work-pool create NAME --type {PROCESS_POOL}`")
+        return False
+
+    try:
+        created = asyncio.run(ensure_pool())
+        deployment = retrain_flow.to_deployment(
+            name=name, cron=cron, entrypoint_type=EntrypointType.MODULE_PATH,
+            parameters={"params": str(params_path), "overrides": list(overrides or [])},
+            job_variables={"working_dir": str(workdir)},
+        )
+        deployment_id = deployment.apply(work_pool_name=pool)
+    except httpx.HTTPError as e:
+        raise ConnectionError(f"cannot reach the Prefect API at {api} ({e}): is `prefect server start` running "
+                              "there, and PREFECT_API_URL right?") from e
+    return {"deployment": f"{retrain_flow.name}/{name}", "id": str(deployment_id), "work_pool": pool,
+            "work_pool_created": created, "cron": cron, "working_dir": str(workdir), "params": str(params_path),
+            "next": f"prefect worker start --pool {pool}"}

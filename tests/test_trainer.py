@@ -162,12 +162,64 @@ def test_trainer_dispatch(tiny_model_dir, tmp_path, caplog):
     arrow = Dataset.from_dict({"n": [1, 2]})
     trl_own = trl.SFTTrainer(model, args(), collator, arrow, processing_class=processor)
     assert type(trl_own) is trl.SFTTrainer and _checkpointing(trl_own.args)
+    assert not hasattr(trl_own, "budget_report")  # TRL's own code: no token budget
     ours = trl.SFTTrainer(model, args(), collator, _rows(2), processing_class=processor)
     assert type(ours) is vt_trainer.SFTTrainer and not _checkpointing(ours.args)
     assert "recompute every layer twice" in caplog.text
     assert type(trl.SFTTrainer(model, args(), collator, arrow, tokenizer=processor)) is vt_trainer.SFTTrainer
     with pytest.raises(TypeError, match="pass one of them"):
         trl.SFTTrainer(model, args(), collator, arrow, processing_class=processor, tokenizer=processor.tokenizer)
+
+
+def _row(question: str, answer: str, image_first: bool = True) -> dict:
+    img = Image.new("RGB", (64, 64), "red")
+    parts = [{"type": "image", "image": img}, {"type": "text", "text": question}]
+    return {"messages": [{"role": "user", "content": parts if image_first else parts[::-1]},
+                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+
+
+def test_trainer_runs_the_token_budget_once_before_training(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The seed page's idiom through TRL's names, with one row too long (cut after its image) and one whose image
+    ends past max_seq_length: that one is left out before the first step, one line is printed, and the counts and
+    the histogram land in the active MLflow run."""
+    import mlflow
+
+    from visiontune.budget import HISTOGRAM_FILE, token_budget
+
+    monkeypatch.chdir(tmp_path)
+    path = tiny_model_dir("qwen2_5_vl")
+    rows = [*_rows(3), _row("Colour?", " ".join(["red"] * 60)), _row("Colour? " * 30, "red", image_first=False)]
+    free = token_budget(UnslothVisionDataCollator(*FastVisionModel.from_pretrained(path)), rows, progress=False)
+    limit = free.lengths[0] + 5  # the short rows fit; the long answer is cut after its image; the late image cannot be
+    assert free.image_ends[3] < limit < free.lengths[3] and free.image_ends[4] > limit
+    model, tokenizer = FastVisionModel.from_pretrained(path, max_seq_length=limit)
+    model = FastVisionModel.get_peft_model(model, r=16, lora_alpha=16)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    capsys.readouterr()
+    with mlflow.start_run() as run, warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*dropped a sample.*")  # no drop found mid-training
+        trainer = _unsloth_idiom(trl.SFTTrainer, trl.SFTConfig, model, tokenizer, rows, max_steps=2,
+                                 gradient_accumulation_steps=1, logging_steps=1)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("token budget:")]
+    assert len(lines) == 1 and "5 samples" in lines[0] and "1 truncated" in lines[0] and "1 dropped" in lines[0], lines
+    assert trainer.budget_report.verdicts == ["fit", "fit", "fit", "truncate", "drop"]
+    assert trainer.budget_report.lengths == free.lengths  # measured as the collator encodes them
+    assert len(trainer.train_dataset) == 4 and trainer.state.global_step == 2
+    assert trainer.data_collator.dropped == 0 and trainer.data_collator.truncated >= 1
+    logged = mlflow.get_run(run.info.run_id).data.metrics
+    assert (logged["budget/samples"], logged["budget/truncated"], logged["budget/dropped"]) == (5, 1, 1)
+    assert logged["budget/max_seq_length"] == limit
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {HISTOGRAM_FILE, "token_budget.json"} <= artifacts
+    trainer.args.max_steps = 1
+    trainer.train()  # training again: measured once only
+    assert "token budget" not in capsys.readouterr().out and len(trainer.train_dataset) == 4
+
+    # visiontune's config can switch it off; TRL's own trainer (a call TRL accepts) never runs it
+    off = visiontune.SFTTrainer(model, visiontune.SFTConfig(output_dir=str(tmp_path / "off"), token_budget=False,
+                                                            max_steps=1, report_to="none"), train_dataset=rows[:4])
+    off.train()
+    assert off.budget_report is None and "token budget" not in capsys.readouterr().out
 
 
 def test_8bit_optimizer_falls_back_with_one_warning_where_bitsandbytes_cannot_run(tmp_path, monkeypatch):

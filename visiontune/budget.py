@@ -6,7 +6,9 @@ by batch, that rule finds over-long samples only mid-training, one warning at a 
 measures every sample once, exactly as the collator encodes it (text and image tokens, images resized by
 its rule), and :func:`preflight` reports the distribution, leaves out the samples the collator would drop,
 and logs the counts, the quantiles and a histogram to MLflow. The samples left to truncate are still cut
-by the collator, batch by batch (the same cut).
+by the collator, batch by batch (the same cut). The pipeline's train stage calls :func:`preflight`;
+:class:`visiontune.trainer.SFTTrainer` (Unsloth's training idiom) runs the same measurement on its own
+``train_dataset`` with the pieces below.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from visiontune.collator import SampleTooLongError, budget_verdict
 
@@ -60,15 +62,18 @@ class BudgetReport:
                 "tokens_mean": round(sum(ordered) / len(ordered), 1) if ordered else 0.0}
 
 
-def token_budget(collator: Any, samples: Sequence[Any], chunk_size: int = 32, progress: bool = True) -> BudgetReport:
+def token_budget(collator: Any, samples: Sequence[Any], chunk_size: int = 32,
+                 progress: Union[bool, float] = True) -> BudgetReport:
     """Measure every sample of ``samples`` (a list or a ``datasets.Dataset`` of conversations) once with
     ``collator`` (a :class:`~visiontune.collator.VisionDataCollator`), ``chunk_size`` samples per processor
-    call, with a progress bar."""
+    call. ``progress``: True shows a progress bar, False none, a number of seconds shows it only once
+    measuring has taken that long (quiet on small datasets)."""
     from tqdm.auto import tqdm
 
     lengths: list[int] = []
     image_ends: list[int] = []
-    with tqdm(total=len(samples), desc="token budget", unit="sample", disable=not progress) as bar:
+    delay = 0.0 if isinstance(progress, bool) else float(progress)
+    with tqdm(total=len(samples), desc="token budget", unit="sample", disable=progress is False, delay=delay) as bar:
         for start in range(0, len(samples), chunk_size):
             chunk = [samples[i] for i in range(start, min(start + chunk_size, len(samples)))]
             for n, end in collator.measure(chunk):
@@ -100,37 +105,62 @@ def plot_histogram(report: BudgetReport, out: Path) -> Path:
     return out
 
 
+def summary_line(summary: dict[str, Any]) -> str:
+    """``summary`` (:meth:`BudgetReport.summary`) as one line for people."""
+    limit = summary["max_seq_length"] or "none"
+    return (f"token budget: {summary['samples']} samples, max_seq_length {limit}: {summary['fit']} fit, "
+            f"{summary['truncated']} truncated after their last image, {summary['dropped']} dropped; tokens per "
+            f"sample p50 {summary['tokens_p50']}, p95 {summary['tokens_p95']}, max {summary['tokens_max']}")
+
+
+def log_to_mlflow(report: BudgetReport, plot_dir: Path) -> None:
+    """Log ``report`` to the active MLflow run: its summary's numbers as ``budget/*`` metrics, the summary as
+    ``token_budget.json`` and the histogram (written into ``plot_dir`` first) as ``token_budget.png``."""
+    import mlflow
+
+    summary = report.summary()
+    plot = plot_histogram(report, plot_dir / HISTOGRAM_FILE)
+    mlflow.log_metrics({f"budget/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+    mlflow.log_artifact(str(plot))
+    mlflow.log_dict(summary, "token_budget.json")
+
+
+def without_dropped(report: BudgetReport, samples: Any, advice: str) -> Any:
+    """``samples`` less those ``report`` drops (the same type: a list, or a ``datasets.Dataset`` through
+    ``select``). SampleTooLongError, ending with ``advice`` (what to change), when no sample is left."""
+    kept = report.kept
+    if not kept:
+        raise SampleTooLongError(
+            f"token budget: all {len(samples)} training samples need more than max_seq_length={report.max_seq_length} "
+            f"tokens before their last image ends (fewest: {min(report.image_ends)}); {advice}")
+    if len(kept) < len(samples):
+        samples = samples.select(kept) if hasattr(samples, "select") else [samples[i] for i in kept]
+    return samples
+
+
 def preflight(collator: Any, samples: Sequence[Any], output_dir: Path,
-              mlflow_active: bool = True) -> tuple[Any, dict[str, Any]]:
+              mlflow_active: bool = True, report: bool = True) -> tuple[Any, dict[str, Any]]:
     """Before training: measure ``samples`` (:func:`token_budget`), log the report, and return the samples
     the collator would not drop (the same type: a list, or a ``datasets.Dataset`` through ``select``) and
     the report's summary.
 
     Writes ``token_budget.json`` and the histogram into ``output_dir`` and, with ``mlflow_active``, logs
     them and the counts (``budget/*`` metrics) to the active MLflow run. SampleTooLongError when no sample
-    fits, before any training step.
+    fits, before any training step. ``report=False`` (the ranks but rank 0 of a multi-process run): measure
+    and select only, with no progress bar, files, MLflow entries or warning.
     """
-    report = token_budget(collator, samples)
-    summary = report.summary()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "token_budget.json").write_text(json.dumps(summary, indent=1))
-    plot = plot_histogram(report, output_dir / HISTOGRAM_FILE)
-    if mlflow_active:
-        import mlflow
-
-        mlflow.log_metrics({f"budget/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))})
-        mlflow.log_artifact(str(plot))
-        mlflow.log_dict(summary, "token_budget.json")
-    if summary["dropped"] or summary["truncated"]:
+    measured = token_budget(collator, samples, progress=report)
+    summary = measured.summary()
+    if report:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "token_budget.json").write_text(json.dumps(summary, indent=1))
+    if report and mlflow_active:
+        log_to_mlflow(measured, output_dir)
+    elif report:
+        plot_histogram(measured, output_dir / HISTOGRAM_FILE)
+    if report and (summary["dropped"] or summary["truncated"]):
         log.warning("token budget: %(dropped)d of %(samples)d samples dropped (image tokens end past "
                     "max_seq_length=%(max_seq_length)s), %(truncated)d will be truncated after their last image; "
                     "tokens per sample p50 %(tokens_p50)d, p95 %(tokens_p95)d, max %(tokens_max)d", summary)
-    kept = report.kept
-    if not kept:
-        raise SampleTooLongError(
-            f"token budget: all {len(samples)} training samples need more than max_seq_length={report.max_seq_length} "
-            f"tokens before their last image ends (fewest: {min(report.image_ends)}); raise model.max_seq_length "
-            "or make the images smaller (images.resize)")
-    if len(kept) < len(samples):
-        samples = samples.select(kept) if hasattr(samples, "select") else [samples[i] for i in kept]
+    samples = without_dropped(measured, samples, "raise model.max_seq_length or make the images smaller (images.resize)")
     return samples, summary

@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * 1" (Mondays 03:00)')
     p.add_argument("--name", default="visiontune-retrain", help="deployment name")
+    p = sub.add_parser("deploy", help="deploy the retraining flow on a cron schedule to a Prefect process work pool "
+                       "(needs a Prefect server; a worker runs the flow: prefect worker start --pool POOL)")
+    _add_common(p)
+    p.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * 1" (Mondays 03:00)')
+    p.add_argument("--pool", required=True, help="process work pool (created when missing)")
+    p.add_argument("--name", default="visiontune-retrain", help="deployment name")
+    p.add_argument("--working-dir", help="folder the runs execute in (default: the current one)")
     p = sub.add_parser("config", help="list every setting with its default and meaning, or write a params file")
     p.add_argument("--write", metavar="PATH", help="write the defaults as a params file")
     _add_common(p)
@@ -66,6 +73,11 @@ def _run(args: argparse.Namespace, cfg: PipelineConfig) -> object:
         from visiontune.flows.retrain import serve
 
         return serve(cron=args.cron, name=args.name, params=args.params, overrides=args.overrides)
+    if args.command == "deploy":
+        from visiontune.flows.retrain import deploy
+
+        return deploy(cron=args.cron, pool=args.pool, name=args.name, params=args.params, overrides=args.overrides,
+                      working_dir=args.working_dir)
     if args.command == "report" and args.run:
         from visiontune.pipeline.report import report_for_run
 

@@ -74,6 +74,19 @@ class DataConfig:
     question_column: Optional[str] = _f(None, "Optional column holding a per-row question (QA data).")
     extra_images_column: Optional[str] = _f(None, "Optional column holding a list of extra image paths per row.")
     work_dir: str = _f("data", "Folder where the data stages write their outputs (validated/, normalized/, dataset/, metrics/).")
+    executor: str = _f(
+        "local", "Where validate and normalize do their per-image work: 'local' (one process per core of this "
+        "machine; $VISIONTUNE_WORKERS sets how many) or 'dask' (a Dask cluster through Prefect's DaskTaskRunner, "
+        "dask_chunk records per task). Outputs are byte-identical either way.", choices=("local", "dask"))
+    dask_address: Optional[str] = _f(
+        None, "executor 'dask': address of a running Dask scheduler (e.g. tcp://10.0.0.5:8786); its workers must see "
+        "raw_dir and work_dir at the same paths (a shared filesystem). null: a temporary LocalCluster on this machine.")
+    dask_workers: int = _f(0, "executor 'dask' without an address: worker processes of the temporary LocalCluster "
+                              "(one thread each); 0: one per core.", ge=0)
+    dask_chunk: int = _f(256, "executor 'dask': annotation records per task in validate (their images are probed "
+                              "together), images per task in normalize. Each task costs a few tenths of a second of "
+                              "Prefect bookkeeping (measured), so a task should hold seconds of work; smaller chunks "
+                              "balance better over many workers.", ge=1)
 
 
 @dataclass
@@ -82,6 +95,8 @@ class DemoConfig:
 
     samples: int = _f(3000, "Number of pages the demo data generator writes.", ge=1)
     seed: int = _f(3407, "Seed of the demo data generator (same seed, same bytes: data.dvc's hash holds).", ge=0)
+    heldout: int = _f(200, "Held-out pages written under data.raw_dir/heldout: the second half of the digits, in "
+                          "layouts the training pages never use (scored by the evaluate stage via eval.extra_sets).", ge=0)
 
 
 @dataclass
@@ -195,6 +210,17 @@ class TrainConfig:
         None, "cer or exact_match: save the adapter of the in-training evaluation that was best on this metric "
         "instead of the last one (recorded in the run as best_step / selected_step); null keeps the last.",
         choices=("cer", "exact_match"))
+    num_processes: int = _f(
+        1, "Training processes on this machine, one per GPU (on a CPU-only machine: CPU processes over gloo). > 1: "
+        "`visiontune train` and the flow start them through torchrun; per_device_train_batch_size is per process, so "
+        "the global batch is per_device_train_batch_size x gradient_accumulation_steps x num_processes. Started "
+        "under a launcher already (torchrun / accelerate launch), the launcher's process count is used (1 or equal "
+        "to it). Only rank 0 logs to MLflow and writes the adapter and checkpoints' shared files.", ge=1)
+    distributed: str = _f(
+        "ddp", "How several processes hold the model: 'ddp' (each a whole copy; LoRA gradients all-reduced) or "
+        "'fsdp2' (torch FSDP2 fully_shard through accelerate: frozen base and LoRA weights sharded across processes "
+        "per decoder layer / vision block, gathered unit by unit; for a base that does not fit one GPU). Ignored "
+        "with one process.", choices=("ddp", "fsdp2"))
 
 
 @dataclass
@@ -250,6 +276,10 @@ class EvalConfig:
     grid_file: str = _f("outputs/eval/predictions.png", "PNG grid of sample images with reference and prediction, also logged to MLflow.")
     grid_samples: int = _f(8, "Samples shown in the prediction grid (0 = no grid).", ge=0)
     compare_base: bool = _f(True, "Also evaluate the base model without the adapter (doubles evaluation time; gives the base_* baseline).")
+    extra_sets: dict = _f({}, "More held-out sets scored beside the split, {name: annotations.jsonl path} (rows "
+                          "{image, text}, images relative to that file's folder), each base vs fine-tuned with the "
+                          "split's own instruction; reported, logged as eval_<name>_<metric>; promotion still uses "
+                          "the split. The demo scores its layout-shifted handwriting set here.")
 
 
 @dataclass
@@ -305,11 +335,39 @@ def _section(cls: type) -> Any:
 
 
 @dataclass
+class PretrainConfig:
+    """The demo's base model, pretrained by visiontune on printed text it renders (``visiontune pretrain``).
+
+    The shipped weights under ``output_dir`` are committed; the stage is frozen in dvc.yaml so ``dvc repro``
+    never retrains them by accident (``dvc repro -f pretrain`` or ``visiontune pretrain`` does)."""
+
+    output_dir: str = _f("models/visiontune-read-base", "Folder of the pretrained base (weights, processor, log).")
+    architecture: str = _f("qwen3_vl", "Architecture of the base (a visiontune tiny-model architecture).")
+    size: str = _f("base", "Size preset of the base (visiontune.testing.TINY_SIZES).")
+    seed: int = _f(3407, "Seed of the weights' initialization and of the printed-text stream.", ge=0)
+    steps: int = _f(4500, "Optimizer steps (full-parameter training; the cosine schedule spans them).", ge=1)
+    batch_size: int = _f(48, "Pages per step.", ge=1)
+    learning_rate: float = _f(1e-3, "Peak AdamW learning rate (cosine decay to a tenth after warmup).", gt=0)
+    warmup_steps: int = _f(300, "Linear warmup steps.", ge=0)
+    weight_decay: float = _f(0.01, "AdamW weight decay (not on norms and biases).", ge=0)
+    eval_every: int = _f(500, "Greedy exact match / CER on a fixed printed validation set every this many steps.", ge=1)
+    eval_samples: int = _f(256, "Pages in that validation set (a seed stream of its own).", ge=1)
+    instruction: str = _f("Transcribe the text in this image.", "The user turn every pretraining page comes with.")
+    num_workers: int = _f(0, "Data-loader processes rendering pages (0: one per core, at most 16).", ge=0)
+    device: str = _f("auto", "'auto' (CUDA if present, else CPU), 'cuda' or 'cpu'.", choices=("auto", "cuda", "cpu"))
+    init_from: Optional[str] = _f(None, "Continue an interrupted run: the weights of its `.partial` folder (saved at "
+                                        "every evaluation), trained on from start_step with the same page stream and "
+                                        "schedule; the optimizer's moments start afresh (recorded).")
+    start_step: int = _f(0, "The step init_from's weights reached (0: a fresh run).", ge=0)
+
+
+@dataclass
 class PipelineConfig:
     """All settings of one pipeline run; params.yaml holds exactly these sections."""
 
     data: DataConfig = _section(DataConfig)
     demo: DemoConfig = _section(DemoConfig)
+    pretrain: PretrainConfig = _section(PretrainConfig)
     validate: ValidateConfig = _section(ValidateConfig)
     normalize: NormalizeConfig = _section(NormalizeConfig)
     convert: ConvertConfig = _section(ConvertConfig)

@@ -66,6 +66,7 @@ class Stage:
     outs: tuple[Out, ...] = ()
     extra_code: tuple[str, ...] = ()  # code loaded without an import statement (e.g. MLflow model code)
     in_pipeline: bool = True  # part of `visiontune run` and dvc.yaml (else a CLI-only helper stage)
+    frozen: bool = False  # in dvc.yaml but frozen (`dvc repro` skips it unless forced), never in the flow
     retries: int = 2
     retry_any: bool = False  # True: retry any failure (train resumes from its checkpoint); else transient I/O only
     report: Optional[str] = None  # "module:function(result, cfg)" publishing Prefect artifacts, if any
@@ -85,6 +86,8 @@ def _keys(section: str, *names: str) -> tuple[str, ...]:
 
 _DATA_SOURCE = _keys("data", "raw_dir", "annotations", "image_column", "text_column", "question_column",
                      "extra_images_column", "work_dir")
+# Where validate and normalize map their per-image work (this machine, or Dask): read by both, whichever the kind.
+_DATA_EXECUTOR = _keys("data", "executor", "dask_address", "dask_workers", "dask_chunk")
 _IMAGES = _keys("images", "resize", "resize_dimension", "snap_to_patch_size")
 _LOAD_MODEL = _keys("model", "name_or_path", "max_seq_length", "dtype", "load_in_4bit", "use_fused_kernels")
 _TINY_MODEL = _keys("model", "name_or_path", "tiny_architecture", "tiny_size", "tiny_seed")
@@ -96,14 +99,21 @@ _HANDOFF = "${align.output_dir}"  # run.json naming the adapter evaluate and reg
 STAGES: tuple[Stage, ...] = (
     Stage(
         "demo-data", "write the bundled handwriting demo data under data.raw_dir",
-        "visiontune.data.demo:demo_stage", ("data.raw_dir", "demo.samples", "demo.seed"), in_pipeline=False),
+        "visiontune.data.demo:demo_stage", ("data.raw_dir", "demo.samples", "demo.seed", "demo.heldout"), in_pipeline=False),
     Stage(
         "tiny-model", "build the tiny offline random-weight model named by model.name_or_path",
         "visiontune.testing:tiny_model_stage", _TINY_MODEL, in_pipeline=False),
     Stage(
+        "pretrain", "pretrain the demo's base VLM on printed text it renders (shipped weights: frozen in DVC)",
+        "visiontune.pipeline.pretrain:pretrain_stage",
+        _keys("pretrain", "output_dir", "architecture", "size", "seed", "steps", "batch_size", "learning_rate",
+              "warmup_steps", "weight_decay", "eval_every", "eval_samples", "instruction", "num_workers", "device")
+        + _IMAGES + _keys("tracking", "uri", "experiment"),
+        outs=(Out("${pretrain.output_dir}", cache=False),), in_pipeline=False, frozen=True),
+    Stage(
         "validate", "validate raw data with Great Expectations; quarantine bad records",
         "visiontune.data.validate:validate_stage",
-        _DATA_SOURCE + _keys("validate", "accept_min_px", "accept_max_px", "max_pixels", "max_aspect_ratio",
+        _DATA_SOURCE + _DATA_EXECUTOR + _keys("validate", "accept_min_px", "accept_max_px", "max_pixels", "max_aspect_ratio",
                              "allowed_modes", "min_text_chars", "max_text_chars", "max_failure_ratio"),
         deps=("${data.raw_dir}",),
         outs=(Out("${data.work_dir}/validated"), Out("${data.work_dir}/metrics/validate.json", "metrics", cache=False)),
@@ -112,7 +122,7 @@ STAGES: tuple[Stage, ...] = (
         "normalize", "resize valid images into the configured pixel range (content-addressed)",
         "visiontune.data.normalize:normalize_stage",
         ("data.raw_dir", "data.work_dir")  # raw_dir: sources are re-checked to lie inside the data root
-        + _keys("normalize", "min_px", "max_px", "uniform_size", "multiple_of", "image_format"),
+        + _DATA_EXECUTOR + _keys("normalize", "min_px", "max_px", "uniform_size", "multiple_of", "image_format"),
         deps=(_RECORDS,),  # records.jsonl carries every source image's sha256: a changed image changes it
         outs=(Out("${data.work_dir}/normalized"), Out("${data.work_dir}/metrics/normalize.json", "metrics", cache=False))),
     Stage(
@@ -132,7 +142,7 @@ STAGES: tuple[Stage, ...] = (
         + _keys("train", "output_dir", "learning_rate", "warmup_steps", "max_steps", "num_train_epochs",
                 "per_device_train_batch_size", "gradient_accumulation_steps", "weight_decay", "max_grad_norm",
                 "save_steps", "logging_steps", "seed", "eval_every_steps", "eval_samples", "eval_max_new_tokens",
-                "select_best")
+                "select_best", "num_processes", "distributed")
         + _keys("tracking", "uri", "experiment"),
         deps=(_DATASET,),
         outs=(Out("${train.output_dir}", persist=True),),  # persist: a killed run resumes from its checkpoints
@@ -156,7 +166,7 @@ STAGES: tuple[Stage, ...] = (
         "visiontune.pipeline.evaluate:evaluate_stage",
         ("data.work_dir",) + _LOAD_MODEL + _IMAGES + ("align.output_dir",)
         + _keys("eval", "split", "max_samples", "max_new_tokens", "batch_size", "primary_metric", "metrics_file",
-                "predictions_file", "grid_file", "grid_samples", "compare_base")
+                "predictions_file", "grid_file", "grid_samples", "compare_base", "extra_sets")
         + ("tracking.uri",),
         deps=(_DATASET, _HANDOFF),
         outs=(Out("${eval.metrics_file}", "metrics", cache=False),
@@ -397,6 +407,8 @@ def dvc_stage(stage: Stage) -> dict[str, Any]:
         outs = [_dvc_out(o) for o in stage.outs if o.kind == kind]
         if outs:
             entry[kind] = outs
+    if stage.frozen:
+        entry["frozen"] = True
     return entry
 
 
@@ -415,7 +427,7 @@ def dvc_yaml() -> str:
     """The full text of ``dvc.yaml`` for the pipeline stages."""
     import yaml
 
-    doc: dict[str, Any] = {"stages": {s.name: dvc_stage(s) for s in pipeline()}}
+    doc: dict[str, Any] = {"stages": {s.name: dvc_stage(s) for s in STAGES if s.in_pipeline or s.frozen}}
     plots = [_dvc_out(o) for s in pipeline() for o in s.dvc_plots]
     if plots:
         # Declared at top level: a stage-level plot inside the train stage's persisted output folder would

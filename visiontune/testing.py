@@ -54,6 +54,17 @@ TINY_SIZES: dict[str, dict[str, Any]] = {
         "text_rope_theta": 3.0,
         "vision": {"hidden_size": 64, "intermediate_size": 128, "num_heads": 4, "out_hidden_size": 128},
     },
+    # "base": the demo's pretrained base (`visiontune pretrain`, Qwen3-VL only): deep enough in the vision
+    # tower to learn glyph shapes from print, small enough (~3.5M parameters, ~14 MB in fp32) to commit and
+    # to LoRA-fine-tune within the demo's CPU budget. M-RoPE sections for its 32-wide heads.
+    "base": {
+        "text": {"hidden_size": 192, "intermediate_size": 512, "num_attention_heads": 6, "num_key_value_heads": 2,
+                 "num_hidden_layers": 3, "head_dim": 32},
+        "text_rope_theta": 10.0,
+        "text_rope": {"mrope_section": [4, 6, 6]},
+        "vision": {"hidden_size": 96, "intermediate_size": 256, "num_heads": 4, "depth": 4, "out_hidden_size": 192,
+                   "deepstack_visual_indexes": [1]},
+    },
 }
 
 
@@ -64,9 +75,10 @@ def _resize_config(config: Any, size: str) -> Any:
         setattr(config.text_config, key, value)
     for key, value in preset.get("vision", {}).items():
         setattr(config.vision_config, key, value)
-    if "text_rope_theta" in preset:
+    if "text_rope_theta" in preset or "text_rope" in preset:
         rope = dict(getattr(config.text_config, "rope_parameters", None) or {})
-        rope["rope_theta"] = preset["text_rope_theta"]
+        rope.update(preset.get("text_rope", {}))
+        rope["rope_theta"] = preset.get("text_rope_theta", rope.get("rope_theta"))
         config.text_config.rope_parameters = rope
     return config
 

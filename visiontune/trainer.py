@@ -13,6 +13,11 @@ that code two ways:
   list dataset) is served by this module's subclass, which is an instance of TRL's class. Every call TRL
   accepts runs TRL's own code, unchanged; subclasses of TRL's classes are never redirected.
 
+Before training, this module's trainer also runs the pre-flight token budget (:mod:`visiontune.budget`) that
+the pipeline's train stage runs: every training sample measured once by the collator, a one-line summary,
+the samples the collator would drop left out, and counts and a histogram logged to the MLflow run active
+when training starts. TRL's own trainer (a call TRL accepts) does none of it.
+
 ``UnslothVisionDataCollator`` is :class:`~visiontune.collator.VisionDataCollator` under Unsloth's name.
 """
 
@@ -20,12 +25,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import trl
+from transformers import TrainerCallback
 
 from visiontune.collator import VisionDataCollator
 from visiontune.models.state import vision_state
@@ -150,6 +159,7 @@ class SFTConfig(trl.SFTConfig):
       default fails on a CPU-only machine).
     * ``optim``: a bitsandbytes AdamW (``"adamw_8bit"``, ``"paged_adamw_8bit"``, ...) that cannot run on this
       machine becomes ``"adamw_torch"``, with one warning.
+    * ``token_budget`` (visiontune's own): the pre-flight token budget of :class:`SFTTrainer`; False skips it.
     """
 
     max_seq_length: Optional[int] = field(
@@ -164,6 +174,10 @@ class SFTConfig(trl.SFTConfig):
         metadata={"help": "skip_prepare_dataset: the collator tokenizes; TRL does not prepare rows."})
     gradient_checkpointing: Optional[bool] = field(
         default=None, metadata={"help": "transformers' checkpointing (None: off); FastVisionModel installs its own."})
+    token_budget: bool = field(
+        default=True, metadata={"help": "Before training, measure every training sample's tokens once, print a "
+                                        "one-line summary and leave out the samples the collator would drop "
+                                        "(visiontune.budget); False: the collator still drops them, batch by batch."})
 
     def __post_init__(self) -> None:
         if self.max_seq_length is not None:
@@ -210,6 +224,51 @@ def _one_checkpointing(args: Any, model: Any) -> None:
             setattr(args, name, False)
 
 
+def _measurable(collator: Any, data: Any) -> bool:
+    """Whether the token budget can measure ``data`` with ``collator``: a VisionDataCollator and a list or a
+    ``datasets.Dataset`` of rows (an IterableDataset has no length and is read only as training goes)."""
+    sized = isinstance(data, (list, tuple)) or (hasattr(data, "select") and hasattr(data, "__len__"))
+    return isinstance(collator, VisionDataCollator) and sized and len(data) > 0
+
+
+def run_token_budget(collator: VisionDataCollator, data: Any, args: Any) -> tuple[Any, Any]:
+    """The pre-flight token budget for a trainer: measure ``data`` once with ``collator`` (a progress bar
+    only if that takes over 2 s), print a one-line summary on the main process, and return ``data`` less the
+    samples the collator would drop, and the :class:`~visiontune.budget.BudgetReport`.
+
+    SampleTooLongError when no sample fits, before any training step.
+    """
+    from visiontune.budget import summary_line, token_budget, without_dropped
+
+    main = getattr(args, "should_log", True)
+    report = token_budget(collator, data, progress=2.0 if main and not getattr(args, "disable_tqdm", False) else False)
+    kept = without_dropped(report, data, "raise max_seq_length (FastVisionModel.from_pretrained or the collator's) "
+                                         "or make the images smaller (the collator's resize=)")
+    if main:
+        print(summary_line(report.summary()), flush=True)
+    return kept, report
+
+
+class _BudgetToMLflow(TrainerCallback):
+    """Logs the token budget to the MLflow run active when training starts (one the user started, or the one
+    ``report_to="mlflow"`` starts just before), once per run; nothing without an active run."""
+
+    def __init__(self, report: Any) -> None:
+        self.report = report
+        self.logged_runs: set[str] = set()
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        mlflow = sys.modules.get("mlflow")  # not imported: no run can be active
+        run = mlflow.active_run() if mlflow is not None and state.is_world_process_zero else None
+        if run is None or run.info.run_id in self.logged_runs:
+            return
+        from visiontune.budget import log_to_mlflow
+
+        with tempfile.TemporaryDirectory() as tmp:
+            log_to_mlflow(self.report, Path(tmp))
+        self.logged_runs.add(run.info.run_id)
+
+
 class SFTTrainer(trl.SFTTrainer):
     """TRL's ``SFTTrainer`` that also takes Unsloth's arguments and plain lists, for vision-language models.
 
@@ -224,6 +283,12 @@ class SFTTrainer(trl.SFTTrainer):
       ``gradient_checkpointing`` is switched off where FastVisionModel's checkpointing is installed (one
       warning), and that list datasets and the default collator switch TRL's column removal and dataset
       preparation off (they need the rows as they are).
+    * The pre-flight token budget (:mod:`visiontune.budget`), once, when the first ``train()`` starts: with a
+      VisionDataCollator and a list or ``datasets.Dataset`` ``train_dataset``, every training sample is
+      measured as the collator encodes it, a one-line summary is printed, the samples whose image tokens
+      end past ``max_seq_length`` are left out of ``train_dataset`` (the ones longer than it are still cut
+      after their last image, batch by batch) and the report is kept in ``budget_report``; counts and a
+      histogram go to the MLflow run active when training starts. ``SFTConfig(token_budget=False)`` skips it.
 
     The other arguments are TRL's, in TRL's order.
     """
@@ -253,6 +318,29 @@ class SFTTrainer(trl.SFTTrainer):
             data_collator = table
             _rows_as_they_are(args)
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *more, **kwargs)
+        self.budget_report: Optional[Any] = None
+        self._budget_pending = True
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """TRL's ``train``; the first call runs the pre-flight token budget before it (see the class docstring)."""
+        if self._budget_pending:
+            self._budget_pending = False
+            self._token_budget()
+        return super().train(*args, **kwargs)
+
+    def _token_budget(self) -> None:
+        """Measure ``train_dataset`` (the rows themselves, for a list), leave out what the collator would
+        drop, keep the report and log it to MLflow when training starts."""
+        data, collator = self.train_dataset, self.data_collator
+        inner = collator.collator if isinstance(collator, _ListRows) else collator
+        if not getattr(self.args, "token_budget", True) or not _measurable(inner, data):
+            return
+        indexed = isinstance(collator, _ListRows) and INDEX_COLUMN in (getattr(data, "column_names", None) or ())
+        rows = [collator.rows[i] for i in data[INDEX_COLUMN]] if indexed else data
+        _, self.budget_report = run_token_budget(inner, rows, self.args)
+        if len(self.budget_report.kept) < len(data):
+            self.train_dataset = data.select(self.budget_report.kept)
+        self.add_callback(_BudgetToMLflow(self.budget_report))
 
 
 def _is_list_dataset(data: Any) -> bool:

@@ -23,7 +23,7 @@ def test_demo_is_deterministic_and_rerun_touches_nothing(demo_raw, tmp_path):
 def test_demo_rows_are_digit_strings_with_mixed_sizes_and_planted_failures(demo_raw, tmp_path):
     rows = [json.loads(line) for line in (demo_raw / "annotations.jsonl").read_text().splitlines()]
     assert len(rows) == 30
-    assert sum(r["text"].isdigit() and 2 <= len(r["text"]) <= 5 for r in rows) == 29  # one planted empty caption
+    assert sum(r["text"].isdigit() and 1 <= len(r["text"]) <= 8 for r in rows) == 29  # one planted empty caption
     summary = validate_stage(make_cfg(demo_raw, tmp_path / "w"))
     assert summary["valid"] == 26 and summary["quarantined"] == 4
     assert summary["failures_by_reason"] == {"duplicate": 1, "missing_file": 1, "text_too_short": 1, "undecodable": 1}
@@ -48,3 +48,27 @@ def test_all_three_stages_leave_raw_bytes_and_mtimes_unchanged(demo_raw, tmp_pat
     summary = convert_stage(cfg)
     assert summary["rows"] == 26
     assert snapshot(demo_raw) == before
+
+
+def test_heldout_pages_come_from_the_other_half_of_the_digits_in_other_layouts(tmp_path):
+    """demo.heldout: clean pages of 3-7 digits from the second half of scikit-learn's digits, in their own
+    folder (the pipeline's data stages read only the top-level annotations), rendered with HELDOUT_LAYOUT."""
+    from sklearn.datasets import load_digits
+
+    from visiontune.data import demo
+
+    out = tmp_path / "raw"
+    summary = generate_demo(out, n=12, seed=3407, heldout=10)
+    rows = [json.loads(line) for line in (out / "heldout" / "annotations.jsonl").read_text().splitlines()]
+    assert summary["heldout"] == 10 and len(rows) == 10
+    assert all(r["text"].isdigit() and 3 <= len(r["text"]) <= 7 and (out / "heldout" / r["image"]).exists() for r in rows)
+    images, targets = load_digits(return_X_y=True)
+    train, test = demo.digit_halves(len(images))
+    assert train.stop == test.start and len(train) + len(test) == len(images)
+    # The layouts differ: no pen colour range of the held-out set overlaps the training one in the red channel.
+    assert demo.HELDOUT_LAYOUT.pen[0][0] > demo.TRAIN_LAYOUT.pen[0][1]
+    assert demo.HELDOUT_LAYOUT.blur[1] > demo.TRAIN_LAYOUT.blur[1]
+    # Re-running without a held-out set removes the folder; the training pages are unchanged.
+    before = (out / "annotations.jsonl").read_text()
+    generate_demo(out, n=12, seed=3407, heldout=0)
+    assert not (out / "heldout").exists() and (out / "annotations.jsonl").read_text() == before

@@ -82,3 +82,72 @@ def test_a_source_changed_after_validation_is_refused_and_nothing_is_written(tmp
     with pytest.raises(ValueError, match=rf"a\.png .*{says}.*Re-run `visiontune validate`"):
         normalize_stage(cfg)
     assert not [p for p in (work / "normalized").rglob("*") if p.is_file()]
+
+
+def _exif_jpeg(im: Image.Image, orientation: int) -> bytes:
+    import io
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=90, exif=exif)
+    return buf.getvalue()
+
+
+def _sources() -> dict[str, bytes]:
+    import io
+
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    noise = Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)).resize((1300, 900))
+    i16 = io.BytesIO()
+    Image.fromarray((np.arange(500 * 320).reshape(320, 500) % 65536).astype(np.uint16)).save(i16, format="PNG")
+    with_key = io.BytesIO()
+    noise.resize((640, 480)).save(with_key, format="PNG", transparency=(1, 2, 3))
+    return {
+        "rgb-down": png(noise), "rgb-in-range": png(noise.resize((640, 480))), "rgb-up": png(noise.resize((200, 90))),
+        "rgb-colour-key": with_key.getvalue(), "grey-down": png(noise.convert("L")),
+        "grey-up": png(noise.convert("L").resize((120, 250))), "grey-in-range": png(noise.convert("L").resize((500, 400))),
+        "palette": png(noise.convert("P")), "rgba": png(noise.convert("RGBA")), "i16": i16.getvalue(),
+        "jpeg-rotated": _exif_jpeg(noise, 6), "jpeg-grey-rotated": _exif_jpeg(noise.convert("L"), 8),
+        "jpeg-up": _exif_jpeg(noise.resize((160, 120)), 1),
+    }
+
+
+@pytest.mark.parametrize("snap", [0, 28])
+def test_fast_paths_write_the_pixels_of_convert_resize_and_pillows_png_writer(tmp_path, snap):
+    """Grey images resized before the RGB conversion, the fast PNG writer, in-range RGB PNGs copied without
+    decoding: each output decodes to exactly the pixels of the straightforward path (to_rgb, resize, Pillow's
+    writer), with the same size facts in the manifest entry."""
+    import hashlib
+    import io
+
+    import numpy as np
+
+    from visiontune.data.normalize import _work, settings_signature
+    from visiontune.data.pngwrite import rewrap_png
+    from visiontune.images import bounded_size, to_rgb
+
+    sig = settings_signature(300, 1000, snap, None, "png")
+    for name, data in _sources().items():
+        src = tmp_path / f"{name}.img"
+        src.write_bytes(data)
+        entry = _work((str(src), str(tmp_path / f"{name}.png"), sig, hashlib.sha256(data).hexdigest(), (str(tmp_path),)))
+        with Image.open(io.BytesIO(data)) as im:
+            ref = to_rgb(im)
+            size = bounded_size(ref.width, ref.height, 300, 1000, snap)
+            if size != ref.size:
+                down = size[0] * size[1] < ref.width * ref.height
+                ref = ref.resize(size, Image.LANCZOS if down else Image.BICUBIC, reducing_gap=3.0 if down else None)
+            buf = io.BytesIO()
+            ref.save(buf, format="PNG", compress_level=1)
+            source_size = to_rgb(im).size
+        with Image.open(io.BytesIO(buf.getvalue())) as want, Image.open(tmp_path / f"{name}.png") as got:
+            assert got.mode == want.mode == "RGB", name
+            assert np.array_equal(np.asarray(got), np.asarray(want)), name
+            assert got.info.get("transparency") == want.info.get("transparency"), name
+        assert (entry["width"], entry["height"], entry["source_width"], entry["source_height"]) == (*size, *source_size)
+        if name in ("rgb-in-range", "rgb-colour-key") and not snap:  # copied, not decoded: the rewrapped source
+            with Image.open(io.BytesIO(data)) as im:
+                assert (tmp_path / f"{name}.png").read_bytes() == rewrap_png(data, im.info)

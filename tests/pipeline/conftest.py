@@ -121,6 +121,9 @@ def project(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # set_registry_uri exports $MLFLOW_REGISTRY_URI: setenv first, so teardown restores its state before the test
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI")
     yield tmp_path
     while mlflow.active_run():
         mlflow.end_run()

@@ -93,3 +93,40 @@ def test_evaluate_stage_errors(make_cfg, start_training_run, assets):
         evaluate_stage(cfg)
     with pytest.raises(ValueError, match="primary_metric='wer'"):
         evaluate_stage(make_cfg(eval={"primary_metric": "wer"}))
+
+
+def test_extra_sets_are_scored_base_vs_finetuned_with_the_splits_instruction(make_cfg, start_training_run, assets,
+                                                                              project):
+    """eval.extra_sets: a second held-out set (the demo's layout-shifted handwriting) scored beside the split,
+    base vs fine-tuned, with the split's instruction; the per-set figures equal scoring the same rows alone."""
+    import mlflow
+
+    held = project / "held"
+    (held / "images").mkdir(parents=True)
+    refs = ["12", "6789", "42"]
+    lines = []
+    for i, (img, ref) in enumerate(zip(assets["images"][:3], refs)):
+        (held / "images" / f"{i}.png").write_bytes(img.read_bytes())
+        lines.append(json.dumps({"image": f"images/{i}.png", "text": ref}))
+    (held / "annotations.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = make_cfg(eval={"extra_sets": {"heldout": str(held / "annotations.jsonl")}})
+    run_id = start_training_run(cfg, assets["adapter"], assets["base"])
+    summary = evaluate_stage(cfg)
+    metrics = json.loads((project / "outputs/eval/metrics.json").read_text())
+    one = metrics["sets"]["heldout"]
+    assert one["n_samples"] == 3 and set(one["finetuned"]) == set(METRICS) and set(one["base"]) == set(METRICS)
+    assert summary["heldout_cer"] == one["finetuned"]["cer"]
+    assert metrics["n_samples"] == 5  # the split itself is unchanged
+
+    from visiontune.pipeline.evaluate import load_eval_samples, load_extra_set
+
+    test = load_eval_samples(cfg.data.work_dir + "/dataset", "test", 0)
+    rows = load_extra_set("heldout", held / "annotations.jsonl", test[0], 0)
+    assert rows[0]["messages"][0]["content"][1]["text"] == test[0]["messages"][0]["content"][1]["text"]
+    assert [r["messages"][1]["content"][0]["text"] for r in rows] == refs
+    logged = mlflow.MlflowClient(cfg.tracking.uri).get_run(run_id).data.metrics
+    assert logged["eval_heldout_cer"] == pytest.approx(one["finetuned"]["cer"])
+    assert logged["eval_heldout_base_exact_match"] == pytest.approx(one["base"]["exact_match"])
+
+    with pytest.raises(FileNotFoundError, match=r"eval.extra_sets\['gone'\].*does not exist"):
+        evaluate_stage(make_cfg(eval={"extra_sets": {"gone": str(project / "nope.jsonl")}}))

@@ -30,8 +30,15 @@ def mlflow_uri_restored():
     import mlflow
 
     before = os.environ.get("MLFLOW_TRACKING_URI")
+    registry_before = os.environ.get("MLFLOW_REGISTRY_URI")
     yield
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(before)
     mlflow.set_registry_uri(before)
+    # set_registry_uri exports $MLFLOW_REGISTRY_URI and set_registry_uri(None) does not clear it (MLflow 3.17):
+    # restore the variable itself, or later tests retry a server this test stopped.
+    if registry_before is None:
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
+    else:
+        os.environ["MLFLOW_REGISTRY_URI"] = registry_before

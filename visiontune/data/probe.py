@@ -120,7 +120,8 @@ def _probe_pixels(data: bytes, max_pixels: int, row: dict[str, Any]) -> None:
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = old_limit, old_truncated
 
 
-def _probe_star(args: tuple) -> dict[str, Any]:
+def probe_job(args: tuple) -> dict[str, Any]:
+    """:func:`probe_image` of one job ``(ref, root, data, max_pixels)`` (the unit of work of the pools)."""
     return probe_image(*args)
 
 
@@ -144,4 +145,4 @@ def probe_images(jobs: list[tuple[str, str, Optional[bytes], int]], desc: str = 
     from visiontune._quiet import pool_worker_init
 
     with mp.get_context("spawn" if os.name == "nt" else "fork").Pool(workers, initializer=pool_worker_init) as pool:
-        return list(tqdm(pool.imap(_probe_star, jobs, chunksize=16), total=len(jobs), desc=desc, unit="img"))
+        return list(tqdm(pool.imap(probe_job, jobs, chunksize=16), total=len(jobs), desc=desc, unit="img"))

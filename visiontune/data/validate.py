@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from visiontune.config import PipelineConfig, ValidateConfig
+from visiontune.data.executor import DataExecutor
 from visiontune.data.io import RawRow, dump_json, dump_jsonl, holds_work_dir, read_annotations, write_if_changed
 from visiontune.data.probe import COLUMNS as PROBE_COLUMNS
-from visiontune.data.probe import probe_images
+from visiontune.data.probe import probe_images, probe_job
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,10 @@ def _answer_lengths(row: RawRow) -> tuple[Optional[int], Optional[int]]:
     return min(lengths), max(len(a) for a in row.answers)
 
 
-def validate_rows(rows: list[RawRow], root: str | Path, rules: ValidateConfig) -> dict[str, Any]:
-    """Probe every image of ``rows``, run both suites and decide per record.
+def validate_rows(rows: list[RawRow], root: str | Path, rules: ValidateConfig,
+                  executor: Optional[DataExecutor] = None) -> dict[str, Any]:
+    """Probe every image of ``rows`` (on ``executor``: this machine's cores by default), run both suites and
+    decide per record.
 
     Returns ``{"images": DataFrame, "records": DataFrame, "gx": {"images": result, "records": result},
     "reasons": {row: [(code, image ref or None), ...]}}``. Pure apart from reading the images.
@@ -166,7 +169,7 @@ def validate_rows(rows: list[RawRow], root: str | Path, rules: ValidateConfig) -
     That takes two runs of the records suite: one without ranks to find the records failing for other
     reasons, then the one that decides (its result is the one reported).
     """
-    images, probed, owners = _image_table(rows, Path(root), rules.max_pixels)
+    images, probed, owners = _image_table(rows, Path(root), rules.max_pixels, executor or DataExecutor())
     records = _record_table(rows, owners, probed)
     ctx = _gx_context()
     img_result = _run_suite(ctx, "images", _images_suite(rules), images, "image_id")
@@ -181,7 +184,7 @@ def validate_rows(rows: list[RawRow], root: str | Path, rules: ValidateConfig) -
     return {"images": images, "probed": probed, "owners": owners, "records": records, "gx": {"images": img_result, "records": rec_result}, "reasons": dict(reasons)}
 
 
-def _image_table(rows: list[RawRow], root: Path, max_pixels: int) -> tuple[Any, list[dict], list[int]]:
+def _image_table(rows: list[RawRow], root: Path, max_pixels: int, executor: DataExecutor) -> tuple[Any, list[dict], list[int]]:
     """Probe every image of ``rows``: (the table the images suite judges, the probe results, each image's row)."""
     import pandas as pd
 
@@ -190,7 +193,7 @@ def _image_table(rows: list[RawRow], root: Path, max_pixels: int) -> tuple[Any, 
         for img in r.images:
             jobs.append((img.ref, str(root), img.data, max_pixels))
             owners.append(r.row)
-    probed = probe_images(jobs)
+    probed = executor.map(probe_job, jobs, local=probe_images, groups=owners, name="validate")  # a record's images together
     images = pd.DataFrame(probed, columns=PROBE_COLUMNS)
     images.insert(0, "image_id", range(len(images)))
     images.insert(1, "row", owners)
@@ -393,7 +396,7 @@ def validate_stage(cfg: PipelineConfig) -> dict[str, Any]:
     rows = read_annotations(raw_dir, d.annotations, d.image_column, d.text_column, d.question_column, d.extra_images_column)
     max_failure_ratio = rules.max_failure_ratio
     out = Path(d.work_dir) / "validated"
-    res = validate_rows(rows, raw_dir, rules)
+    res = validate_rows(rows, raw_dir, rules, DataExecutor.of(d))
     good, bad = _sort_rows(rows, res, raw_dir, out / "embedded")
     summary = _summary(len(rows), good, bad, res, max_failure_ratio, out)
     _write_outputs(out, Path(d.work_dir) / "metrics" / "validate.json", res, good, bad, summary)

@@ -106,12 +106,13 @@ def _qwen3_vl_config(tok: Any) -> Any:
 
 
 def _qwen(model_type: str, display_name: str, *, vision_mlp: str, never: str, kernels: KernelMap,
-          tiny_config: Callable[[Any], Any], processor: str, patch: int, video_processor: str) -> ArchSpec:
+          tiny_config: Callable[[Any], Any], processor: str, patch: int, video_processor: str,
+          sizes: tuple[str, ...] = ("test", "demo")) -> ArchSpec:
     """A Qwen-VL family entry: the family's shared facts (language model, image tokens, merged patches,
     packing, tiny tokenizer) plus what differs between its generations."""
     tiny = TinySpec(_QWEN_SPECIAL, _QWEN_TEMPLATE, _QWEN_ATTRS, tiny_config,
                     _qwen_processor(processor, patch, video_processor),
-                    processor.replace("Processor", "ForConditionalGeneration"), _QWEN_EXTRA, sizes=("test", "demo"))
+                    processor.replace("Processor", "ForConditionalGeneration"), _QWEN_EXTRA, sizes=sizes)
     return ArchSpec(model_type, display_name, vision_attention=_QWEN_VISION_ATTN, vision_mlp=vision_mlp,
                     language_attention=_LANG_ATTN, language_mlp=_LANG_MLP, never=never, kernels=kernels,
                     image_tokens=_QWEN_IMAGE_TOKENS, padding_free=True, tiny=tiny,
@@ -160,6 +161,7 @@ QWEN3_VL = _qwen(
         vision_attention=("Qwen3VLVisionAttention",),
     ),
     tiny_config=_qwen3_vl_config, processor="Qwen3VLProcessor", patch=16, video_processor="Qwen3VLVideoProcessor",
+    sizes=("test", "demo", "base"),
 )
 
 # ---------------------------------------------------------------------------------------------------

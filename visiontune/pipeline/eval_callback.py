@@ -36,6 +36,7 @@ from transformers import TrainerCallback
 
 from visiontune.images import ImageRule
 from visiontune.inference import generate_answers, split_conversation
+from visiontune.pipeline import distributed
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class GenerationEvalCallback(TrainerCallback):
         self.history: list[dict[str, float]] = []
 
     def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
-        if state.global_step == 0:  # a fresh run: a best adapter left by an earlier run is not ours
+        if state.global_step == 0 and distributed.current().is_main:  # a fresh run: an earlier run's best is not ours
             shutil.rmtree(self.best_dir, ignore_errors=True)
         self.history = [h for h in state.log_history if "val_cer" in h]  # restored from a checkpoint on resume
 
@@ -118,14 +119,14 @@ class GenerationEvalCallback(TrainerCallback):
             import mlflow
 
             mlflow.log_metrics({k: v for k, v in entry.items() if k != "step"}, step=state.global_step)
-        if self.select_best and self.best() is entry:
-            model.save_pretrained(self.best_dir)
-            (self.best_dir / BEST_RECORD).write_text(json.dumps(entry))
+        if self.select_best and self.best() is entry:  # every rank evaluates; rank 0 writes (FSDP2: gathered first)
+            distributed.save_adapter(model, self.best_dir)
+            if distributed.current().is_main:
+                (self.best_dir / BEST_RECORD).write_text(json.dumps(entry))
         return entry
 
     def _restore_best(self, model: Any) -> None:
         """Load the best evaluation's adapter weights into ``model`` and record the choice in the run."""
-        from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         best, last = self.best(), self.history[-1]
@@ -133,7 +134,7 @@ class GenerationEvalCallback(TrainerCallback):
         saved = json.loads(record.read_text()) if record.exists() else {}
         selected = last
         if best is not None and best is not last and saved.get("step") == best["step"]:
-            set_peft_model_state_dict(model, load_file(str(self.best_dir / "adapter_model.safetensors")))
+            distributed.load_adapter_weights(model, load_file(str(self.best_dir / "adapter_model.safetensors")))
             selected = best
         elif best is not None and best is not last:
             log.warning("the best adapter (step %s) was not saved (found %s): keeping the last one", best["step"],

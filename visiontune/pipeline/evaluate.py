@@ -185,6 +185,37 @@ def load_eval_samples(dataset_dir: Union[str, Path], split: str, max_samples: in
     return [ds[i] for i in range(len(ds))]
 
 
+def load_extra_set(name: str, path: Union[str, Path], like: dict, max_samples: int) -> list[dict]:
+    """The rows of an ``eval.extra_sets`` annotations file as conversations asking ``like``'s question (the
+    split's first sample: the instruction the model was trained with), images as absolute paths."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval.extra_sets[{name!r}] = {str(path)!r} does not exist: point it at an annotations "
+                                "JSON-lines file of {image, text} rows, or remove the entry (the demo writes its "
+                                "held-out set with `visiontune demo-data`)")
+    user = split_conversation(like["messages"])[0]
+    instruction = next((c["text"] for m in user for c in (m["content"] if isinstance(m["content"], list) else [])
+                        if c.get("type") == "text"), "")
+    samples = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            image, text = path.parent / row["image"], str(row["text"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{n}: expected a JSON object with 'image' and 'text' ({exc})") from exc
+        samples.append({"record_id": f"{name}:{n}", "messages": [
+            {"role": "user", "content": [{"type": "image", "image": str(image.resolve())},
+                                         {"type": "text", "text": instruction}]},
+            {"role": "assistant", "content": [{"type": "text", "text": text}]}]})
+        if max_samples and len(samples) >= max_samples:
+            break
+    if not samples:
+        raise ValueError(f"eval.extra_sets[{name!r}]: {path} has no rows")
+    return samples
+
+
 def trained_adapter(run: dict[str, Any], output_dir: Union[str, Path]) -> Path:
     """The adapter folder recorded in ``run.json`` (train's, or the align stage's hand-off; else
     ``<output_dir>/adapter``), checked to hold a PEFT adapter."""
@@ -259,6 +290,9 @@ def _log_to_run(uri: str, run_id: str, metrics: dict[str, Any], files: list[Path
         logged.update({f"eval_base_{k}": v for k, v in metrics["base"].items()})
         logged.update({f"eval_delta_{k}": v for k, v in metrics["delta"].items()})
     logged["eval_n_samples"] = float(metrics["n_samples"])
+    for name, one in metrics.get("sets", {}).items():
+        logged.update({f"eval_{name}_{k}": v for k, v in one["finetuned"].items()})
+        logged.update({f"eval_{name}_base_{k}": v for k, v in one.get("base", {}).items()})
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(logged)
         mlflow.set_tags({"eval_split": metrics["split"], "eval_primary_metric": metrics["primary_metric"]})
@@ -287,12 +321,23 @@ def evaluate_stage(cfg: Any) -> dict[str, Any]:
                     run["base_model"], cfg.model.name_or_path, cfg.model.name_or_path)
     samples = load_eval_samples(Path(cfg.data.work_dir) / "dataset", e.split, e.max_samples)
     references = _references(samples, e.split)
-    preds, base_preds = _predict(cfg, adapter_dir, samples)
+    extra = {name: load_extra_set(name, path, samples[0], e.max_samples) for name, path in (e.extra_sets or {}).items()}
+    everything = samples + [s for rows in extra.values() for s in rows]  # one model load for all sets
+    all_preds, all_base = _predict(cfg, adapter_dir, everything)
+    preds, base_preds = all_preds[:len(samples)], all_base[:len(samples)] if all_base is not None else None
 
     metrics: dict[str, Any] = {"finetuned": compute_metrics(preds, references)}
     if base_preds is not None:
         metrics["base"] = compute_metrics(base_preds, references)
         metrics["delta"] = {k: metrics["finetuned"][k] - metrics["base"][k] for k in METRICS}
+    start = len(samples)
+    for name, rows in extra.items():
+        refs, end = _references(rows, name), start + len(rows)
+        one: dict[str, Any] = {"finetuned": compute_metrics(all_preds[start:end], refs), "n_samples": len(rows)}
+        if all_base is not None:
+            one["base"] = compute_metrics(all_base[start:end], refs)
+        metrics.setdefault("sets", {})[name] = one
+        start = end
     metrics.update({"primary_metric": primary, "n_samples": len(samples), "split": e.split,
                     "mlflow_run_id": run["mlflow_run_id"], "adapter_sha256": hash_tree([adapter_dir])})
     metrics_path = Path(e.metrics_file)
@@ -306,6 +351,7 @@ def evaluate_stage(cfg: Any) -> dict[str, Any]:
     _log_to_run(uri, run["mlflow_run_id"], metrics, files)
     return {
         "n_samples": len(samples), "primary_metric": primary, primary: metrics["finetuned"][primary],
+        **{f"{name}_{primary}": one["finetuned"][primary] for name, one in metrics.get("sets", {}).items()},
         f"base_{primary}": metrics["base"][primary] if "base" in metrics else None,
         "metrics_file": str(metrics_path), "predictions_file": str(files[1]),
         "grid_file": str(files[2]) if len(files) > 2 else None, "mlflow_run_id": run["mlflow_run_id"],

@@ -22,6 +22,7 @@ import logging
 import shutil
 import math
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,7 +30,7 @@ import torch
 
 from visiontune.config import PipelineConfig
 from visiontune.data.io import atomic_dir, disk_full_explained, work_dir_lock
-from visiontune.pipeline import tracking
+from visiontune.pipeline import distributed, tracking
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,14 @@ ADAPTER_DIR = "adapter"
 LOCK_FILE = ".train.lock"  # inside train.output_dir; held (flock) while a training runs there
 
 def _complete(checkpoint: Path) -> bool:
-    """Its trainer_state.json (the Trainer writes it last) is there and whole: a full disk can cut it short."""
+    """Its trainer_state.json (the Trainer writes it last) is there and whole: a full disk can cut it short. With
+    several processes each rank writes its RNG state beside it, maybe after rank 0 wrote trainer_state.json: one
+    cut short there (kill -9 at that moment) makes the checkpoint incomplete too."""
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
-    return True
+    return all(zipfile.is_zipfile(p) for p in checkpoint.glob("rng_state*.pth"))  # torch.save writes zip files
 
 
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
@@ -120,15 +123,16 @@ def _make_callbacks(counter: _CountingCollator, mlflow_active: bool) -> list:
             self.tok0 = 0
 
         def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
-            self.t0, self.tok0 = time.perf_counter(), counter.tokens
+            self.t0, self.tok0 = time.perf_counter(), distributed.sum_over_ranks(counter.tokens)
 
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
             if logs is None:
                 return
             now = time.perf_counter()
-            if "loss" in logs:
-                logs["tokens_per_s"] = round((counter.tokens - self.tok0) / max(now - self.t0, 1e-9), 1)
-                self.t0, self.tok0 = now, counter.tokens
+            if "loss" in logs:  # every rank logs at the same steps: the sum over ranks is a collective
+                tokens = distributed.sum_over_ranks(counter.tokens)
+                logs["tokens_per_s"] = round((tokens - self.tok0) / max(now - self.t0, 1e-9), 1)
+                self.t0, self.tok0 = now, tokens
                 if torch.cuda.is_available():
                     logs["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             if mlflow_active:
@@ -182,6 +186,7 @@ def _sft_config(cfg: PipelineConfig, output_dir: Path) -> Any:
         include_num_input_tokens_seen="all" if cfg.collator.padding_free else "non_padding",
         dataloader_num_workers=0,
         activation_checkpointing=False,  # FastVisionModel already set checkpointing up as configured
+        **distributed.trainer_args(cfg),  # DDP / FSDP2 when this process is one rank of several
     )
 
 
@@ -191,7 +196,9 @@ def build_model(cfg: PipelineConfig) -> tuple[Any, Any]:
     from visiontune.testing import ensure_tiny_model
 
     m, lo = cfg.model, cfg.lora
-    ensure_tiny_model(m.name_or_path, m.tiny_architecture, seed=m.tiny_seed, size=m.tiny_size)
+    if distributed.current().is_main:  # one builder; the other ranks wait for it
+        ensure_tiny_model(m.name_or_path, m.tiny_architecture, seed=m.tiny_seed, size=m.tiny_size)
+    distributed.from_main()
     model, processor = FastVisionModel.from_pretrained(
         m.name_or_path, max_seq_length=m.max_seq_length, dtype=m.dtype, load_in_4bit=m.load_in_4bit,
         use_gradient_checkpointing=m.use_gradient_checkpointing, use_fused_kernels=m.use_fused_kernels,
@@ -250,6 +257,9 @@ def train(cfg: PipelineConfig, train_data: Any, output_dir: Path, mlflow_active:
     Resumes from the newest complete checkpoint in ``output_dir``. Returns the trainer's log history
     and where the adapter was saved; ``tokens_seen`` and ``train_runtime_s`` include the part before the
     checkpoint resumed from.
+
+    In a multi-process run every rank calls this (:mod:`visiontune.pipeline.distributed`): rank 0 picks the
+    checkpoint and writes the files; ``mlflow_active`` belongs to rank 0 alone. ``tokens_seen`` counts all ranks.
     """
     from trl import SFTTrainer
 
@@ -257,29 +267,40 @@ def train(cfg: PipelineConfig, train_data: Any, output_dir: Path, mlflow_active:
     from visiontune.pipeline.eval_callback import eval_callbacks
     from visiontune.trainer import as_train_dataset
 
+    main = distributed.current().is_main
     model, processor = build_model(cfg)
     collator = build_collator(cfg, model, processor)
-    train_data, budget = preflight(collator, train_data, output_dir, mlflow_active)  # before any step
+    # Every rank measures (the same samples are kept everywhere); rank 0 reports.
+    train_data, budget = preflight(collator, train_data, output_dir, mlflow_active, report=main)  # before any step
     data = as_train_dataset(train_data)
     rows = getattr(data, "_vt_rows", None)
     base_collate = collator if rows is None else (lambda exs: collator([rows[e["_vt_index"]] for e in exs]))
     counter = _CountingCollator(base_collate)
-    resume = latest_checkpoint(output_dir)
+    resume = distributed.from_main(latest_checkpoint(output_dir) if main else None)  # one choice for all ranks
     before = checkpoint_counters(resume)
     trainer = SFTTrainer(model=model, args=_sft_config(cfg, output_dir), data_collator=counter,
                          train_dataset=data, processing_class=processor,
                          callbacks=_make_callbacks(counter, mlflow_active) + [_run_clock(before["train_runtime_s"])]
                          + eval_callbacks(cfg, processor, output_dir, mlflow_active))
     trainer.remove_callback(__import__("transformers").trainer_callback.PrinterCallback)
-    if resume:
+    distributed.check_sharding(trainer, cfg)
+    # The loss of a step is the mean over the supervised tokens of the whole global batch (the Trainer counts
+    # them over accumulation steps and ranks: num_items_in_batch), not a mean of per-micro-batch or per-rank
+    # means: N processes then train exactly as one with the same global batch. transformers marks VLMs as
+    # not taking loss kwargs; TRL's SFT loss (its fused lm_head) does the normalization itself.
+    trainer.model_accepts_loss_kwargs = True
+    if resume and main:
         log.warning("resuming from %s", resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     adapter_dir = output_dir / ADAPTER_DIR
-    with atomic_dir(adapter_dir) as staging:  # a full disk leaves the previous adapter whole
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
+    gathered = distributed.gather_adapter(trainer.model)  # FSDP2: the LoRA shards, gathered (every rank joins)
+    if main:
+        with atomic_dir(adapter_dir) as staging:  # a full disk leaves the previous adapter whole
+            distributed.write_adapter(model, staging, gathered, processor)
     history = trainer.state.log_history
-    (output_dir / "log_history.json").write_text(json.dumps(history, indent=2))
+    if main:
+        (output_dir / "log_history.json").write_text(json.dumps(history, indent=2))
+    tokens = distributed.sum_over_ranks(counter.tokens)
     losses = [h["loss"] for h in history if "loss" in h]
     return {
         "adapter_dir": str(adapter_dir), "global_step": trainer.state.global_step, "history": history,
@@ -289,19 +310,20 @@ def train(cfg: PipelineConfig, train_data: Any, output_dir: Path, mlflow_active:
         # Cumulative over resumes. After the checkpoint, tokens are counted as the collator builds batches (one
         # batch ahead of training), so a resumed run reports what an uninterrupted one does.
         "train_runtime_s": before["train_runtime_s"] + result.metrics.get("train_runtime", 0.0),
-        "tokens_seen": before["tokens_seen"] + counter.tokens,
+        "tokens_seen": before["tokens_seen"] + tokens,
     }
 
 
-def _resumable_run(output_dir: Path, old: dict[str, Any], fingerprint: str) -> Optional[str]:
+def _resumable_run(output_dir: Path, old: dict[str, Any], fingerprint: str, processes: int = 1) -> Optional[str]:
     """The MLflow run id to continue, if ``old`` (the run.json in ``output_dir``) is an unfinished run with the
-    same fingerprint and a checkpoint to resume from.
+    same fingerprint, on the same number of ``processes``, and a checkpoint to resume from.
 
     Checkpoints of a finished or a differently configured run are stale (its adapter is already in
     MLflow) and are cleared. Only call this holding the folder's lock (:func:`output_dir_lock`).
     """
     previous = None
-    if latest_checkpoint(output_dir) and old.get("status") == "running" and old.get("fingerprint") == fingerprint:
+    if (latest_checkpoint(output_dir) and old.get("status") == "running" and old.get("fingerprint") == fingerprint
+            and old.get("processes", 1) == processes):  # another world size: another global batch
         previous = old.get("mlflow_run_id")
     if previous is None:
         for stale in output_dir.glob("checkpoint-*"):
@@ -363,13 +385,34 @@ def check_base_model(name: str) -> None:
 def train_stage(cfg: PipelineConfig) -> dict[str, Any]:
     """CLI / DVC / Prefect entry: train on the train split, tracked in MLflow, resumable.
 
-    One training at a time per ``train.output_dir`` (:func:`output_dir_lock`).
+    One training at a time per ``train.output_dir`` (:func:`output_dir_lock`). With ``train.num_processes`` > 1
+    it starts that many processes through torchrun and returns rank 0's record; under a launcher it is one
+    rank of the launcher's run (:mod:`visiontune.pipeline.distributed`).
     """
+    how = distributed.plan(cfg)
+    if how == "launch":
+        return distributed.launch(cfg)
     check_base_model(cfg.model.name_or_path)
     output_dir = Path(cfg.train.output_dir)
+    if how == "rank":
+        distributed.die_with_parent()
+        if not distributed.init().is_main:
+            return _follow(cfg, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with work_dir_lock(cfg.data.work_dir), output_dir_lock(output_dir):  # its data must not change under it either
         return _train_locked(cfg, output_dir)
+
+
+def _follow(cfg: PipelineConfig, output_dir: Path) -> dict[str, Any]:
+    """A rank other than 0: wait for rank 0's go-ahead (it holds the locks, has cleared stale checkpoints and
+    opened the MLflow run), then train beside it. Rank 0 writes every file and logs; if it fails before the
+    go-ahead, the launcher stops this rank."""
+    from visiontune.data.convert import load_split
+
+    run_id = distributed.from_main()
+    train_data = load_split(Path(cfg.data.work_dir) / "dataset", "train")
+    result = train(cfg, train_data, output_dir, mlflow_active=False)
+    return {"rank": distributed.current().rank, "mlflow_run_id": run_id, "global_step": result["global_step"]}
 
 
 def _train_locked(cfg: PipelineConfig, output_dir: Path) -> dict[str, Any]:
@@ -385,8 +428,9 @@ def _train_locked(cfg: PipelineConfig, output_dir: Path) -> dict[str, Any]:
     # Resume only an unfinished run of the same code, settings and data (the stage's registry fingerprint,
     # the same value that keys the Prefect cache).
     fingerprint = stages.fingerprint("train", cfg)
+    processes = distributed.current().world_size
     old = tracking.read_run_file(output_dir) if (output_dir / tracking.RUN_FILE).exists() else {}
-    previous = _resumable_run(output_dir, old, fingerprint)
+    previous = _resumable_run(output_dir, old, fingerprint, processes)
     # We hold the lock, so no process trains here: a run left 'running' that is not resumed died (kill -9,
     # power loss) and would stay RUNNING in MLflow forever.
     killed = tracking.mark_killed(old) if previous is None and old.get("status") == "running" else None
@@ -395,16 +439,18 @@ def _train_locked(cfg: PipelineConfig, output_dir: Path) -> dict[str, Any]:
         record = {"mlflow_run_id": run.info.run_id, "tracking_uri": mlflow.get_tracking_uri(),
                   "experiment_id": run.info.experiment_id, "base_model": cfg.model.name_or_path,
                   "adapter_dir": str(output_dir / ADAPTER_DIR), "status": "running", "fingerprint": fingerprint,
-                  "instruction": read_dataset_meta(dataset_dir).get("instruction"), "killed_run_id": killed}
+                  "instruction": read_dataset_meta(dataset_dir).get("instruction"), "killed_run_id": killed,
+                  "processes": processes}
         tracking.write_run_file(output_dir, record)
         if previous is None:
             mlflow.log_params({k: str(v)[:500] for k, v in cfg.flat().items()})
             mlflow.set_tags({"dvc_data_md5": tracking.dvc_data_hash(), "git_commit": tracking.git_commit(),
                              "base_model": cfg.model.name_or_path, "visiontune.stage": "train",
-                             "train_samples": str(len(train_data))})
+                             "train_samples": str(len(train_data)), "processes": str(processes)})
         with tracking.buffered_metrics(run.info.run_id, mlflow.get_tracking_uri()), disk_full_explained(output_dir, (
                 "Complete checkpoints and the previous adapter are untouched (a partial checkpoint is skipped): free "
                 "some space and run the stage again; it resumes from the newest complete checkpoint")):
+            distributed.from_main(run.info.run_id)  # the other ranks' go-ahead (a no-op in one process)
             result = train(cfg, train_data, output_dir)
         _log_outputs(cfg, output_dir, result.pop("history"), result["adapter_dir"])
         record.update({k: v for k, v in result.items() if k != "adapter_dir"})

@@ -1,0 +1,93 @@
+"""The normalize stage's PNG writer: the pixels and info of Pillow's own writer, and the no-decode shortcut."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageCms, PngImagePlugin
+
+from datafixtures import gradient
+from visiontune.data.pngwrite import png_bytes, rewrap_png
+
+ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def _noisy(w: int, h: int) -> Image.Image:
+    rng = np.random.default_rng(w * h)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+def _pillow(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def _decoded(data: bytes) -> tuple:
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return im.mode, im.size, np.asarray(im).tobytes(), im.info.get("icc_profile"), im.info.get("transparency")
+
+
+@pytest.mark.parametrize("im", [gradient(300, 200), _noisy(97, 1), _noisy(1, 53), _noisy(301, 257)],
+                         ids=["gradient", "one-row", "one-column", "noise"])
+@pytest.mark.parametrize("info", [{}, {"icc_profile": ICC}, {"transparency": (1, 2, 3)}], ids=["plain", "icc", "trns"])
+def test_png_bytes_decodes_to_what_pillows_writer_gives(im, info):
+    im = im.copy()
+    im.info.update(info)
+    ours = png_bytes(im)
+    assert _decoded(ours) == _decoded(_pillow(im))  # pixels, mode, ICC profile, colour key
+    assert _decoded(ours)[3:] == (info.get("icc_profile"), info.get("transparency"))
+
+
+def test_png_bytes_takes_rgb_only():
+    with pytest.raises(ValueError, match="got mode 'L'"):
+        png_bytes(gradient(10, 10).convert("L"))
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def test_rewrap_copies_the_pixel_data_of_an_8bit_rgb_png():
+    im = _noisy(120, 80)
+    src = _pillow(im, icc_profile=ICC, dpi=(300, 300))
+    with Image.open(io.BytesIO(src)) as opened:
+        out = rewrap_png(src, opened.info)
+    assert out is not None and _decoded(out) == _decoded(png_bytes(Image.open(io.BytesIO(src)).convert("RGB")))
+    assert b"pHYs" not in out and b"iCCP" in out  # dpi dropped as Pillow's writer drops it; the profile kept
+
+
+def _exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def _with_text() -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "may hold an orientation")
+    return _pillow(_noisy(40, 30), pnginfo=info)
+
+
+def _rgb16() -> bytes:
+    rows = b"".join(b"\0" + bytes(40 * 6) for _ in range(30))  # 16 bits per channel: Pillow reads it as "RGB"
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 40, 30, 16, 2, 0, 0, 0))
+            + _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _pillow(_noisy(40, 30), exif=_exif(1)),  # eXIf: may hold an orientation
+    _with_text,
+    _rgb16,
+    lambda: _pillow(_noisy(40, 30).convert("L")),
+    lambda: _pillow(_noisy(40, 30).convert("P")),
+], ids=["exif", "text", "16-bit", "grey", "palette"])
+def test_rewrap_refuses_what_needs_decoding(make):
+    data = make()
+    with Image.open(io.BytesIO(data)) as im:
+        assert rewrap_png(data, im.info) is None
