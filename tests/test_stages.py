@@ -29,7 +29,7 @@ from visiontune.stages import RecordingConfig
 REPO = Path(__file__).resolve().parents[1]
 
 # Which sections belong to which stage; everything else a stage reads must be shared or an upstream output.
-OWN_SECTIONS = {"demo-data": {"demo"}, "tiny-model": set(), "validate": {"validate"}, "normalize": {"normalize"},
+OWN_SECTIONS = {"demo-data": {"demo"}, "tiny-model": set(), "pretrain": {"pretrain"}, "validate": {"validate"}, "normalize": {"normalize"},
                 "convert": {"convert"}, "train": {"train", "lora", "collator"}, "align": {"align"},
                 "evaluate": {"eval"}, "register": {"register"}, "export": {"export"}, "report": {"report"}}
 SHARED_SECTIONS = {"data", "model", "images", "tracking"}
@@ -142,6 +142,13 @@ def _run_tiny_model(tmp_path: Path) -> set[str]:
                                                      "tiny_architecture": "qwen2_vl", "tiny_size": "test"}}))
 
 
+def _run_pretrain(tmp_path: Path) -> set[str]:  # a 2-step test-size run: builds, evaluates, records, logs
+    return _reads("pretrain", from_dict({
+        "pretrain": {"output_dir": str(tmp_path / "base"), "size": "test", "steps": 2, "batch_size": 2,
+                     "eval_every": 2, "eval_samples": 2, "num_workers": 1, "device": "cpu"},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}}))
+
+
 def _run_export(tmp_path: Path) -> set[str]:  # formats [] (off): reads every setting, loads no model
     return _reads("export", from_dict({"export": {"output_dir": str(tmp_path / "export")}}))
 
@@ -149,7 +156,7 @@ def _run_export(tmp_path: Path) -> set[str]:  # formats [] (off): reads every se
 # The model stages (train, evaluate, register; export with formats) are checked in tests/pipeline with their fixtures.
 STAGE_RUNNERS: dict[str, Callable[[Path], set[str]]] = {
     "validate": _run_validate, "normalize": _run_normalize, "convert": _run_convert,
-    "demo-data": _run_demo_data, "tiny-model": _run_tiny_model, "export": _run_export,
+    "demo-data": _run_demo_data, "tiny-model": _run_tiny_model, "export": _run_export, "pretrain": _run_pretrain,
 }
 
 

@@ -218,9 +218,10 @@ class TrainConfig:
         "to it). Only rank 0 logs to MLflow and writes the adapter and checkpoints' shared files.", ge=1)
     distributed: str = _f(
         "ddp", "How several processes hold the model: 'ddp' (each a whole copy; LoRA gradients all-reduced) or "
-        "'fsdp2' (torch FSDP2 fully_shard through accelerate: frozen base and LoRA weights sharded across processes "
-        "per decoder layer / vision block, gathered unit by unit; for a base that does not fit one GPU). Ignored "
-        "with one process.", choices=("ddp", "fsdp2"))
+        "'fsdp2' (torch FSDP2 fully_shard through accelerate, CUDA GPUs only: frozen base and LoRA weights sharded "
+        "across processes per decoder layer / vision block and gathered unit by unit, so each GPU keeps 1/N of the "
+        "weights while training; each process still loads the whole base first). Ignored with one process.",
+        choices=("ddp", "fsdp2"))
 
 
 @dataclass

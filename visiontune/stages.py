@@ -107,7 +107,8 @@ STAGES: tuple[Stage, ...] = (
         "pretrain", "pretrain the demo's base VLM on printed text it renders (shipped weights: frozen in DVC)",
         "visiontune.pipeline.pretrain:pretrain_stage",
         _keys("pretrain", "output_dir", "architecture", "size", "seed", "steps", "batch_size", "learning_rate",
-              "warmup_steps", "weight_decay", "eval_every", "eval_samples", "instruction", "num_workers", "device")
+              "warmup_steps", "weight_decay", "eval_every", "eval_samples", "instruction", "num_workers", "device",
+              "init_from", "start_step")
         + _IMAGES + _keys("tracking", "uri", "experiment"),
         outs=(Out("${pretrain.output_dir}", cache=False),), in_pipeline=False, frozen=True),
     Stage(

@@ -54,8 +54,18 @@ def test_dask_outputs_are_byte_identical_to_local_quarantine_included(bad_raw, p
     local = _outputs(work)
     shutil.rmtree(work)
 
-    # validate on the temporary LocalCluster the stage starts; normalize on a running one, by its address
-    v = validate_stage(make_cfg(raw, work, max_failure_ratio=0.9, executor="dask", dask_workers=2, dask_chunk=4))
+    # validate as the retrain flow runs it (its Prefect task, inside a flow: the Dask flow nests in that task),
+    # on the temporary LocalCluster the stage starts; normalize on a running cluster, by its address
+    from prefect import flow
+
+    from visiontune.tasks.stages import TASKS
+
+    @flow(name="validate-on-dask")
+    def validate_in_a_flow() -> dict:
+        return TASKS["validate"](make_cfg(raw, work, max_failure_ratio=0.9, executor="dask", dask_workers=2,
+                                          dask_chunk=4))
+
+    v = validate_in_a_flow()
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:

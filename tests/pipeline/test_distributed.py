@@ -37,8 +37,6 @@ import yaml
 from visiontune.config import from_dict
 from visiontune.pipeline import train as train_mod
 
-pytestmark = pytest.mark.slow
-
 CPU_RANKS = Path(__file__).parent / "cpu_ranks"
 GLOBAL_BATCH, STEPS = 4, 6  # 12 training rows: two epochs, an epoch boundary for the samplers
 
@@ -133,6 +131,7 @@ def _assert_same_training(out: Path, reference: dict) -> None:
         assert error < 1e-5, f"{name}: relative difference {error:.2e} from the one-process run"
 
 
+@pytest.mark.slow
 def test_ddp_on_two_processes_trains_as_one(tmp_path, demo_dataset, tiny_model_dir, reference, cpu_ranks, monkeypatch):
     import mlflow
 
@@ -168,6 +167,7 @@ def _ranks_in(root: Path) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_fsdp2_killed_with_kill_minus_9_resumes_to_the_one_process_result(tmp_path, demo_dataset, tiny_model_dir,
                                                                           reference, cpu_ranks):
     """FSDP2 on 2 processes through `visiontune train`, killed (kill -9 of its process group) after its first
@@ -206,3 +206,40 @@ def test_fsdp2_killed_with_kill_minus_9_resumes_to_the_one_process_result(tmp_pa
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert len(client.search_runs([record["experiment_id"]])) == 1  # the resumed run continued the killed one
+
+
+# ------------------------------------------------------------------------------------ launch decisions, errors
+def test_the_stage_launches_runs_as_a_rank_or_alone(monkeypatch):
+    from visiontune.pipeline import distributed
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = lambda **train: from_dict({"train": train})  # noqa: E731
+    assert distributed.plan(cfg()) == "single" and distributed.plan(cfg(num_processes=4)) == "launch"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.plan(cfg()) == "rank" and distributed.plan(cfg(num_processes=2, distributed="fsdp2")) == "rank"
+    assert distributed.current() == distributed.Ranks(rank=1, world_size=2, local_rank=0)
+    with pytest.raises(ValueError, match="WORLD_SIZE=2.*train.num_processes to 2"):
+        distributed.plan(cfg(num_processes=4))
+    with pytest.raises(Exception, match="distributed"):
+        cfg(distributed="zero3")  # the config refuses what plan() could not run
+
+
+def test_the_first_failing_rank_is_reported_with_its_error_type(tmp_path):
+    from visiontune.pipeline import distributed
+
+    def report(rank: int, kind: str, type_: str, message: str) -> None:
+        (tmp_path / f"error-rank{rank}.json").write_text(json.dumps(
+            {"rank": rank, "world_size": 2, "type": type_, "kind": kind, "message": message, "traceback_tail": "x"}))
+        time.sleep(0.02)  # reports are ordered by their time
+
+    report(0, "OSError", "OutputDirBusyError", "out is in use by another training run")
+    report(1, "other", "DistBackendError", "Connection closed by peer")
+    error = distributed._rank_error(tmp_path, 1)
+    assert isinstance(error, train_mod.OutputDirBusyError) and str(error).startswith("rank 0 of 2: out is in use")
+    for p in tmp_path.iterdir():
+        p.unlink()
+    report(1, "ValueError", "ValueError", "train.distributed=fsdp2: accelerate turned its FSDP plugin down")
+    assert type(distributed._rank_error(tmp_path, 1)) is ValueError
+    assert "before any rank reported" in str(distributed._rank_error(tmp_path / "none", 1))

@@ -59,7 +59,7 @@ def test_pretrain_writes_a_verified_base_and_an_interrupted_run_continues(tmp_pa
     # An interrupted run (its .partial folder) continues from its step with the same page stream.
     p2 = _cfg(tmp_path, output_dir=str(tmp_path / "cont"), steps=6, init_from=str(out), start_step=4)
     rec2 = pretrain(p2, RULE, progress=False)
-    assert [(h["from_step"], h["to_step"]) for h in rec2["history"]] == [(4, 6)]
+    assert [(h["from_step"], h["to_step"]) for h in rec2["history"]] == [(0, 4), (4, 6)]
     assert [e["step"] for e in rec2["evals"]] == [2, 4, 6] and rec2["loss"][-1][0] == 5
 
     with pytest.raises(FileNotFoundError, match="holds no model.safetensors"):

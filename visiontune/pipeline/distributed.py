@@ -3,8 +3,8 @@
 Two ways in, one training path:
 
 * ``train.num_processes: N`` (N > 1) and a plain ``visiontune train`` (or the flow's train stage): the stage
-  launches N processes itself, ``python -m torch.distributed.run --standalone --nproc-per-node N`` over this
-  module's :func:`main`, waits for them and returns rank 0's result (:func:`launch`).
+  launches N processes itself through torchrun (``--standalone --nproc-per-node N``, this machine), waits for
+  them and returns rank 0's result (:func:`launch`).
 * Started under a launcher already (``torchrun ... -m visiontune.cli train``, ``accelerate launch``: ``RANK``
   and ``WORLD_SIZE`` set): every process is one rank of that run (:func:`plan` returns ``"rank"``).
 
@@ -124,8 +124,9 @@ def _rank_error(run_dir: Path, returncode: int) -> Exception:
     message = f"rank {first['rank']} of {first['world_size']}: {first['message']}"
     if first["type"] == "OutputDirBusyError":
         return OutputDirBusyError(message)
-    kind = {"OSError": OSError, "ValueError": ValueError}.get(first["kind"], RuntimeError)
-    return kind(f"{message} ({first['type']}; traceback: {first['traceback_tail']})")
+    if first["kind"] in ("OSError", "ValueError"):  # says what to change; the rank's output above has the rest
+        return {"OSError": OSError, "ValueError": ValueError}[first["kind"]](message)
+    return RuntimeError(f"{message} ({first['type']}; ends in: {first['traceback_tail']})")
 
 
 def _check_gpus(processes: int) -> None:
@@ -136,8 +137,8 @@ def _check_gpus(processes: int) -> None:
         raise ValueError(
             f"{processes} training processes (train.num_processes, or the launcher's) but this machine has "
             f"{torch.cuda.device_count()} CUDA GPU(s): "
-            "multi-process training runs one process per GPU. Lower train.num_processes (or hide no GPUs with "
-            "CUDA_VISIBLE_DEVICES)")
+            "multi-process training runs one process per GPU. Lower train.num_processes, or make more GPUs "
+            "visible (CUDA_VISIBLE_DEVICES)")
 
 
 def launch(cfg: Any) -> dict[str, Any]:
@@ -258,8 +259,8 @@ def trainer_args(cfg: Any) -> dict[str, Any]:
     DDP looks for unused parameters: a text-only batch leaves the vision tower's LoRA weights without a
     gradient. FSDP2 goes through accelerate's FSDP plugin, version 2: ``fully_shard`` on each class in the
     model's ``_no_split_modules`` (decoder layers, vision blocks), the embedding, the final norm + lm_head,
-    then the root; parameters resharded after each unit's forward; checkpoints hold the full state dict
-    (written by rank 0), so a run resumes on any number of processes' shards of it.
+    then the root; parameters resharded after each unit's forward; checkpoints hold the full state dict and
+    optimizer state, written by rank 0. Both count the loss's tokens over all ranks (``num_items_in_batch``).
     """
     mode = cfg.train.distributed
     if not current().distributed:
@@ -279,6 +280,19 @@ def check_sharding(trainer: Any, cfg: Any) -> None:
             "train.distributed=fsdp2: accelerate turned its FSDP plugin down for this process group (it shards on "
             "CUDA GPUs only; these processes run on the CPU), so the model would not be sharded. Use "
             "train.distributed=ddp here, or run on GPUs")
+
+
+def fsdp_mixed_precision(args: Any) -> Any:
+    """With bf16/fp16 training under FSDP2, compute in that precision but reduce-scatter the LoRA gradients in
+    fp32 (accelerate's default reduces them in bf16; DDP reduces them in the fp32 of the LoRA weights). Returns
+    ``args`` (a TrainingArguments whose FSDP plugin settings are set up)."""
+    plugin = getattr(args, "fsdp_plugin_args", None)
+    if plugin and (args.bf16 or args.fp16) and plugin.get("mixed_precision_policy") is None:
+        import torch
+
+        plugin["mixed_precision_policy"] = {"param_dtype": torch.bfloat16 if args.bf16 else torch.float16,
+                                            "reduce_dtype": torch.float32}
+    return args
 
 
 # ------------------------------------------------------------------------------------ the adapter
@@ -350,5 +364,5 @@ def load_adapter_weights(model: Any, weights: dict[str, Any]) -> None:
                 param.copy_(full)
 
 
-if __name__ == "__main__":  # pragma: no cover - started by torchrun
+if __name__ == "__main__":  # pragma: no cover - started by launch()
     sys.exit(main())

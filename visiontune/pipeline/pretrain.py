@@ -192,7 +192,8 @@ def pretrain(p: Any, rule: Any, progress: bool = True) -> dict[str, Any]:
     collator = VisionDataCollator(model, processor, resize=rule.resize, resize_dimension=rule.resize_dimension,
                                   snap_to_patch_size=rule.snap_to_patch_size, train_on_responses_only=True)
     workers = p.num_workers or min(16, os.cpu_count() or 1)
-    start = p.start_step if p.init_from else 0
+    start_step = p.start_step
+    start = start_step if p.init_from else 0
     loader = torch.utils.data.DataLoader(_pages_dataset(collator, p.seed, p.batch_size, p.steps, p.instruction, start),
                                          batch_size=None, num_workers=workers, prefetch_factor=4,
                                          persistent_workers=False, multiprocessing_context="fork")

@@ -155,7 +155,7 @@ def _sft_config(cfg: PipelineConfig, output_dir: Path) -> Any:
 
     t = cfg.train
     on_gpu = torch.cuda.is_available()
-    return SFTConfig(
+    args = SFTConfig(
         output_dir=str(output_dir),
         learning_rate=t.learning_rate,
         warmup_steps=t.warmup_steps,
@@ -188,6 +188,7 @@ def _sft_config(cfg: PipelineConfig, output_dir: Path) -> Any:
         activation_checkpointing=False,  # FastVisionModel already set checkpointing up as configured
         **distributed.trainer_args(cfg),  # DDP / FSDP2 when this process is one rank of several
     )
+    return distributed.fsdp_mixed_precision(args)
 
 
 def build_model(cfg: PipelineConfig) -> tuple[Any, Any]:
