@@ -14,7 +14,8 @@ Before/after in one run: ``--compare-with DIR`` times a second checkout of visio
 commit, ``git worktree add /tmp/old HEAD``) on the same raw folder; each side
 runs in a fresh process (one after the other) whose ``import visiontune`` resolves to its own checkout. ``--executor dask``
 times the stages on a Dask cluster instead (``data.executor: dask``, a temporary LocalCluster of
-``--dask-workers`` processes; the time includes starting it). ``--raw DIR`` keeps the generated images in
+``--dask-workers`` processes; the time includes starting it, not starting the temporary Prefect server, which
+runs before the timing as it would inside `visiontune run`). ``--raw DIR`` keeps the generated images in
 DIR (generated only if DIR has none), so several runs can share them.
 
     python benchmarks/bench_data.py                                   # 5,000 images, PNG, this checkout
@@ -107,6 +108,13 @@ def time_stages(raw: str, work: str, formats: list[str], executor: str, dask_wor
         return from_dict({"data": data, "normalize": {"image_format": fmt}})
 
     out: dict = {"code": str(Path(visiontune.__file__).resolve().parents[1]), "executor": executor}
+    if executor == "dask":  # the Prefect API up first, as inside `visiontune run` or with a server: not timed
+        from visiontune.data.executor import _api_for_workers
+
+        t0 = time.perf_counter()
+        api = _api_for_workers()
+        api.__enter__()
+        out["prefect_api_start_s"] = round(time.perf_counter() - t0, 1)
     t0, c0 = time.perf_counter(), _cpu()
     v = validate_stage(cfg(Path(work) / "v"))
     out["validate_s"] = round(time.perf_counter() - t0, 2)

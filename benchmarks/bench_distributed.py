@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -90,8 +90,8 @@ def _time_steps(model: torch.nn.Module, batch: dict, device: torch.device, steps
     return {"sec_per_step": statistics.median(times), "step_min": min(times), "step_max": max(times), "loss": loss}
 
 
-def _measure(name: str, model: torch.nn.Module, batch: dict, tokens: int, device: torch.device, args: Any,
-             log: Callable[[str], None]) -> dict[str, Any]:
+def _measure(model: torch.nn.Module, batch: dict, tokens: int, device: torch.device, args: Any) -> dict[str, Any]:
+    """:func:`_time_steps` from a clean allocator, with tokens/s and the peak memory (or ``oom``)."""
     _reset(device)
     try:
         res = _time_steps(model, batch, device, args.steps, args.warmup)
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_single:
         if rank == 0:
-            results["single"] = _measure("single", model, batch, tokens, device, args, log)
+            results["single"] = _measure(model, batch, tokens, device, args)
             log(f"single (rank 0 alone): {results['single']}")
         barrier()
     for mode in modes:
@@ -217,12 +217,12 @@ def main(argv: list[str] | None = None) -> int:
             from torch.nn.parallel import DistributedDataParallel
 
             wrapped = DistributedDataParallel(model, device_ids=[local] if use_cuda else None)
-            res = _measure(mode, wrapped, batch, tokens, device, args, log)
+            res = _measure(wrapped, batch, tokens, device, args)
             del wrapped
         else:
             _reset(device)
             _shard(model)
-            res = _measure(mode, model, batch, tokens, device, args, log)
+            res = _measure(model, batch, tokens, device, args)
         per_rank = [None] * world
         dist.all_gather_object(per_rank, res)
         row: dict[str, Any] = {"per_rank": per_rank}
@@ -263,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         log(table)
     if world > 1:
         dist.destroy_process_group()
+    if args.tiny:
+        import shutil
+
+        shutil.rmtree(tiny_dir, ignore_errors=True)  # the mkdtemp folder itself
     return 0
 
 

@@ -104,6 +104,8 @@ def _api_for_workers() -> contextlib.AbstractContextManager:
 
     if PREFECT_API_URL.value():
         return contextlib.nullcontext()
+    # As the retrain flow does: the temporary server's usage heartbeat only logs errors offline.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:

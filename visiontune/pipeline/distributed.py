@@ -156,7 +156,9 @@ def launch(cfg: Any) -> dict[str, Any]:
         # with it (no preexec_fn: the flow starts stages from threads).
         cmd = [sys.executable, "-m", ENTRY, "agent", "--standalone", f"--nproc-per-node={cfg.train.num_processes}",
                "-m", ENTRY, "rank", str(run_dir)]
-        proc = subprocess.run(cmd)
+        # torchrun gives each rank one OpenMP thread unless told otherwise, with a banner saying so: the same, quietly
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        proc = subprocess.run(cmd, env=env)
         result = run_dir / RESULT_FILE
         if proc.returncode == 0 and result.exists():
             return json.loads(result.read_text())
