@@ -191,6 +191,9 @@ def test_full_pipeline_repro_noop_and_both_front_doors_agree_on_code_edits(tmp_p
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
     for folder in ("visiontune", "kernels"):
         shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    # The frozen pretrain stage's output is committed (a fresh clone has it): dvc repro skips the stage, but
+    # refuses to start if its output is missing.
+    shutil.copytree(REPO / "models" / "visiontune-read-base", repo / "models" / "visiontune-read-base")
     cfg = PipelineConfig()
     cfg.train.max_steps, cfg.train.save_steps, cfg.train.logging_steps = 2, 2, 1
     cfg.eval.max_samples, cfg.eval.max_new_tokens, cfg.eval.grid_samples = 3, 3, 2

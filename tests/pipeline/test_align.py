@@ -70,7 +70,10 @@ def test_grpo_aligns_the_adapter_that_evaluate_and_register_take(make_cfg, start
     assert summary["mlflow_run_id"] == run_id
     metrics = json.loads(Path(cfg.eval.metrics_file).read_text())
     assert metrics["adapter_sha256"] == hash_tree([aligned])  # the aligned adapter was scored
-    assert register_stage(cfg)["run_id"] == run_id  # its scores match the hand-off: registered
+    assert metrics["sft_adapter_sha256"] == hash_tree([assets["adapter"]])  # ... and the SFT one it started from
+    record = register_stage(cfg)
+    assert record["run_id"] == run_id  # its scores match the hand-off: registered
+    assert record["aligned_vs_sft"]["sft"] == metrics["sft"]["cer"]  # the gate records aligned vs SFT
 
 
 def test_dpo_builds_pairs_from_sft_samples(make_cfg, start_training_run, assets):

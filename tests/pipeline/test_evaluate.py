@@ -130,3 +130,70 @@ def test_extra_sets_are_scored_base_vs_finetuned_with_the_splits_instruction(mak
 
     with pytest.raises(FileNotFoundError, match=r"eval.extra_sets\['gone'\].*does not exist"):
         evaluate_stage(make_cfg(eval={"extra_sets": {"gone": str(project / "nope.jsonl")}}))
+
+
+def test_aligned_model_is_scored_against_its_sft_model_and_the_gate_records_it(make_cfg, start_training_run, assets,
+                                                                                project):
+    """An aligned hand-off (align_method != none): evaluate scores base, aligned and SFT adapters on the same
+    samples in one model load; register records aligned-vs-SFT beside the champion comparison."""
+    import shutil
+    from pathlib import Path
+
+    import mlflow
+    from safetensors.torch import load_file, save_file
+
+    from visiontune import stages
+    from visiontune.data.io import hash_tree
+    from visiontune.pipeline.register import register_stage
+    from visiontune.pipeline.tracking import read_run_file, write_run_file
+    from visiontune.stages import RecordingConfig
+
+    # A second, different adapter stands in for the aligned one (GRPO/DPO themselves: tests/pipeline/test_align.py).
+    aligned = project / "aligned-adapter"
+    shutil.copytree(assets["adapter"], aligned)
+    weights = load_file(aligned / "adapter_model.safetensors")
+    save_file({k: -v if "lora_B" in k else v for k, v in weights.items()}, aligned / "adapter_model.safetensors")
+    cfg = make_cfg()
+    run_id = start_training_run(cfg, assets["adapter"], assets["base"])
+    evaluate_stage(cfg)  # the SFT model alone (align off): what its figures must be in the three-way evaluation
+    with open(cfg.eval.predictions_file, newline="") as fh:
+        sft_alone = [r["prediction"] for r in csv.DictReader(fh)]
+    sft_alone_metrics = json.loads(Path(cfg.eval.metrics_file).read_text())["finetuned"]
+    handoff = read_run_file(cfg.align.output_dir)
+    write_run_file(cfg.align.output_dir, {**handoff, "adapter_dir": str(aligned),
+                                          "adapter_sha256": hash_tree([aligned]), "align_method": "grpo"})
+
+    recorded = RecordingConfig(cfg)
+    summary = evaluate_stage(recorded)
+    assert recorded.accessed == set(stages.get("evaluate").params)  # the SFT adapter comes from run.json, not params
+    metrics = json.loads(Path(cfg.eval.metrics_file).read_text())
+    assert set(metrics["sft"]) == set(METRICS) and metrics["adapter_sha256"] == hash_tree([aligned])
+    assert metrics["sft_adapter_sha256"] == hash_tree([assets["adapter"]])
+    for k in METRICS:
+        assert metrics["delta_sft"][k] == pytest.approx(metrics["finetuned"][k] - metrics["sft"][k])
+    assert summary["sft_cer"] == metrics["sft"]["cer"]
+    with open(cfg.eval.predictions_file, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    # The SFT figures are those of the SFT adapter on the same samples: equal to evaluating it as the hand-off
+    # (the second adapter loaded beside the aligned one and switched to answers as the SFT adapter alone does).
+    assert [r["sft_prediction"] for r in rows] == sft_alone and metrics["sft"] == sft_alone_metrics
+    assert [r["sft_prediction"] for r in rows] != [r["prediction"] for r in rows]  # two different models answered
+    logged = mlflow.MlflowClient(cfg.tracking.uri).get_run(run_id).data.metrics
+    for k in METRICS:
+        assert logged[f"eval_sft_{k}"] == pytest.approx(metrics["sft"][k])
+        assert logged[f"eval_delta_sft_{k}"] == pytest.approx(metrics["delta_sft"][k])
+
+    # Register: the champion rule is unchanged (first version: champion); the record compares with the SFT model.
+    # Make the aligned model worse than its SFT model on the primary metric, as the gate must then say.
+    metrics["finetuned"]["cer"] = metrics["sft"]["cer"] + 0.25
+    Path(cfg.eval.metrics_file).write_text(json.dumps(metrics))
+    record = register_stage(cfg)
+    assert record["decision"] == "champion" and record["align_method"] == "grpo"
+    assert record["aligned_vs_sft"] == {"metric": "cer", "aligned": pytest.approx(metrics["sft"]["cer"] + 0.25),
+                                        "sft": metrics["sft"]["cer"], "delta": pytest.approx(0.25), "verdict": "worse"}
+    assert record["sft_scores"] == metrics["sft"]
+    assert "aligned model is worse than its own SFT model" in record["reason"]
+    logged_row = json.loads((project / "mlflow" / "promotions.jsonl").read_text().splitlines()[-1])
+    assert logged_row["aligned_vs_sft"]["verdict"] == "worse" and logged_row["sft_scores"] == metrics["sft"]
+    tags = mlflow.MlflowClient(cfg.tracking.uri).get_model_version(cfg.register.model_name, record["version"]).tags
+    assert tags["decision_aligned_vs_sft"] == "worse"

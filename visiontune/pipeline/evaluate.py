@@ -5,11 +5,15 @@ generation; the answers are scored against the reference answers with character 
 primary metric for transcription), exact match, chrF and ROUGE-L. Outputs:
 
 * ``eval.metrics_file``: DVC metrics JSON ``{"base": {...}, "finetuned": {...}, "delta": {...},
-  "primary_metric": ..., "n_samples": ...}``;
+  "primary_metric": ..., "n_samples": ...}``. When the align stage's hand-off says the model was aligned
+  (``align_method`` other than none), the SFT adapter it started from is scored on the same samples too:
+  ``"sft": {...}`` and ``"delta_sft": {...}`` (aligned minus SFT), so the champion gate can tell whether
+  alignment helped;
 * ``eval.predictions_file``: one CSV row per sample (reference, both predictions, per-sample CER):
   DVC plots data, and an MLflow artifact;
 * ``eval.grid_file``: a PNG grid of sample images with reference and prediction, also logged to MLflow;
-* metrics ``eval_<metric>`` and ``eval_base_<metric>`` in the training run recorded in ``run.json``.
+* metrics ``eval_<metric>``, ``eval_base_<metric>`` (and ``eval_sft_<metric>``, ``eval_delta_sft_<metric>``
+  for an aligned model) in the training run recorded in ``run.json``.
 
 All metric code is local (jiwer, sacrebleu, rouge-score): nothing is downloaded at run time.
 """
@@ -233,8 +237,22 @@ def _references(samples: list[dict], split: str) -> list[str]:
     return references
 
 
-def _predict(cfg: Any, adapter_dir: Path, samples: list[dict]) -> tuple[list[str], Optional[list[str]]]:
-    """(fine-tuned answers, base answers or None): the base model first, then with the adapter on."""
+def sft_adapter(run: dict[str, Any]) -> Optional[Path]:
+    """The SFT adapter an aligned model started from (the align hand-off's ``sft_adapter_dir``), or None when
+    the hand-off is the SFT model itself (``align_method`` none or absent)."""
+    if run.get("align_method", "none") == "none":
+        return None
+    if not run.get("sft_adapter_dir"):
+        raise ValueError(f"run.json says align_method={run['align_method']!r} but names no sft_adapter_dir: "
+                         "re-run `visiontune align` to rewrite the hand-off")
+    return require_adapter(run["sft_adapter_dir"], "re-run `visiontune train` and `visiontune align`")
+
+
+def _predict(cfg: Any, adapter_dir: Path, samples: list[dict], sft_dir: Optional[Path] = None,
+             n_sft: int = 0) -> tuple[list[str], Optional[list[str]], Optional[list[str]]]:
+    """(fine-tuned answers, base answers or None, SFT answers or None) from one load of the base model: the
+    base first, then with the adapter on, then (``sft_dir``) the SFT adapter loaded beside it and switched
+    to, on the first ``n_sft`` samples."""
     from peft import PeftModel
 
     from visiontune.models.fast_vision import FastVisionModel
@@ -249,11 +267,17 @@ def _predict(cfg: Any, adapter_dir: Path, samples: list[dict]) -> tuple[list[str
     processor = adapter_processor(adapter_dir, processor)
     base_preds = generate_answers(model, processor, samples, desc="base model", **gen_kwargs) if e.compare_base else None
     model = PeftModel.from_pretrained(model, str(adapter_dir))
-    return generate_answers(model, processor, samples, desc="fine-tuned", **gen_kwargs), base_preds
+    preds = generate_answers(model, processor, samples, desc="fine-tuned", **gen_kwargs)
+    sft_preds = None
+    if sft_dir is not None:
+        model.load_adapter(str(sft_dir), adapter_name="sft")
+        model.set_adapter("sft")
+        sft_preds = generate_answers(model, processor, samples[:n_sft], desc="SFT model", **gen_kwargs)
+    return preds, base_preds, sft_preds
 
 
 def _prediction_rows(samples: list[dict], references: list[str], preds: list[str],
-                     base_preds: Optional[list[str]]) -> list[dict[str, Any]]:
+                     base_preds: Optional[list[str]], sft_preds: Optional[list[str]] = None) -> list[dict[str, Any]]:
     rows = []
     for i, (s, ref, pred) in enumerate(zip(samples, references, preds)):
         row: dict[str, Any] = {"index": i, "record_id": s.get("record_id", ""), "reference": ref, "prediction": pred,
@@ -261,6 +285,9 @@ def _prediction_rows(samples: list[dict], references: list[str], preds: list[str
         if base_preds is not None:
             row["base_prediction"] = base_preds[i]
             row["base_cer"] = round(sample_cer(base_preds[i], ref), 6)
+        if sft_preds is not None:
+            row["sft_prediction"] = sft_preds[i]
+            row["sft_cer"] = round(sample_cer(sft_preds[i], ref), 6)
         rows.append(row)
     return rows
 
@@ -281,7 +308,8 @@ def _save_grid(path: Path, samples: list[dict], references: list[str], preds: li
 
 
 def _log_to_run(uri: str, run_id: str, metrics: dict[str, Any], files: list[Path]) -> None:
-    """Metrics (eval_*, eval_base_*, eval_delta_*) and the output files into the training run."""
+    """Metrics (eval_*, eval_base_*, eval_delta_*, eval_sft_*, eval_delta_sft_*) and the output files into
+    the training run."""
     import mlflow
 
     mlflow.set_tracking_uri(uri)
@@ -289,6 +317,9 @@ def _log_to_run(uri: str, run_id: str, metrics: dict[str, Any], files: list[Path
     if "base" in metrics:
         logged.update({f"eval_base_{k}": v for k, v in metrics["base"].items()})
         logged.update({f"eval_delta_{k}": v for k, v in metrics["delta"].items()})
+    if "sft" in metrics:
+        logged.update({f"eval_sft_{k}": v for k, v in metrics["sft"].items()})
+        logged.update({f"eval_delta_sft_{k}": v for k, v in metrics["delta_sft"].items()})
     logged["eval_n_samples"] = float(metrics["n_samples"])
     for name, one in metrics.get("sets", {}).items():
         logged.update({f"eval_{name}_{k}": v for k, v in one["finetuned"].items()})
@@ -316,6 +347,7 @@ def evaluate_stage(cfg: Any) -> dict[str, Any]:
         raise ValueError(f"eval.primary_metric={primary!r}: choose one of {', '.join(METRICS)}")
     run = read_run_file(cfg.align.output_dir)  # the align stage's hand-off: the SFT or the aligned adapter
     adapter_dir = trained_adapter(run, cfg.align.output_dir)
+    sft_dir = sft_adapter(run)  # aligned: its SFT model is scored on the same samples too
     if run.get("base_model") and str(run["base_model"]) != str(cfg.model.name_or_path):
         log.warning("run.json says the adapter was trained on %s but model.name_or_path is %s; evaluating on %s",
                     run["base_model"], cfg.model.name_or_path, cfg.model.name_or_path)
@@ -323,13 +355,17 @@ def evaluate_stage(cfg: Any) -> dict[str, Any]:
     references = _references(samples, e.split)
     extra = {name: load_extra_set(name, path, samples[0], e.max_samples) for name, path in (e.extra_sets or {}).items()}
     everything = samples + [s for rows in extra.values() for s in rows]  # one model load for all sets
-    all_preds, all_base = _predict(cfg, adapter_dir, everything)
+    all_preds, all_base, sft_preds = _predict(cfg, adapter_dir, everything, sft_dir, len(samples))
     preds, base_preds = all_preds[:len(samples)], all_base[:len(samples)] if all_base is not None else None
 
     metrics: dict[str, Any] = {"finetuned": compute_metrics(preds, references)}
     if base_preds is not None:
         metrics["base"] = compute_metrics(base_preds, references)
         metrics["delta"] = {k: metrics["finetuned"][k] - metrics["base"][k] for k in METRICS}
+    if sft_preds is not None:
+        metrics["sft"] = compute_metrics(sft_preds, references)
+        metrics["delta_sft"] = {k: metrics["finetuned"][k] - metrics["sft"][k] for k in METRICS}
+        metrics["sft_adapter_sha256"] = hash_tree([sft_dir])
     start = len(samples)
     for name, rows in extra.items():
         refs, end = _references(rows, name), start + len(rows)
@@ -343,7 +379,8 @@ def evaluate_stage(cfg: Any) -> dict[str, Any]:
     metrics_path = Path(e.metrics_file)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
-    files = [metrics_path, write_predictions_csv(e.predictions_file, _prediction_rows(samples, references, preds, base_preds))]
+    pred_rows = _prediction_rows(samples, references, preds, base_preds, sft_preds)
+    files = [metrics_path, write_predictions_csv(e.predictions_file, pred_rows)]
     if grid_samples > 0:
         files.append(_save_grid(Path(grid_file), samples, references, preds, base_preds, grid_samples))
 
@@ -353,6 +390,7 @@ def evaluate_stage(cfg: Any) -> dict[str, Any]:
         "n_samples": len(samples), "primary_metric": primary, primary: metrics["finetuned"][primary],
         **{f"{name}_{primary}": one["finetuned"][primary] for name, one in metrics.get("sets", {}).items()},
         f"base_{primary}": metrics["base"][primary] if "base" in metrics else None,
+        f"sft_{primary}": metrics["sft"][primary] if "sft" in metrics else None,
         "metrics_file": str(metrics_path), "predictions_file": str(files[1]),
         "grid_file": str(files[2]) if len(files) > 2 else None, "mlflow_run_id": run["mlflow_run_id"],
     }

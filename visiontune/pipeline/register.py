@@ -6,11 +6,16 @@ run recorded in ``run.json`` and registered as a new version of ``register.model
 takes alias ``champion`` only if its primary metric (the one the evaluate stage's metrics file names) beats the current champion's by more than ``register.promotion_margin``; otherwise it
 takes ``challenger``. The first version ever is champion.
 
+An aligned model (align stage on) is also compared with the SFT model it started from, on the same
+evaluation (the metrics file's ``sft`` section): the record's ``aligned_vs_sft`` holds both values, the
+difference and a verdict (better, worse, equal), and when alignment made the model worse the reason says
+so. The promotion rule itself stays champion-only: the SFT model is not a registered version.
+
 MLflow aliases keep no history, so every decision is recorded three ways:
 
 * tags on the new model version (``decision``, ``decision_reason``, ``decision_metric``,
   ``decision_value``, ``decision_champion_version``, ``decision_champion_value``, ``decision_margin``,
-  plus ``eval_<metric>`` for every metric);
+  ``decision_aligned_vs_sft`` for an aligned model, plus ``eval_<metric>`` for every metric);
 * ``register/decision.json`` in the training run's artifacts (travels with the tracking server), and one
   JSON line appended to the local ``register.promotions_log`` (default ``mlflow/promotions.jsonl``: an
   audit trail you can read with ``jq`` without a server);
@@ -106,6 +111,22 @@ def _champion(client: Any, name: str, metric: str) -> tuple[Optional[Any], Optio
     return mv, None
 
 
+def compare_with_sft(scores: dict[str, Any], metric: str) -> Optional[dict[str, Any]]:
+    """The aligned model against its own SFT model on ``metric`` from the evaluate stage's metrics file
+    (``{"metric", "aligned", "sft", "delta", "verdict"}``, verdict better / worse / equal), or None when
+    the file has no ``sft`` section (the model was not aligned)."""
+    sft = scores.get("sft")
+    if not sft:
+        return None
+    if metric not in sft:
+        raise ValueError(f"the metrics file's sft section has no {metric} (has {sorted(sft)}): re-run "
+                         "`visiontune evaluate`")
+    aligned, before = float(scores["finetuned"][metric]), float(sft[metric])
+    gain = (before - aligned) if metric in LOWER_IS_BETTER else (aligned - before)
+    verdict = "unknown" if math.isnan(gain) else "better" if gain > 0 else "worse" if gain < 0 else "equal"
+    return {"metric": metric, "aligned": aligned, "sft": before, "delta": aligned - before, "verdict": verdict}
+
+
 def _markdown(d: dict[str, Any]) -> str:
     champ = "none" if d["champion_version"] is None else f"v{d['champion_version']} ({d['metric']}={d['champion_value']})"
     return "\n".join([
@@ -115,6 +136,8 @@ def _markdown(d: dict[str, Any]) -> str:
         f"- {d['metric']}: {d['value']}",
         f"- compared against: {champ}",
         f"- margin: {d['margin']}",
+        *([f"- aligned vs its SFT model: {d['aligned_vs_sft']['verdict']} ({d['metric']} "
+           f"{d['aligned_vs_sft']['aligned']} vs {d['aligned_vs_sft']['sft']})"] if d.get("aligned_vs_sft") else []),
         f"- run: `{d['run_id']}`, commit `{d['git_commit']}`",
         f"- model: `{d['model_uri']}`",
     ])
@@ -139,8 +162,10 @@ def _prefect_artifact(decision: dict[str, Any]) -> Optional[str]:
     return key
 
 
-def read_scores(metrics_path: Path, run: dict[str, Any], adapter_dir: Path) -> tuple[str, float, dict[str, Any]]:
-    """(primary metric, its fine-tuned value, all fine-tuned scores) from the evaluate stage's metrics file,
+def read_scores(metrics_path: Path, run: dict[str, Any], adapter_dir: Path,
+                full: bool = False) -> tuple[str, float, dict[str, Any]]:
+    """(primary metric, its fine-tuned value, all fine-tuned scores; with ``full`` the whole file instead)
+    from the evaluate stage's metrics file,
     after checking that the file scored this training run's adapter (run id and adapter content hash):
     registering one model with another's scores could promote the worse one."""
     from visiontune.data.io import hash_tree
@@ -161,7 +186,7 @@ def read_scores(metrics_path: Path, run: dict[str, Any], adapter_dir: Path) -> t
     finetuned = scores.get("finetuned") or {}
     if metric not in finetuned:
         raise ValueError(f"{metrics_path} has no finetuned.{metric} (has {sorted(finetuned)}): re-run `visiontune evaluate`")
-    return metric, float(finetuned[metric]), finetuned
+    return metric, float(finetuned[metric]), scores if full else finetuned
 
 
 def _log_model(cfg: Any, run: dict[str, Any], adapter_dir: Path, base: str) -> tuple[Any, list[str]]:
@@ -203,6 +228,8 @@ def _record_decision(client: Any, record: dict[str, Any], promotions_log: Path) 
         "decision_champion_value": str(record["champion_value"]), "decision_margin": str(record["margin"]),
         "decision_time": record["timestamp"], "git_commit": record["git_commit"],
     }
+    if record.get("aligned_vs_sft"):
+        tags["decision_aligned_vs_sft"] = record["aligned_vs_sft"]["verdict"]
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, v)
     client.log_dict(run_id, record, "register/decision.json")
@@ -250,7 +277,8 @@ def register_stage(cfg: Any) -> dict[str, Any]:
     configured_uri, configured_base = cfg.tracking.uri, cfg.model.name_or_path
     run = read_run_file(cfg.align.output_dir)  # the align stage's hand-off: the SFT or the aligned adapter
     adapter_dir = trained_adapter(run, cfg.align.output_dir)
-    metric, value, finetuned = read_scores(Path(cfg.eval.metrics_file), run, adapter_dir)
+    metric, value, scores = read_scores(Path(cfg.eval.metrics_file), run, adapter_dir, full=True)
+    finetuned, vs_sft = scores["finetuned"], compare_with_sft(scores, metric)
     base = str(run.get("base_model") or configured_base)
 
     uri = run.get("tracking_uri") or resolve_tracking_uri(configured_uri)  # the store the training run lives in
@@ -268,6 +296,9 @@ def register_stage(cfg: Any) -> dict[str, Any]:
         decision, reason = decide(value, champ_value, metric, margin)
         if champ_mv is not None and champ_value is None:
             decision, reason = CHAMPION, f"current champion v{champ_mv.version} has no {metric} recorded: replaced"
+        if vs_sft is not None and vs_sft["verdict"] == "worse":
+            reason += (f"; the aligned model is worse than its own SFT model ({metric} {vs_sft['aligned']:.6g} vs "
+                       f"SFT {vs_sft['sft']:.6g})")
         record = {
             "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "model_name": r.model_name, "version": version, "decision": decision, "alias": decision, "reason": reason,
@@ -275,6 +306,7 @@ def register_stage(cfg: Any) -> dict[str, Any]:
             "champion_value": champ_value, "margin": margin, "run_id": run_id, "model_uri": info.model_uri,
             "registered_uri": f"models:/{r.model_name}/{version}", "tracking_uri": uri, "git_commit": git_commit(),
             "base_model": base, "base_model_logged": BASE_MODEL_ARTIFACT in logged,
+            "align_method": run.get("align_method", "none"), "aligned_vs_sft": vs_sft, "sft_scores": scores.get("sft"),
         }
         _record_decision(client, record, promotions_log)
     record["prefect_artifact"] = _prefect_artifact(record)
