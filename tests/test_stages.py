@@ -169,7 +169,9 @@ def test_stage_reads_exactly_its_listed_settings(stage, tmp_path):
 
 # --------------------------------------------------------------------------------- both front doors
 def _dvc_changed(repo: Path) -> set[str]:
-    status = json.loads(sh(repo, "dvc", "status", "--json").strip().splitlines()[-1] or "{}")
+    # The JSON is one line; DVC may add warnings around it (e.g. that the frozen pretrain stage is not checked).
+    lines = [ln for ln in sh(repo, "dvc", "status", "--json").splitlines() if ln.startswith("{")]
+    status = json.loads(lines[-1] if lines else "{}")
     return {name.split(":")[-1] for name in status if not name.endswith(".dvc")}
 
 
