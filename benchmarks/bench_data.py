@@ -10,16 +10,18 @@ bad files), then times
 
 with ``VISIONTUNE_WORKERS`` processes (default: one per core). Prints images/s for each and a JSON line.
 
-Before/after in one run: ``--compare-with DIR`` times a second checkout of visiontune (e.g. the previous
-commit, ``git worktree add /tmp/old HEAD``) on the same raw folder; each side
-runs in a fresh process (one after the other) whose ``import visiontune`` resolves to its own checkout. ``--executor dask``
-times the stages on a Dask cluster instead (``data.executor: dask``, a temporary LocalCluster of
-``--dask-workers`` processes; the time includes starting it, not starting the temporary Prefect server, which
-runs before the timing as it would inside `visiontune run`). ``--raw DIR`` keeps the generated images in
-DIR (generated only if DIR has none), so several runs can share them.
+Before/after in one run: ``--compare-with DIR`` times a second checkout of visiontune (e.g. the commit
+before a change: ``git worktree add --detach /var/tmp/vt-old <commit>``) on the same raw folder, each side
+in a fresh process (one after the other) whose ``import visiontune`` is its own checkout, and checks that
+both wrote the same images (PNG: same pixels; JPEG: same bytes). ``--executor dask`` times the stages on
+a Dask cluster (``data.executor: dask``, a temporary LocalCluster of ``--dask-workers`` processes; the time
+includes starting it, not the temporary Prefect server, which starts first as it is up already inside
+``visiontune run``). Besides images/s, each stage's CPU time per image (its process and its finished
+workers) is reported: on shared cores it moves far less than the wall clock. ``--raw DIR`` keeps the
+generated images in DIR (generated only if DIR has none), so several runs can share them.
 
     python benchmarks/bench_data.py                                   # 5,000 images, PNG, this checkout
-    python benchmarks/bench_data.py --format png jpeg --compare-with /tmp/old
+    python benchmarks/bench_data.py --format png jpeg --compare-with /var/tmp/vt-old
     python benchmarks/bench_data.py --n 3000 --executor local dask --dask-workers 2
 """
 
@@ -136,6 +138,25 @@ def time_stages(raw: str, work: str, formats: list[str], executor: str, dask_wor
     return out
 
 
+def same_outputs(a: Path, b: Path, fmt: str) -> str:
+    """Whether two normalize runs wrote the same images: every PNG decoding to the same RGB pixels, every JPEG
+    the same bytes (the encoder saw the same pixels); a summary line."""
+    ma = json.loads((a / "normalized" / "manifest.json").read_text())["images"]
+    mb = json.loads((b / "normalized" / "manifest.json").read_text())["images"]
+    if ma.keys() != mb.keys():
+        return f"different sources: {len(ma)} against {len(mb)} images"
+    differ = 0
+    for sha, ea in ma.items():
+        pa, pb = Path(ea["path"]), Path(mb[sha]["path"])
+        if fmt == "jpeg":
+            differ += pa.read_bytes() != pb.read_bytes()
+        else:
+            with Image.open(pa) as ia, Image.open(pb) as ib:
+                differ += ia.mode != ib.mode or not np.array_equal(np.asarray(ia), np.asarray(ib))
+    kind = "bytes" if fmt == "jpeg" else "pixels"
+    return f"{len(ma) - differ} of {len(ma)} images: same {kind}" + (f"; {differ} differ" if differ else "")
+
+
 def _side(code: Path, raw: Path, work: Path, args: argparse.Namespace, executor: str) -> dict:
     """:func:`time_stages` in a fresh process whose ``import visiontune`` is the checkout at ``code``."""
     env = {**os.environ, "PYTHONPATH": str(code) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -176,10 +197,14 @@ def main() -> None:
         for k, (code, ex) in enumerate(sides):
             r = _side(code, raw, Path(tmp) / f"work{k}", args, ex)
             runs.append(r)
+            r["work"] = str(Path(tmp) / f"work{k}")
             print(f"{r['code']} [{ex}]: validation {args.n / r['validate_s']:.1f} images/s ({r['validate_s']} s); "
                   + "; ".join(f"normalization {f} {r[f'normalize_{f}_images'] / r[f'normalize_{f}_s']:.1f} images/s "
                               f"({r[f'normalize_{f}_s']} s, {r[f'normalize_{f}_mb']} MB)" for f in args.format), flush=True)
+        if args.compare_with:  # inside the with: both sides' outputs are still there
+            same = {f: same_outputs(Path(runs[0]["work"]) / f, Path(runs[1]["work"]) / f, f) for f in args.format}
     for r in runs:
+        r.pop("work")
         r["validate_images_per_s"] = round(args.n / r["validate_s"], 1)
         for f in args.format:
             r[f"normalize_{f}_images_per_s"] = round(r[f"normalize_{f}_images"] / r[f"normalize_{f}_s"], 1)
@@ -191,6 +216,7 @@ def main() -> None:
         result["speedup"] = {f"normalize_{f}": round(old[f"normalize_{f}_s"] / new[f"normalize_{f}_s"], 2)
                              for f in args.format}
         result["speedup"]["validate"] = round(old["validate_s"] / new["validate_s"], 2)
+        result["same_output"] = same
         result["cpu_speedup"] = {f"normalize_{f}": round(old[f"normalize_{f}_cpu_ms_per_image"]
                                                          / new[f"normalize_{f}_cpu_ms_per_image"], 2)
                                  for f in args.format}

@@ -9,7 +9,7 @@ import pytest
 
 from datafixtures import gradient, jpeg, make_cfg, png
 from visiontune.data.executor import DataExecutor, chunk_by_record
-from visiontune.data.normalize import normalize_stage
+from visiontune.data.normalize import SourceChangedError, normalize_stage
 from visiontune.data.validate import validate_stage
 
 
@@ -36,7 +36,7 @@ def _outputs(work) -> dict[str, bytes]:
             if p.is_file() and p.name != ".visiontune.lock"}
 
 
-@pytest.mark.slow  # two 2-worker LocalClusters start (spawned processes import Prefect): ~35 s on 2 cores
+@pytest.mark.slow  # two 2-worker LocalClusters start (spawned workers import Prefect): ~30 s on 2 idle cores
 def test_dask_outputs_are_byte_identical_to_local_quarantine_included(bad_raw, prefect_harness):
     raw, _ = bad_raw
     # Records with several images (one chunk must hold all of a record's images) and more images to resize.
@@ -69,8 +69,14 @@ def test_dask_outputs_are_byte_identical_to_local_quarantine_included(bad_raw, p
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        n = normalize_stage(make_cfg(raw, work, executor="dask", dask_address=cluster.scheduler_address, dask_chunk=4))
-    on_dask = _outputs(work)
+        on_cluster = make_cfg(raw, work, executor="dask", dask_address=cluster.scheduler_address, dask_chunk=4)
+        n = normalize_stage(on_cluster)
+        on_dask = _outputs(work)
+        # A worker's error reaches the stage as itself (the task retry policy classifies it by type).
+        shutil.rmtree(work / "normalized")
+        (raw / "multi0a.png").write_bytes(png(gradient(900, 500)))
+        with pytest.raises(SourceChangedError, match=r"multi0a\.png changed after validation"):
+            normalize_stage(on_cluster)
 
     assert v["quarantined"] > 5 and n["written"] == n["images"] > 12  # bad rows quarantined, chunks of 4
     assert sorted(on_dask) == sorted(local)
