@@ -145,3 +145,23 @@ def start_training_run():
 def write_metrics():
     """``write_metrics(cfg, cer=..., ...)`` -> metrics file path."""
     return _write_metrics
+
+
+@pytest.fixture(scope="session")
+def demo_work_dir(tmp_path_factory) -> Path:
+    """A work dir holding a small real conversation dataset, made by the real data stages from the demo
+    generator (24 pages). Shared by the train and distributed tests; read-only to them."""
+    from visiontune.config import from_dict
+    from visiontune.data.convert import convert_stage
+    from visiontune.data.demo import generate_demo
+    from visiontune.data.normalize import normalize_stage
+    from visiontune.data.validate import validate_stage
+
+    root = tmp_path_factory.mktemp("demo-data")
+    generate_demo(root / "raw", n=24, seed=5)
+    cfg = from_dict({"data": {"raw_dir": str(root / "raw"), "work_dir": str(root / "work")},
+                     "validate": {"max_failure_ratio": 0.5}})
+    validate_stage(cfg)
+    normalize_stage(cfg)
+    convert_stage(cfg)
+    return root / "work"

@@ -64,30 +64,21 @@ def _raw(root: Path, work: Path, model_dir: str, processes: int, mode: str = "dd
 
 
 @pytest.fixture(scope="module")
-def demo_dataset(tmp_path_factory) -> Path:
+def demo_dataset(demo_work_dir, tmp_path_factory) -> Path:
     """A work dir whose train split is 12 conversations made by the real data stages from the demo generator:
     three global batches an epoch (a partial last batch is filled up differently by one and by two processes)."""
     import shutil
 
     from datasets import load_from_disk
 
-    from visiontune.data.convert import META_FILE, convert_stage
-    from visiontune.data.demo import generate_demo
-    from visiontune.data.normalize import normalize_stage
-    from visiontune.data.validate import validate_stage
+    from visiontune.data.convert import META_FILE
 
     root = tmp_path_factory.mktemp("dist-data")
-    generate_demo(root / "raw", n=24, seed=5)
-    cfg = from_dict({"data": {"raw_dir": str(root / "raw"), "work_dir": str(root / "work")},
-                     "validate": {"max_failure_ratio": 0.5}})
-    validate_stage(cfg)
-    normalize_stage(cfg)
-    convert_stage(cfg)
-    dataset = load_from_disk(str(root / "work" / "dataset"))
+    dataset = load_from_disk(str(demo_work_dir / "dataset"))
     assert len(dataset["train"]) >= 3 * GLOBAL_BATCH
     dataset["train"] = dataset["train"].select(range(3 * GLOBAL_BATCH))
     dataset.save_to_disk(str(root / "work12" / "dataset"))
-    shutil.copy(root / "work" / "dataset" / META_FILE, root / "work12" / "dataset" / META_FILE)
+    shutil.copy(demo_work_dir / "dataset" / META_FILE, root / "work12" / "dataset" / META_FILE)
     return root / "work12"
 
 

@@ -33,29 +33,11 @@ def _cfg(root: Path, work: Path, model_dir: str, **train_overrides) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def demo_dataset(tmp_path_factory) -> Path:
-    """A small real conversation dataset made by the real data stages from the demo generator."""
-    from visiontune.data.convert import convert_stage
-    from visiontune.data.demo import generate_demo
-    from visiontune.data.normalize import normalize_stage
-    from visiontune.data.validate import validate_stage
-
-    root = tmp_path_factory.mktemp("train-data")
-    generate_demo(root / "raw", n=24, seed=5)
-    cfg = from_dict({"data": {"raw_dir": str(root / "raw"), "work_dir": str(root / "work")},
-                     "validate": {"max_failure_ratio": 0.5}})
-    validate_stage(cfg)
-    normalize_stage(cfg)
-    convert_stage(cfg)
-    return root / "work"
-
-
-def test_train_stage_tracks_in_mlflow_and_reads_exactly_params(tmp_path, demo_dataset, tiny_model_dir, monkeypatch):
+def test_train_stage_tracks_in_mlflow_and_reads_exactly_params(tmp_path, demo_work_dir, tiny_model_dir, monkeypatch):
     import mlflow
 
     monkeypatch.chdir(tmp_path)
-    cfg = from_dict(_cfg(tmp_path, demo_dataset, tiny_model_dir("qwen2_5_vl")))
+    cfg = from_dict(_cfg(tmp_path, demo_work_dir, tiny_model_dir("qwen2_5_vl")))
     rec = RecordingConfig(cfg)
     record = train_mod.train_stage(rec)  # type: ignore[arg-type]
     assert rec.accessed == set(stages.get("train").params)
@@ -75,11 +57,11 @@ def test_train_stage_tracks_in_mlflow_and_reads_exactly_params(tmp_path, demo_da
     assert "adapter_model.safetensors" in adapter_files and "processor_config.json" in adapter_files | {"processor_config.json"}
 
 
-def test_train_accepts_a_plain_list(tmp_path, demo_dataset, tiny_model_dir):
+def test_train_accepts_a_plain_list(tmp_path, demo_work_dir, tiny_model_dir):
     from datasets import load_from_disk
 
-    rows = list(load_from_disk(str(demo_dataset / "dataset"))["train"])
-    cfg = from_dict(_cfg(tmp_path, demo_dataset, tiny_model_dir("qwen2_5_vl"), max_steps=2))
+    rows = list(load_from_disk(str(demo_work_dir / "dataset"))["train"])
+    cfg = from_dict(_cfg(tmp_path, demo_work_dir, tiny_model_dir("qwen2_5_vl"), max_steps=2))
     result = train_mod.train(cfg, rows, tmp_path / "list-out", mlflow_active=False)
     assert result["global_step"] == 2 and Path(result["adapter_dir"]).exists()
 
@@ -97,14 +79,14 @@ def _cli(params: Path, cwd: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_kill_minus_9_resumes_to_the_same_adapter(tmp_path, demo_dataset, tiny_model_dir):
+def test_kill_minus_9_resumes_to_the_same_adapter(tmp_path, demo_work_dir, tiny_model_dir):
     model_dir = tiny_model_dir("qwen2_5_vl")
     runs = {}
     for name in ("straight", "killed"):
         root = tmp_path / name
         root.mkdir()
         params = root / "params.yaml"
-        params.write_text(yaml.safe_dump(_cfg(root, demo_dataset, model_dir, max_steps=40, save_steps=5)))
+        params.write_text(yaml.safe_dump(_cfg(root, demo_work_dir, model_dir, max_steps=40, save_steps=5)))
         runs[name] = (root, params)
 
     root, params = runs["straight"]
@@ -145,7 +127,7 @@ def test_kill_minus_9_resumes_to_the_same_adapter(tmp_path, demo_dataset, tiny_m
 
 
 
-def test_padding_free_training(tmp_path, demo_dataset, tiny_model_dir, monkeypatch):
+def test_padding_free_training(tmp_path, demo_work_dir, tiny_model_dir, monkeypatch):
     """collator.padding_free through the real TRL trainer: refused where samples would mix (stock attention
     on the CPU), and trains on packed rows once the engine is on (forced on the CPU here, as on CUDA)."""
     from datasets import load_from_disk
@@ -153,8 +135,8 @@ def test_padding_free_training(tmp_path, demo_dataset, tiny_model_dir, monkeypat
     from visiontune.collator import VisionDataCollator
     from visiontune.kernels import patch_model
 
-    rows = list(load_from_disk(str(demo_dataset / "dataset"))["train"])
-    raw = _cfg(tmp_path, demo_dataset, tiny_model_dir("qwen2_5_vl"), max_steps=2)
+    rows = list(load_from_disk(str(demo_work_dir / "dataset"))["train"])
+    raw = _cfg(tmp_path, demo_work_dir, tiny_model_dir("qwen2_5_vl"), max_steps=2)
     raw.setdefault("collator", {})["padding_free"] = True
     cfg = from_dict(raw)
     with pytest.raises(ValueError, match="flash_attention_2"):
@@ -190,12 +172,12 @@ def _mlflow_client(cfg: PipelineConfig):
     return mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
 
 
-def test_a_second_training_on_a_busy_output_dir_fails_fast_and_touches_nothing(tmp_path, demo_dataset, tiny_model_dir,
+def test_a_second_training_on_a_busy_output_dir_fails_fast_and_touches_nothing(tmp_path, demo_work_dir, tiny_model_dir,
                                                                               monkeypatch):
     """Hole 5: a live run holds train.output_dir. A second one (other settings) must neither attach to its
     checkpoints and MLflow run nor delete them."""
     monkeypatch.chdir(tmp_path)
-    cfg = from_dict(_cfg(tmp_path, demo_dataset, tiny_model_dir("qwen2_5_vl")))
+    cfg = from_dict(_cfg(tmp_path, demo_work_dir, tiny_model_dir("qwen2_5_vl")))
     out = Path(cfg.train.output_dir)
     (out / "checkpoint-35").mkdir(parents=True)
     (out / "checkpoint-35" / "trainer_state.json").write_text("{}")
@@ -220,13 +202,13 @@ def test_a_second_training_on_a_busy_output_dir_fails_fast_and_touches_nothing(t
     assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was started either
 
 
-def test_an_orphaned_run_is_marked_killed_by_the_next_run(tmp_path, demo_dataset, tiny_model_dir, monkeypatch):
+def test_an_orphaned_run_is_marked_killed_by_the_next_run(tmp_path, demo_work_dir, tiny_model_dir, monkeypatch):
     """Hole 8: a run killed before its first checkpoint stays RUNNING in MLflow; the next run that does not
     resume it marks it KILLED."""
     from visiontune.pipeline.tracking import setup_mlflow, write_run_file
 
     monkeypatch.chdir(tmp_path)
-    cfg = from_dict(_cfg(tmp_path, demo_dataset, tiny_model_dir("qwen2_5_vl"), max_steps=1))
+    cfg = from_dict(_cfg(tmp_path, demo_work_dir, tiny_model_dir("qwen2_5_vl"), max_steps=1))
     client = _mlflow_client(cfg)
     orphan = client.create_run(setup_mlflow(cfg.tracking.uri, cfg.tracking.experiment)).info.run_id
     write_run_file(cfg.train.output_dir, {"mlflow_run_id": orphan, "tracking_uri": cfg.tracking.uri,
@@ -238,7 +220,7 @@ def test_an_orphaned_run_is_marked_killed_by_the_next_run(tmp_path, demo_dataset
     assert client.get_run(record["mlflow_run_id"]).info.status == "FINISHED"
 
 
-def test_tokens_and_runtime_are_cumulative_across_a_resume(tmp_path, demo_dataset, tiny_model_dir, monkeypatch):
+def test_tokens_and_runtime_are_cumulative_across_a_resume(tmp_path, demo_work_dir, tiny_model_dir, monkeypatch):
     """Hole 8: after a crash at step 3 and a resume from checkpoint-2, tokens_seen equals an uninterrupted
     run's and train_runtime_s adds the time up to the checkpoint to the resumed part."""
     import json
@@ -248,7 +230,7 @@ def test_tokens_and_runtime_are_cumulative_across_a_resume(tmp_path, demo_datase
     model_dir = tiny_model_dir("qwen2_5_vl")
     straight_root, crashed_root = tmp_path / "straight", tmp_path / "crashed"
     monkeypatch.chdir(tmp_path)
-    straight = train_mod.train_stage(from_dict(_cfg(straight_root, demo_dataset, model_dir)))
+    straight = train_mod.train_stage(from_dict(_cfg(straight_root, demo_work_dir, model_dir)))
 
     class Crash(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
@@ -257,7 +239,7 @@ def test_tokens_and_runtime_are_cumulative_across_a_resume(tmp_path, demo_datase
 
     real_callbacks = train_mod._make_callbacks
     monkeypatch.setattr(train_mod, "_make_callbacks", lambda *a: real_callbacks(*a) + [Crash()])
-    cfg = from_dict(_cfg(crashed_root, demo_dataset, model_dir))
+    cfg = from_dict(_cfg(crashed_root, demo_work_dir, model_dir))
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_mod.train_stage(cfg)
     monkeypatch.setattr(train_mod, "_make_callbacks", real_callbacks)
