@@ -18,7 +18,6 @@ when it is installed (the GPU machines that make the shipped weights have no MLf
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -27,6 +26,8 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
+
+from visiontune.data.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +114,6 @@ def _edits(a: str, b: str) -> int:
             cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
         prev = cur
     return prev[-1]
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _plot(curve: list[list[float]], evals: list[dict], path: Path) -> None:
@@ -258,7 +251,7 @@ def pretrain(p: Any, rule: Any, progress: bool = True) -> dict[str, Any]:
     phase["to_step"] = p.steps
     rec = record(final=True)
     rec["seconds"] = round(seconds, 1)
-    rec["files"] = {f.name: sha256_of(f) for f in sorted(tmp.iterdir()) if f.suffix in (".safetensors", ".json") and f.name != RECORD}
+    rec["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.suffix in (".safetensors", ".json") and f.name != RECORD}
     (tmp / RECORD).write_text(json.dumps(rec, indent=1) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -275,7 +268,7 @@ def verify_base(out_dir: str | Path) -> dict[str, Any]:
                                 " (run it, or restore the folder with `git checkout -- models/`)")
     record = json.loads(rec_path.read_text())
     for name, digest in record["files"].items():
-        got = sha256_of(out / name) if (out / name).exists() else "missing"
+        got = sha256_file(out / name) if (out / name).exists() else "missing"
         if got != digest:
             raise ValueError(f"{out / name}: sha256 {got} differs from the {digest} recorded in {rec_path}; the base's "
                              "files were changed: restore them (`git checkout -- models/`) or re-run `visiontune pretrain`")
