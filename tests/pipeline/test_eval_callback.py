@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from test_train import _adapter_tensors, _cfg, demo_dataset  # noqa: F401  (tests/pipeline/test_train.py)
+from test_train import _adapter_tensors, _cfg  # tests/pipeline/test_train.py
 from visiontune.config import from_dict
 from visiontune.pipeline import eval_callback
 from visiontune.pipeline.eval_callback import BEST_DIR, GenerationEvalCallback, eval_callbacks, generation_scores
@@ -24,7 +24,7 @@ def test_scores_are_the_evaluate_stages():
     assert got["cer"] == pytest.approx(expected["cer"]) and got["exact_match"] == pytest.approx(expected["exact_match"])
 
 
-def test_curves_in_mlflow_and_the_best_adapter_is_kept(tmp_path, demo_dataset, tiny_model_dir, monkeypatch):  # noqa: F811
+def test_curves_in_mlflow_and_the_best_adapter_is_kept(tmp_path, demo_work_dir, tiny_model_dir, monkeypatch):
     """Evaluations at steps 2, 4, 6 score (scripted) CER 0.5, 0.3, 0.9: the adapter saved is step 4's."""
     import mlflow
 
@@ -35,7 +35,7 @@ def test_curves_in_mlflow_and_the_best_adapter_is_kept(tmp_path, demo_dataset, t
     monkeypatch.setattr(eval_callback, "generation_scores",
                         lambda p, r: {**real(p, r), "cer": next(scripted)})
     monkeypatch.chdir(tmp_path)
-    cfg = from_dict(_cfg(tmp_path, demo_dataset, tiny_model_dir("qwen2_5_vl"), max_steps=6, save_steps=2,
+    cfg = from_dict(_cfg(tmp_path, demo_work_dir, tiny_model_dir("qwen2_5_vl"), max_steps=6, save_steps=2,
                          eval_every_steps=2, eval_samples=3, eval_max_new_tokens=3, select_best="cer"))
     record = train_stage(cfg)
 

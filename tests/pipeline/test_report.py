@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import pytest
 from PIL import Image
 
-from test_train import _cfg, demo_dataset  # noqa: F401  (tests/pipeline/test_train.py: real data stages)
+from test_train import _cfg  # tests/pipeline/test_train.py
 from visiontune import stages
 from visiontune.config import from_dict
 from visiontune.pipeline.report_views import cards, confusions, segments
@@ -81,7 +81,7 @@ def visible_after(driver: Any, name: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ the real stages
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, demo_dataset, tiny_model_dir) -> dict[str, Any]:  # noqa: F811
+def pipeline_run(tmp_path_factory, demo_work_dir, tiny_model_dir) -> dict[str, Any]:
     """train (evaluation every 2 steps) -> align (none) -> evaluate -> register -> report: demo data, tiny model."""
     import mlflow
 
@@ -93,7 +93,7 @@ def pipeline_run(tmp_path_factory, demo_dataset, tiny_model_dir) -> dict[str, An
     from visiontune.stages import RecordingConfig
 
     root = tmp_path_factory.mktemp("report-run")
-    raw = _cfg(root, demo_dataset, tiny_model_dir("qwen2_5_vl"), max_steps=4, eval_every_steps=2, eval_samples=4,
+    raw = _cfg(root, demo_work_dir, tiny_model_dir("qwen2_5_vl"), max_steps=4, eval_every_steps=2, eval_samples=4,
                eval_max_new_tokens=4)
     out = root / "outputs"
     raw["eval"] = {"split": "train", "max_samples": 10, "max_new_tokens": 4, "batch_size": 10, "grid_samples": 0,
