@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test repro clean-demo chromium
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed data/raw
 
 # torch and torchvision come from PyPI first (--isolated skips this machine's local find-links, whose
 # CPU-only torch wheel has no matching torchvision; PyPI's CUDA build runs on CPUs). pip then sees
@@ -17,6 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --isolated torch==2.13.0 torchvision==0.28.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
+
+# DVC tracks data/raw (data.dvc), git does not, and a fresh clone has no DVC cache to check it out from. The demo
+# generator is deterministic and its pages hash exactly to data.dvc's md5, so setting up generates them (3,000
+# pages, about a minute) and a plain `dvc repro` then works on a fresh clone (tests/test_fresh_clone.py).
+# Existing data/raw is never touched.
+data/raw: | $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/visiontune demo-data
 
 # The main job: the whole pipeline (validate -> normalize -> convert -> train -> evaluate -> register) on
 # the bundled handwriting demo, offline, as a Prefect flow tracked in MLflow under mlflow/.
@@ -36,12 +43,10 @@ chromium:
 
 # The same pipeline through DVC. dvc runs each stage's `cmd` (`visiontune ...`) through the shell, so
 # the venv's bin/ must be on PATH. After a `make demo` the first repro re-runs the stages once (the flow
-# does not fill DVC's cache); later ones skip what did not change. A fresh clone has no data/raw (DVC
-# tracks it, git does not): it is generated first by the deterministic demo generator, whose pages hash
-# exactly to data.dvc's md5 (tests/test_fresh_clone.py). `make repro STAGES=validate` stops after a stage.
+# does not fill DVC's cache); later ones skip what did not change. `make repro STAGES=validate` stops
+# after a stage.
 STAGES ?=
 repro: setup
-	test -e data/raw || HF_HUB_OFFLINE=1 $(BIN)/visiontune demo-data
 	PATH="$(abspath $(BIN)):$$PATH" HF_HUB_OFFLINE=1 $(BIN)/dvc repro $(STAGES)
 
 clean-demo:
