@@ -1,6 +1,10 @@
 """GGUF export: the files read back with ``gguf``'s reader carry llama.cpp's names, shapes, types and
 metadata and the merged weights; llama.cpp itself (llama-cpp-python, slow) loads them and its greedy
-tokens equal transformers' on the merged model; its mtmd loads the mmproj and encodes an image."""
+tokens equal transformers' on the merged model; its mtmd loads the mmproj and encodes an image.
+
+Besides the tiny models' byte-level BPE tokenizers, a Gemma 3 whose tokenizer is of the real checkpoints'
+kind (SentencePiece-style BPE with byte fallback, written as llama.cpp's ``llama`` tokenizer model): llama.cpp
+tokenizes like transformers, and generates the same tokens."""
 
 from __future__ import annotations
 
@@ -14,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from visiontune.gguf import GGUFExportError, write_gguf
+from visiontune.gguf import GGUFExportError, spm_vocab, write_gguf
 from visiontune.models.fast_vision import FastVisionModel
 from visiontune.models.merge import merged_model, merged_tensors
 
 GGUF_ARCHS = ["qwen2_vl", "qwen2_5_vl", "gemma3"]
+SPM_GEMMA = "gemma3-spm"  # the tiny Gemma 3 with a tokenizer of the real checkpoints' kind (gemma_spm_tokenizer)
 TEXT = "Transcribe the handwritten digits 0123 in this image, please."
 
 
@@ -158,6 +163,8 @@ def llama_cpp_model(tiny_model_dir, arch: str, tmp_path: Path) -> str:
     """The tiny model, for Qwen with rms_norm_eps 1e-12: llama.cpp 0.3.36's qwen2vl loader ignores
     qwen2vl.attention.layer_norm_rms_epsilon (it runs with eps 0), which on a 64-wide random model moves
     logits by ~0.3; at 1e-12 both sides compute the same norm."""
+    if arch == SPM_GEMMA:
+        return build_spm_gemma(tmp_path / arch)
     if arch == "gemma3":
         return tiny_model_dir(arch)
     path = Path(shutil.copytree(tiny_model_dir(arch), tmp_path / f"{arch}-base"))
@@ -177,7 +184,7 @@ def llama_greedy(llm, ids: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", GGUF_ARCHS)
+@pytest.mark.parametrize("arch", GGUF_ARCHS + [SPM_GEMMA])
 def test_llama_cpp_loads_the_files_and_generates_transformers_tokens(arch, tiny_model_dir, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     from llama_cpp.llama_chat_format import MTMDChatHandler
@@ -220,4 +227,182 @@ def test_llama_cpp_loads_the_files_and_generates_transformers_tokens(arch, tiny_
     text_only = len(processor.tokenizer(processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "text", "text": "Read the digits."}]}], add_generation_prompt=True)).input_ids)
     assert reply["usage"]["prompt_tokens"] > text_only and reply["usage"]["completion_tokens"] >= 1
+    llm.close()
+
+
+# ------------------------------------------------------------------------------------------ SentencePiece-style vocabulary
+SPACE = "\u2581"  # "▁"
+# Training text for the merges (our own words), besides the tiny models' corpus.
+SPM_CORPUS = [
+    "A tokenizer turns text into pieces. The pieces that appear often in the training text become single tokens,",
+    "and the rest of the text is spelled out from smaller pieces or, for characters it has never seen, from bytes.",
+    "The model reads the pieces one after another and predicts the next one: the answer, the transcription of the",
+    "handwritten page, the description of the picture. Each page holds a few lines of digits and words written by",
+    "different people with different pens, so the letters lean, touch and overlap in ways a printed page never does.",
+    "Please read the numbers on this page carefully and write them down in the same order as they appear.",
+]
+# Strings llama.cpp must tokenize as transformers does: merges, digits, runs of spaces, newlines and tabs,
+# characters the vocabulary lacks (byte fallback: "€", "ï", the emoji, "Ω"), special and added tokens.
+SPM_STRINGS = [
+    TEXT,
+    "Please read the numbers on this page: 480 and 1,273.",
+    "  two leading spaces,\ttabs\tand\nnew lines\n\nand trailing ones   ",
+    "naïve pricing: €12.50 per page 🙂 (Ω)",
+    "日本語のテキストも符号化できます。",
+    "a     b<table>c     <unused0>d<mask>e",
+    "<start_of_turn>user\n<start_of_image>Read the digits.<end_of_turn>\n<start_of_turn>model\n4 2<end_of_turn>",
+]
+
+
+def gemma_spm_tokenizer(n_merges: int = 400):
+    """A tokenizer of real Gemma 3's kind, built offline: transformers 5's ``GemmaTokenizer`` (BPE with byte
+    fallback, spaces normalized to "▁", no byte-level pre-tokenizer, ``<bos>`` added) over a vocabulary trained
+    here with ``tokenizers``: Gemma's special tokens first, the 256 ``<0xNN>`` byte tokens, the characters of
+    the training text and a few hundred merges, closed as in tokenizers converted from SentencePiece (every
+    split of a token into two tokens is a merge, ranked by the token). Added tokens besides the special ones:
+    ``<unused0>`` (not flagged special, as Gemma's are not), ``<table>`` and a normalized run of four spaces."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+
+    from visiontune.testing import _CORPUS
+
+    corpus = [t.replace(" ", SPACE) for t in _CORPUS + SPM_CORPUS]
+    trainer_tok = Tokenizer(models.BPE())
+    # training only: pieces start at "▁" (SentencePiece's word split) and digits stay single, as in Gemma
+    trainer_tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(SPACE, "merged_with_next"),
+                                                        pre_tokenizers.Digits(individual_digits=True)])
+    trainer = trainers.BpeTrainer(vocab_size=len(set("".join(corpus))) + n_merges, show_progress=False)
+    trainer_tok.train_from_iterator(corpus, trainer=trainer)
+    trained = json.loads(trainer_tok.to_str())["model"]["vocab"]
+    pieces = sorted(trained, key=trained.get)  # characters, then merged pieces in the order they were learned
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+               "<end_of_image>", "<image_soft_token>", "<mask>"]
+    vocab: dict[str, int] = {}
+    for token in special + ["<unused0>", "<table>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces:
+        vocab.setdefault(token, len(vocab))
+    merges = [(p[:k], p[k:]) for p in pieces for k in range(1, len(p)) if p[:k] in trained and p[k:] in trained]
+    tok = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, extra_special_tokens={
+        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<start_of_turn>", "<end_of_turn>")],
+                   special_tokens=True)
+    tok.add_tokens([AddedToken("<unused0>", special=False, normalized=False),
+                    AddedToken("<table>", special=False, normalized=False),
+                    AddedToken(SPACE * 4, special=False, normalized=True)])
+    return tok
+
+
+def build_spm_gemma(out: Path) -> str:
+    """The tiny Gemma 3 of :func:`visiontune.testing.build_tiny_model` with :func:`gemma_spm_tokenizer`, saved."""
+    import transformers
+
+    from visiontune.models.archs import REGISTRY
+
+    spec = REGISTRY["gemma3"].tiny
+    tok = gemma_spm_tokenizer()
+    processor = spec.make_processor(tok, spec.chat_template)
+    torch.manual_seed(0)
+    model = getattr(transformers, spec.model_class)(spec.make_config(tok))
+    head = model.get_output_embeddings()
+    with torch.no_grad():  # a unit-scale readout, as build_tiny_model gives
+        head.weight.normal_(0.0, 2.0 / head.weight.shape[1] ** 0.5)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def spm_gemma(tmp_path_factory):
+    """(LoRA model on the SentencePiece-style tiny Gemma 3, its processor as loaded from disk, its f16 GGUF)."""
+    root = tmp_path_factory.mktemp("spm-gemma")
+    peft, processor = lora_model(build_spm_gemma(root / "model"))
+    (f16, _) = write_gguf(peft, processor, root / "gguf", ["f16"])
+    return peft, processor, f16
+
+
+def test_sentencepiece_tokenizer_is_written_as_llamas_spm_vocabulary(spm_gemma):
+    import gguf
+
+    peft, processor, f16 = spm_gemma
+    tok = processor.tokenizer
+    assert type(tok).__name__ == "GemmaTokenizer"  # loaded back from disk as a real Gemma 3 tokenizer is
+    tok_json = json.loads(tok.backend_tokenizer.to_str())
+    assert tok_json["model"]["byte_fallback"] and tok_json["normalizer"]["content"] == SPACE
+    n_vocab = peft.get_base_model().config.get_text_config().vocab_size
+    meta, _ = fields(f16)
+    assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == ("llama", "default")
+    assert "tokenizer.ggml.merges" not in meta  # llama.cpp's SentencePiece model merges by score
+    tokens, scores, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"], meta["tokenizer.ggml.token_type"]
+    assert len(tokens) == len(scores) == len(types) == n_vocab == len(tok)
+    vocab = tok.get_vocab()
+    assert all(tokens[i] == t for t, i in vocab.items() if t != SPACE * 4)
+    assert tokens[vocab[SPACE * 4]] == " " * 4  # matched in normalized text by transformers, in raw text by llama.cpp
+    t = gguf.TokenType
+    expected_types = {"<bos>": t.CONTROL, "<eos>": t.CONTROL, "<pad>": t.CONTROL, "<unk>": t.CONTROL,
+                      "<start_of_turn>": t.CONTROL, "<end_of_turn>": t.CONTROL, "<image_soft_token>": t.CONTROL,
+                      "<mask>": t.CONTROL, "<unused0>": t.CONTROL, "<table>": t.USER_DEFINED, SPACE * 4: t.USER_DEFINED,
+                      "<0x00>": t.BYTE, "<0x0A>": t.BYTE, "<0xFF>": t.BYTE, "e": t.NORMAL, f"{SPACE}the": t.NORMAL}
+    assert {k: types[vocab[k]] for k in expected_types} == expected_types
+    assert sum(x == t.BYTE for x in types) == 256 and sum(x == t.NORMAL for x in types) == n_vocab - 256 - 13
+    # Scores: minus the rank of the first merge making the token, so llama.cpp's highest-score-first
+    # merging follows the BPE merge order; characters below every merged piece.
+    merges = [tuple(m) for m in tok_json["model"]["merges"]]
+    first = {}
+    for rank, (a, b) in enumerate(merges):
+        first.setdefault(a + b, rank)
+    assert all(scores[vocab[p]] == -r for p, r in first.items())
+    assert max(scores[i] for i in range(n_vocab) if types[i] == t.NORMAL and tokens[i] not in first) < -max(first.values())
+    assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]) == (vocab["<bos>"], vocab["<eos>"])
+    assert (meta["tokenizer.ggml.padding_token_id"], meta["tokenizer.ggml.unknown_token_id"]) == (
+        vocab["<pad>"], vocab["<unk>"])
+    assert (meta["tokenizer.ggml.add_bos_token"], meta["tokenizer.ggml.add_eos_token"]) == (True, False)
+    assert meta["tokenizer.ggml.add_space_prefix"] is False
+    assert meta["tokenizer.chat_template"] == processor.chat_template
+
+
+def test_sentencepiece_vocabulary_refusals(spm_gemma):
+    """What llama.cpp's SentencePiece tokenizer would not reproduce is refused with the way out."""
+    import gguf
+
+    tok_json = json.loads(spm_gemma[1].tokenizer.backend_tokenizer.to_str())
+    n = len(spm_gemma[1].tokenizer)
+    open_merges = json.loads(json.dumps(tok_json))
+    kept, seen = [], set()
+    for a, b in open_merges["model"]["merges"]:  # one merge per token, as a BPE trainer leaves them
+        if a + b not in seen:
+            kept.append([a, b])
+            seen.add(a + b)
+    assert len(kept) < len(tok_json["model"]["merges"])
+    open_merges["model"]["merges"] = kept
+    with pytest.raises(GGUFExportError, match="merges are not closed.*convert_hf_to_gguf"):
+        spm_vocab(open_merges, n)
+    nfkc = json.loads(json.dumps(tok_json))
+    nfkc["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "NFKC"}, tok_json["normalizer"]]}
+    with pytest.raises(GGUFExportError, match=r"normalizer \['NFKC', 'Replace'\]"):
+        spm_vocab(nfkc, n)
+    metaspace = json.loads(json.dumps(tok_json))
+    metaspace["pre_tokenizer"] = {"type": "Metaspace", "replacement": SPACE, "prepend_scheme": "always", "split": True}
+    with pytest.raises(GGUFExportError, match="pre-tokenizer Metaspace"):
+        spm_vocab(metaspace, n)
+    with pytest.raises(GGUFExportError, match="vocab_size is 100"):
+        spm_vocab(tok_json, 100)
+    tokens, _, types = spm_vocab(tok_json, n + 3)  # a model vocabulary larger than the tokenizer's: unused padding
+    assert tokens[-3:] == [f"[PAD{i}]" for i in range(n, n + 3)] and set(types[-3:]) == {gguf.TokenType.UNUSED}
+
+
+@pytest.mark.slow
+def test_llama_cpp_tokenizes_the_sentencepiece_vocabulary_as_transformers(spm_gemma):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    _, processor, f16 = spm_gemma
+    tok = processor.tokenizer
+    llm = llama_cpp.Llama(model_path=str(f16), vocab_only=True, verbose=False)
+    for text in SPM_STRINGS:
+        ids = tok(text).input_ids
+        assert ids[0] == tok.bos_token_id
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids, text
+        # No special or added token: the pieces decode to the text, as in transformers (llama-cpp-python reads
+        # at most 32 bytes of a piece: the Japanese line, one 51-byte piece of this small vocabulary, is left out).
+        if "<" not in text and max(len(p.encode()) for p in tok.convert_ids_to_tokens(ids)) <= 32:
+            assert llm.detokenize(ids[1:]).decode() == tok.decode(ids[1:]) == text
+    pieces = tok.convert_ids_to_tokens(tok(SPM_STRINGS[3]).input_ids)
+    assert "<0xE2>" in pieces and "<0xF0>" in pieces  # "€" and the emoji fell back to bytes
     llm.close()

@@ -14,15 +14,20 @@ conventions (tensor names through ``gguf``'s own name map, metadata keys of ``gg
 
 Language-model types: ``f32``, ``f16`` and ``q8_0`` (Unsloth's ``"not_quantized"`` is f16, ``"fast_quantized"``
 is q8_0); the projector is always f16 (f32 for norms, biases and embeddings), as llama.cpp ships it. Other
-quantizations (Q4_K_M ...) are made from the f16 file by llama.cpp's ``llama-quantize``. The tokenizer must
-be byte-level BPE (Qwen's, the tiny test models'); a SentencePiece tokenizer is refused with the way out
-(llama.cpp's ``convert_hf_to_gguf.py`` on the merged folder).
+quantizations (Q4_K_M ...) are made from the f16 file by llama.cpp's ``llama-quantize``.
+
+Tokenizers: byte-level BPE (Qwen's, the tiny test models') is written as llama.cpp's ``gpt2`` tokenizer model
+with its merges; SentencePiece-style BPE with byte fallback (Gemma 3's ``tokenizer.json``: spaces normalized
+to "▁", ``<0xNN>`` byte tokens) as llama.cpp's ``llama`` (SentencePiece) model with token scores and types
+(:func:`spm_vocab`). Other tokenizers are refused with the way out (llama.cpp's ``convert_hf_to_gguf.py``
+on the merged folder).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -210,7 +215,8 @@ def _pre_tokenizer(tokenizer_json: dict) -> str:
 
 
 def _add_vocab(w: Any, processor: Any, vocab_size: int) -> None:
-    """Tokens, types, merges, special ids and the chat template of a byte-level BPE tokenizer."""
+    """Tokens, types, special ids and the chat template: a byte-level BPE tokenizer as llama.cpp's ``gpt2``
+    model (with its merges), a SentencePiece-style one (BPE with byte fallback, Gemma's) as its ``llama`` model."""
     import gguf
 
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -219,11 +225,34 @@ def _add_vocab(w: Any, processor: Any, vocab_size: int) -> None:
         tokenizer_json = json.loads((Path(tmp) / "tokenizer.json").read_text(encoding="utf-8"))
         model = tokenizer_json.get("model", {})
         decoder = (tokenizer_json.get("decoder") or {}).get("type")
-        if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
+        spm = model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+        if not spm and (model.get("type") != "BPE" or decoder != "ByteLevel"):
             raise GGUFExportError(
-                "the tokenizer is not byte-level BPE (SentencePiece-style?); this exporter writes byte-level BPE "
-                "vocabularies only. Convert the merged folder with llama.cpp's convert_hf_to_gguf.py.")
-        merges = gguf.SpecialVocab(tmp, load_merges=True).merges
+                "the tokenizer is neither byte-level BPE nor SentencePiece-style BPE (byte fallback); this exporter "
+                "writes those two kinds only. Convert the merged folder with llama.cpp's convert_hf_to_gguf.py.")
+        merges = None if spm else gguf.SpecialVocab(tmp, load_merges=True).merges
+    if spm:
+        _add_spm_tokens(w, tokenizer_json, vocab_size)
+    else:
+        _add_byte_level_tokens(w, tokenizer, tokenizer_json, merges, vocab_size)
+    for kind in ("bos", "eos", "pad", "unk"):
+        token_id = getattr(tokenizer, f"{kind}_token_id", None)
+        if token_id is not None:
+            getattr(w, f"add_{kind}_token_id")(int(token_id))
+    probe = tokenizer("a").input_ids
+    w.add_add_bos_token(tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id])
+    if spm:  # llama.cpp's SentencePiece defaults (add a space prefix, no eos) stated either way
+        w.add_add_eos_token(tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id])
+        w.add_add_space_prefix(False)
+    template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+    if template:
+        w.add_chat_template(template)
+
+
+def _add_byte_level_tokens(w: Any, tokenizer: Any, tokenizer_json: dict, merges: list, vocab_size: int) -> None:
+    """A byte-level BPE vocabulary as llama.cpp's ``gpt2`` tokenizer model: tokens, types, merges."""
+    import gguf
+
     id_to_token = {i: t for t, i in tokenizer.get_vocab().items()}
     if len(id_to_token) > vocab_size:
         raise GGUFExportError(f"tokenizer has {len(id_to_token)} tokens but the model's vocab_size is {vocab_size}")
@@ -240,15 +269,114 @@ def _add_vocab(w: Any, processor: Any, vocab_size: int) -> None:
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    for kind in ("bos", "eos", "pad", "unk"):
-        token_id = getattr(tokenizer, f"{kind}_token_id", None)
-        if token_id is not None:
-            getattr(w, f"add_{kind}_token_id")(int(token_id))
-    probe = tokenizer("a").input_ids
-    w.add_add_bos_token(tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id])
-    template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
-    if template:
-        w.add_chat_template(template)
+
+
+SPM_SPACE = "\u2581"
+"""SentencePiece's whitespace symbol "▁", which the tokenizer's normalizer puts in place of every space."""
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+# Added tokens that Gemma's tokenizer does not flag as special but that are control tokens all the same;
+# llama.cpp's converter types them CONTROL too (only matched in text when special tokens are parsed).
+_GEMMA_CONTROL = ("<mask>", "[@BOS@]", "<2mass>")
+
+
+def _check_spm_layout(tokenizer_json: dict) -> None:
+    """Refuse a byte-fallback BPE ``tokenizer.json`` that llama.cpp's SentencePiece tokenizer would not
+    reproduce: it must turn spaces into "▁" and nothing else (no space prefix: llama.cpp is told
+    ``add_space_prefix = false``), split nothing before the BPE model (a split at " " after that normalizer,
+    as transformers 5's ``GemmaTokenizer`` has, splits nothing), and merge deterministically."""
+    model = tokenizer_json["model"]
+    norm = tokenizer_json.get("normalizer") or {}
+    steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm] if norm else []
+    replaces_spaces = [s.get("type") for s in steps] == ["Replace"] and steps[0].get("pattern") == {"String": " "} \
+        and steps[0].get("content") == SPM_SPACE
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    # transformers 5's GemmaTokenizer splits at " ", of which the normalizer has left none: nothing is split
+    splits_nothing = not pre or (pre.get("type") == "Split" and pre.get("pattern") == {"String": " "})
+    problems = ([] if replaces_spaces else [f"normalizer {[s.get('type') for s in steps]} is not Replace(' ' -> '▁')"]) \
+        + ([] if splits_nothing else [f"pre-tokenizer {pre.get('type')}"]) \
+        + [f"BPE {k}={model[k]!r}" for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix") if model.get(k)]
+    if problems:
+        raise GGUFExportError(
+            f"SentencePiece-style tokenizer with {'; '.join(problems)}: this exporter writes the layout of Gemma's "
+            "tokenizer only (llama.cpp tokenizes it as SentencePiece). Convert the merged folder with llama.cpp's "
+            "convert_hf_to_gguf.py (it reads tokenizer.model).")
+
+
+def _merge_pairs(model: dict) -> list[tuple[str, str]]:
+    """The BPE merges of a ``tokenizer.json`` model, as pairs (both of its spellings: "a b" and ["a", "b"])."""
+    return [tuple(m.split(" ", 1)) if isinstance(m, str) else (m[0], m[1]) for m in model.get("merges", [])]
+
+
+def spm_vocab(tokenizer_json: dict, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+    """(tokens, scores, token types) of a SentencePiece-style BPE ``tokenizer.json`` for llama.cpp's ``llama``
+    tokenizer model, padded to ``vocab_size`` with unused ``[PAD<id>]`` tokens.
+
+    llama.cpp does not read merges for this model: it merges adjacent pieces whose concatenation is a token,
+    highest score first (leftmost among equals). A token's score is therefore minus the rank of the first
+    merge that makes it, which reproduces the BPE merge order; tokens no merge makes (characters) score below
+    all of them, and bytes ``<0xNN>``, the unknown token and added tokens keep SentencePiece's and llama.cpp's
+    fixed scores. That equals the BPE model only when its merges are closed: every way of splitting a token
+    into two tokens is a merge (true of tokenizers converted from SentencePiece, whose merges are generated
+    that way); otherwise llama.cpp would make tokens the BPE model never makes, so that is refused.
+    Types: ``<0xNN>`` BYTE, added special tokens (and Gemma's unflagged ``<mask>``, ``[@BOS@]``, ``<2mass>``,
+    ``<unusedN>``) CONTROL, other added tokens USER_DEFINED (written with "▁" back to spaces where the token
+    is matched in normalized text: llama.cpp matches them in the raw text), the unknown token UNKNOWN unless
+    it is an added special token (Gemma's ``<unk>`` is: CONTROL, as llama.cpp's converter types it).
+    """
+    import gguf
+
+    types_ = gguf.TokenType
+    _check_spm_layout(tokenizer_json)
+    model = tokenizer_json["model"]
+    vocab: dict[str, int] = model["vocab"]
+    added = {int(t["id"]): t for t in tokenizer_json.get("added_tokens", [])}
+    top = max([*vocab.values(), *added], default=-1)
+    if top >= vocab_size:
+        raise GGUFExportError(f"tokenizer has token id {top} but the model's vocab_size is {vocab_size}")
+    merges = _merge_pairs(model)
+    first_merge: dict[str, int] = {}
+    for rank, (a, b) in enumerate(merges):
+        first_merge.setdefault(a + b, rank)
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-1000.0] * vocab_size
+    types = [int(types_.UNUSED)] * vocab_size
+    unk = model.get("unk_token")
+    for token, i in vocab.items():
+        tokens[i] = token
+        if _BYTE_TOKEN.fullmatch(token):
+            scores[i], types[i] = 0.0, int(types_.BYTE)
+        elif token == unk:
+            scores[i], types[i] = 0.0, int(types_.UNKNOWN)
+        else:
+            scores[i], types[i] = -float(first_merge.get(token, len(merges) + i)), int(types_.NORMAL)
+    for i, t in added.items():
+        content = t["content"]
+        control = t.get("special") or content in _GEMMA_CONTROL or (content.startswith("<unused") and content.endswith(">"))
+        if not control and t.get("normalized"):
+            content = content.replace(SPM_SPACE, " ")
+        tokens[i], scores[i] = content, -1000.0
+        types[i] = int(types_.CONTROL if control else types_.USER_DEFINED)
+    pairs = set(merges)
+    normal = dict.fromkeys(t for t, i in vocab.items() if types[i] == types_.NORMAL)  # ordered: a stable error
+    for token in normal:
+        for cut in range(1, len(token)):
+            a, b = token[:cut], token[cut:]
+            if a in normal and b in normal and (a, b) not in pairs:
+                raise GGUFExportError(
+                    f"the tokenizer's BPE merges are not closed: {a!r} + {b!r} makes token {token!r}, but no merge says "
+                    "so; llama.cpp's SentencePiece tokenizer would make it where this tokenizer does not. Convert the "
+                    "merged folder with llama.cpp's convert_hf_to_gguf.py from the model's tokenizer.model.")
+    return tokens, scores, types
+
+
+def _add_spm_tokens(w: Any, tokenizer_json: dict, vocab_size: int) -> None:
+    """A SentencePiece-style vocabulary as llama.cpp's ``llama`` tokenizer model: tokens, scores, types."""
+    tokens, scores, types = spm_vocab(tokenizer_json, vocab_size)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
 
 
 # ------------------------------------------------------------------------------------------ writing

@@ -8,8 +8,15 @@ is loaded exactly as it is served (``mlflow.pyfunc.load_model`` of the model ver
 
 What it writes, in ``export.output_dir``: one folder per format and ``manifest.json`` (model, version,
 formats, the sha256 and size of every file). The folder is logged to the version's MLflow run under
-``export/v<version>``, and the export is recorded on the model version (tags ``export_formats``,
-``export_uri``, ``export_manifest_sha256``, ``export_time``) beside the promotion decision's tags.
+``export/v<version>``, the export is recorded on the model version (tags ``export_formats``,
+``export_uri``, ``export_manifest_sha256``, ``export_time``: the latest export) beside the promotion
+decision's tags, and an entry (:func:`export_entry`: time, version, formats, manifest sha256, logged folder)
+is appended to ``exports`` in the version's decision record, ``register/decision.json`` in its run (the
+record the run report shows; every export of the version, in order).
+
+Not in ``register.promotions_log``: that file is the register stage's DVC output (and this stage's
+dependency); appending to it here would change register's recorded output, so every ``dvc repro`` would
+run register again (a new model version) and then this stage.
 
 The registered model's name and registry come from the last record of ``register.promotions_log`` (the
 register stage's output), so the stage reads no setting of another stage. With ``export.formats: []``
@@ -85,8 +92,46 @@ def _export(model: Any, processor: Any, formats: list[str], out: Path) -> None:
         write_gguf(model, processor, out / "gguf", types)
 
 
-def _record(client: Any, mv: Any, out: Path, manifest: dict[str, Any]) -> dict[str, str]:
-    """Log the folder to the version's run and tag the version with the export (the registry's history)."""
+DECISION_ARTIFACT = "register/decision.json"  # the register stage's decision record in the version's run
+
+
+def export_entry(mv: Any, out: Path, manifest: dict[str, Any], manifest_sha: str, export_uri: str) -> dict[str, Any]:
+    """The export as an entry of the decision history: a record of the promotion records' family (same keys
+    for the same facts: ``timestamp``, ``model_name``, ``version``, ``run_id``, ``registered_uri``,
+    ``git_commit``), with ``event: "export"``, the formats, the manifest's sha256 and the logged folder."""
+    from visiontune.pipeline.tracking import git_commit
+
+    files = manifest["files"]
+    return {"timestamp": manifest["timestamp"], "event": "export", "model_name": mv.name, "version": str(mv.version),
+            "formats": list(manifest["formats"]), "manifest_sha256": manifest_sha, "export_uri": export_uri,
+            "output_dir": str(out), "files": len(files), "bytes": sum(f["bytes"] for f in files.values()),
+            "run_id": mv.run_id, "registered_uri": f"models:/{mv.name}/{mv.version}", "git_commit": git_commit()}
+
+
+def _append_to_decision(client: Any, mv: Any, entry: dict[str, Any]) -> bool:
+    """Append ``entry`` to ``exports`` in the version's decision record (``register/decision.json`` in its run,
+    the record the run report shows); False, with a warning, when the run holds no decision of this version."""
+    import tempfile
+
+    folder, _, name = DECISION_ARTIFACT.rpartition("/")
+    if DECISION_ARTIFACT not in {a.path for a in client.list_artifacts(mv.run_id, folder)}:
+        log.warning("run %s holds no %s: export of %s v%s recorded in the version's tags only (it was not registered "
+                    "by `visiontune register`)", mv.run_id, DECISION_ARTIFACT, mv.name, mv.version)
+        return False
+    with tempfile.TemporaryDirectory(prefix="visiontune-export-") as tmp:
+        record = json.loads(Path(client.download_artifacts(mv.run_id, DECISION_ARTIFACT, tmp)).read_text())
+    if (record.get("model_name"), str(record.get("version"))) != (mv.name, str(mv.version)):
+        log.warning("%s of run %s records %s v%s, not %s v%s: export recorded in the version's tags only",
+                    DECISION_ARTIFACT, mv.run_id, record.get("model_name"), record.get("version"), mv.name, mv.version)
+        return False
+    record["exports"] = [*(record.get("exports") or []), entry]
+    client.log_dict(mv.run_id, record, DECISION_ARTIFACT)
+    return True
+
+
+def _record(client: Any, mv: Any, out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Log the folder to the version's run, tag the version with the export and append the export to the
+    version's decision record (see :func:`export_entry`)."""
     artifact_path = f"export/v{mv.version}"
     client.log_artifacts(mv.run_id, str(out), artifact_path)
     manifest_sha = hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()
@@ -94,7 +139,8 @@ def _record(client: Any, mv: Any, out: Path, manifest: dict[str, Any]) -> dict[s
             "export_manifest_sha256": manifest_sha, "export_time": manifest["timestamp"]}
     for key, value in tags.items():
         client.set_model_version_tag(mv.name, mv.version, key, value)
-    return tags
+    entry = export_entry(mv, out, manifest, manifest_sha, tags["export_uri"])
+    return {**tags, "decision_history": _append_to_decision(client, mv, entry)}
 
 
 def export_stage(cfg: Any) -> dict[str, Any]:
