@@ -10,11 +10,17 @@ setup: $(VENV)/.installed data/raw
 
 # torch and torchvision come from PyPI first (--isolated skips this machine's local find-links, whose
 # CPU-only torch wheel has no matching torchvision; PyPI's CUDA build runs on CPUs). pip then sees
-# torch satisfied and installs the rest from pyproject.toml.
+# torch satisfied and installs the rest from pyproject.toml. The demo needs only the runtime; the test
+# extras come with `make test` (llama-cpp-python compiles llama.cpp: ~15 min on a fresh 2-core machine
+# with no pip cache, more than the whole demo).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q --isolated torch==2.13.0 torchvision==0.28.0
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
@@ -32,7 +38,7 @@ demo: setup
 
 # `pytest` (not `python -m pytest`): the latter puts the repo root on sys.path, where the top-level
 # kernels/ folder would shadow Hugging Face's `kernels` package.
-test: setup
+test: setup $(VENV)/.installed-dev
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
 
 # Debian's headless Chromium and its chromedriver, for the run report's browser test (needs root; .ci/run
