@@ -21,19 +21,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from flow_settings import tiny_flow  # tests/flows/flow_settings.py
 
 BIN = Path(sys.executable).parent
 POOL, NAME, CRON = "visiontune-pool", "nightly", "0 3 * * 1"
-TINY = {
-    "demo": {"samples": 40},
-    "model": {"max_seq_length": 512, "tiny_size": "test"},
-    "lora": {"r": 4, "lora_alpha": 8},
-    "images": {"resize": [112, 56]},
-    "train": {"max_steps": 2, "save_steps": 2, "logging_steps": 1, "per_device_train_batch_size": 2},
-    "eval": {"max_samples": 2, "max_new_tokens": 3, "grid_samples": 2},
-    "register": {"input_example": False, "max_new_tokens": 3},
-    "report": {"gallery_samples": 2},
-}
+TINY = tiny_flow()
 
 
 def _free_port() -> int:
@@ -68,7 +60,7 @@ def prefect_server(tmp_path):
         server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                   cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300  # generous: on 2 busy cores a start has taken minutes
         while True:
             try:
                 with urllib.request.urlopen(f"{api}/health", timeout=2) as r:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from flow_settings import tiny_flow  # tests/flows/flow_settings.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
 from faults import MlflowServer  # noqa: E402  (tests/reliability/faults.py)
@@ -25,16 +26,7 @@ from faults import MlflowServer  # noqa: E402  (tests/reliability/faults.py)
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 NAME = "visiontune-served"
-TINY = {
-    "demo": {"samples": 40},
-    "model": {"max_seq_length": 512, "tiny_size": "test"},
-    "lora": {"r": 4, "lora_alpha": 8},
-    "images": {"resize": [112, 56]},
-    "train": {"max_steps": 2, "save_steps": 2, "logging_steps": 1, "per_device_train_batch_size": 2},
-    "eval": {"max_samples": 2, "max_new_tokens": 3, "grid_samples": 2, "batch_size": 1},
-    "register": {"input_example": False, "model_name": NAME, "max_new_tokens": 3},
-    "report": {"gallery_samples": 2},
-}
+TINY = tiny_flow(eval={"batch_size": 1}, register={"model_name": NAME})
 
 FRESH_PROCESS = r"""
 import json, sys

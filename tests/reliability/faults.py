@@ -43,8 +43,10 @@ class MlflowServer:
         self.proc: Optional[subprocess.Popen] = None
         self.starts = 0
 
-    def start(self, timeout: float = 120) -> float:
-        """Start the server and wait until ``/health`` answers; returns the seconds that took."""
+    def start(self, timeout: float = 300) -> float:
+        """Start the server and wait until ``/health`` answers; returns the seconds that took. A server that does
+        not come up within ``timeout`` (generous: on 2 busy cores a start has taken over 2 minutes) is killed
+        before the error is raised, so it does not outlive the test."""
         t0 = time.monotonic()
         self.starts += 1
         log = open(self.root / f"server-{self.starts}.log", "wb")
@@ -65,7 +67,8 @@ class MlflowServer:
             except OSError:
                 pass
             if self.proc.poll() is not None or time.monotonic() - t0 > timeout:
-                raise RuntimeError(f"mlflow server did not come up on {self.uri}:\n{self.log_tail()}")
+                self.crash()
+                raise RuntimeError(f"mlflow server did not come up on {self.uri} within {timeout:.0f} s:\n{self.log_tail()}")
             time.sleep(0.2)
 
     def log_tail(self, n: int = 3000) -> str:
