@@ -165,3 +165,44 @@ def demo_work_dir(tmp_path_factory) -> Path:
     normalize_stage(cfg)
     convert_stage(cfg)
     return root / "work"
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, demo_work_dir, tiny_model_dir) -> dict[str, Any]:
+    """train (evaluation every 2 steps) -> align (none) -> evaluate -> register -> report: demo data, tiny model.
+    Shared by the report tests and the served-model test (tests/pipeline/test_pyfunc.py)."""
+    from test_train import _cfg  # tests/pipeline/test_train.py
+    from visiontune.config import from_dict
+    import mlflow
+
+    from visiontune.pipeline.align import align_stage
+    from visiontune.pipeline.evaluate import evaluate_stage
+    from visiontune.pipeline.register import register_stage
+    from visiontune.pipeline.report import report_stage
+    from visiontune.pipeline.train import train_stage
+    from visiontune.stages import RecordingConfig
+
+    root = tmp_path_factory.mktemp("report-run")
+    raw = _cfg(root, demo_work_dir, tiny_model_dir("qwen2_5_vl"), max_steps=4, eval_every_steps=2, eval_samples=4,
+               eval_max_new_tokens=4)
+    out = root / "outputs"
+    raw["eval"] = {"split": "train", "max_samples": 10, "max_new_tokens": 4, "batch_size": 10, "grid_samples": 0,
+                   "metrics_file": str(out / "eval" / "metrics.json"), "predictions_file": str(out / "eval" / "p.csv")}
+    raw["register"] = {"model_name": "vt-report", "input_example": False, "log_base_model": False, "max_new_tokens": 4,
+                       "promotions_log": str(root / "promotions.jsonl")}
+    raw["report"] = {"output_dir": str(out / "report")}
+    raw["align"] = {"output_dir": str(out / "align")}  # method none: the SFT adapter handed on
+    cfg = from_dict(raw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        train_stage(cfg)
+        align_stage(cfg)
+        evaluate_stage(cfg)
+        decision = register_stage(cfg)
+        recording = RecordingConfig(cfg)
+        result = report_stage(recording)
+    while mlflow.active_run():
+        mlflow.end_run()
+    return {"cfg": cfg, "result": result, "read": recording.accessed, "decision": decision, "root": root,
+            "metrics": json.loads(Path(cfg.eval.metrics_file).read_text())}

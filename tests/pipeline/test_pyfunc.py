@@ -114,3 +114,31 @@ def test_prompt_defaults_to_the_recorded_instruction():
     only_images = _build_samples(pd.DataFrame({"image": ["a.png"]}), "Transcribe.")
     assert only_images[0]["messages"][0]["content"] == [{"type": "image", "image": "a.png"},
                                                          {"type": "text", "text": "Transcribe."}]
+
+
+def test_the_champion_answers_as_the_evaluate_stage_on_the_same_images(pipeline_run):
+    """The model a user loads from the registry (``models:/<name>@champion``, MLflow's own loader) gives, image for
+    image, the answers the evaluate stage scored: same adapter, same image rule, same greedy decoding, the
+    prompt defaulting to the instruction recorded at training. Real stages on the demo data (the session's
+    pipeline run: 10 evaluation images, evaluated in one batch of 10; the served model batches by 8)."""
+    import csv
+
+    import mlflow
+
+    from visiontune.pipeline.evaluate import load_eval_samples
+
+    cfg = pipeline_run["cfg"]
+    scored = list(csv.DictReader(open(cfg.eval.predictions_file, newline="")))
+    samples = load_eval_samples(Path(cfg.data.work_dir) / "dataset", cfg.eval.split, cfg.eval.max_samples)
+    assert [s.get("record_id", "") for s in samples] == [r["record_id"] for r in scored] and len(scored) == 10
+    images = []
+    for sample in samples:
+        user = next(m for m in sample["messages"] if m["role"] == "user")
+        images.append(next(c["image"] for c in user["content"] if c.get("type") == "image"))
+
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    mlflow.set_registry_uri(cfg.tracking.uri)
+    served = mlflow.pyfunc.load_model(f"models:/{cfg.register.model_name}@champion")
+    answers = served.predict(pd.DataFrame({"image": [encode_image(p) for p in images]}))
+    assert list(answers) == [r["prediction"] for r in scored]
+    assert len(set(answers)) > 1  # not one answer for every image

@@ -16,7 +16,6 @@ from typing import Any, Iterator
 import pytest
 from PIL import Image
 
-from test_train import _cfg  # tests/pipeline/test_train.py
 from visiontune import stages
 from visiontune.config import from_dict
 from visiontune.pipeline.report_views import cards, confusions, segments
@@ -77,45 +76,6 @@ def visible_after(driver: Any, name: str) -> list[str]:
         "return Array.from(document.querySelectorAll('#gallery .card')).filter(c => !c.hidden).map(c => c.dataset.index)")
     assert driver.find_element("id", "shown").text == str(len(visible))
     return visible
-
-
-# ------------------------------------------------------------------------------------------ the real stages
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, demo_work_dir, tiny_model_dir) -> dict[str, Any]:
-    """train (evaluation every 2 steps) -> align (none) -> evaluate -> register -> report: demo data, tiny model."""
-    import mlflow
-
-    from visiontune.pipeline.align import align_stage
-    from visiontune.pipeline.evaluate import evaluate_stage
-    from visiontune.pipeline.register import register_stage
-    from visiontune.pipeline.report import report_stage
-    from visiontune.pipeline.train import train_stage
-    from visiontune.stages import RecordingConfig
-
-    root = tmp_path_factory.mktemp("report-run")
-    raw = _cfg(root, demo_work_dir, tiny_model_dir("qwen2_5_vl"), max_steps=4, eval_every_steps=2, eval_samples=4,
-               eval_max_new_tokens=4)
-    out = root / "outputs"
-    raw["eval"] = {"split": "train", "max_samples": 10, "max_new_tokens": 4, "batch_size": 10, "grid_samples": 0,
-                   "metrics_file": str(out / "eval" / "metrics.json"), "predictions_file": str(out / "eval" / "p.csv")}
-    raw["register"] = {"model_name": "vt-report", "input_example": False, "log_base_model": False, "max_new_tokens": 4,
-                       "promotions_log": str(root / "promotions.jsonl")}
-    raw["report"] = {"output_dir": str(out / "report")}
-    raw["align"] = {"output_dir": str(out / "align")}  # method none: the SFT adapter handed on
-    cfg = from_dict(raw)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        train_stage(cfg)
-        align_stage(cfg)
-        evaluate_stage(cfg)
-        decision = register_stage(cfg)
-        recording = RecordingConfig(cfg)
-        result = report_stage(recording)
-    while mlflow.active_run():
-        mlflow.end_run()
-    return {"cfg": cfg, "result": result, "read": recording.accessed, "decision": decision, "root": root,
-            "metrics": json.loads(Path(cfg.eval.metrics_file).read_text())}
 
 
 def test_report_stage_reads_its_params_and_links_the_page(pipeline_run):
