@@ -4,6 +4,8 @@ One op per module, each with its Triton kernels, autograd Function and pure-torc
 :mod:`~visiontune.kernels.rmsnorm`, :mod:`~visiontune.kernels.layernorm`, :mod:`~visiontune.kernels.rope`
 (RoPE, M-RoPE, vision 2D RoPE), :mod:`~visiontune.kernels.activations` (SwiGLU/GeGLU/GELU),
 :mod:`~visiontune.kernels.lora` (LoRA fused with the frozen base matmul, fused LoRA MLPs),
+:mod:`~visiontune.kernels.nf4` (bitsandbytes NF4 dequantization), :mod:`~visiontune.kernels.nf4_lora`
+(LoRA over a frozen NF4 base: QLoRA's linear),
 :mod:`~visiontune.kernels.cross_entropy` (chunked linear + CE), :mod:`~visiontune.kernels.attention`
 (packed varlen attention).
 

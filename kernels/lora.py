@@ -29,6 +29,8 @@ from visiontune.kernels.activations import (
     _grid,
     _block,
     act_reference,
+    activation,
+    glu,
     glu_backward_kernel,
     glu_forward_kernel,
     glu_reference,
@@ -140,7 +142,13 @@ class LoRALinearFunction(torch.autograd.Function):
 
 def lora_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, a: torch.Tensor | None = None,
                 bm: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
-    """Fused frozen-base + LoRA linear (torch GEMMs); reference path off the engine."""
+    """Fused frozen-base + LoRA linear (torch GEMMs); reference path off the engine.
+
+    ``w`` may also be a quantized base that applies itself (:class:`~visiontune.kernels.nf4.NF4Weight`,
+    handed out by :func:`~visiontune.kernels.patch.lora_params` for bitsandbytes NF4 layers).
+    """
+    if not torch.is_tensor(w):
+        return w.lora_linear(x, b, a, bm, scale)
     if use_fused(x):  # no Triton here: the cuBLAS Function runs wherever the engine's Triton ops run
         return LoRALinearFunction.apply(x, w, b, a, bm, float(scale))
     return lora_linear_reference(x, w, b, a, bm, scale)
@@ -266,6 +274,10 @@ def gated_mlp(x: torch.Tensor, gate: LinearParams, up: LinearParams, down: Linea
     2 x tokens x intermediate fewer bytes held per MLP (Qwen2.5-VL-7B LM: 74 KiB per token), for 2 more
     GEMMs, cheaper than recomputing the whole layer when memory is what limits.
     """
+    if not all(torch.is_tensor(p[0]) for p in (gate, up, down)):
+        # a quantized (NF4) base: one NF4/LoRA Function per projection around the fused GLU. It keeps h
+        # for the down projection (the fused Function above does not); an NF4-aware MLP Function is not built.
+        return lora_linear(glu(lora_linear(x, *gate), lora_linear(x, *up), act), *down)
     if use_fused(x) and act in ACTIVATIONS:
         scales = (float(gate[4]), float(up[4]), float(down[4]))
         return LoRAGatedMLPFunction.apply(x, *gate[:4], *up[:4], *down[:4], scales, act, bool(recompute))
@@ -276,6 +288,8 @@ def plain_mlp(x: torch.Tensor, fc1: LinearParams, fc2: LinearParams, act: str = 
               recompute: bool = False) -> torch.Tensor:
     """Fused LoRA plain MLP (vision towers); reference path off the engine. ``recompute``: as in
     :func:`gated_mlp` (fc1 runs again in backward instead of keeping its output)."""
+    if not torch.is_tensor(fc1[0]) or not torch.is_tensor(fc2[0]):  # a quantized (NF4) base: as in gated_mlp
+        return lora_linear(activation(lora_linear(x, *fc1), act), *fc2)
     if use_fused(x) and act in ACTIVATIONS:
         return LoRAPlainMLPFunction.apply(x, *fc1[:4], *fc2[:4], (float(fc1[4]), float(fc2[4])), act, bool(recompute))
     return plain_mlp_reference(x, fc1, fc2, act)

@@ -15,7 +15,10 @@ few module-level function swaps are reference-counted, and :meth:`PatchHandle.un
 patching may happen before PEFT wraps the Linear layers in LoRA layers (``FastVisionModel`` patches at
 load time, ``get_peft_model`` comes later). Any call the fused path cannot serve (KV cache during
 generation, LoRA dropout > 0 while training, DoRA, quantized or trainable base weights, dtype mismatch)
-falls through to the original forward, so results never change beyond kernel tolerances.
+falls through to the original forward, so results never change beyond kernel tolerances. The one quantized
+base served is bitsandbytes NF4 under a PEFT LoRA layer (:func:`nf4_base`: the NF4 LoRA Function of
+:mod:`~visiontune.kernels.nf4_lora`, inside the patched blocks and, through :func:`patch_lora_layers`, on the
+LoRA layers themselves).
 
 The fused linear + cross-entropy wraps ``*ForConditionalGeneration.forward``: when ``labels`` are given,
 the ``lm_head`` is bypassed for that call, the hidden states come back in place of the logits, and the
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 import warnings
 import weakref
 from collections.abc import Callable
@@ -42,6 +46,7 @@ from visiontune.kernels.attention import varlen_attention
 from visiontune.kernels.cross_entropy import fused_linear_cross_entropy
 from visiontune.kernels.layernorm import layer_norm
 from visiontune.kernels.lora import gated_mlp, lora_linear, plain_mlp
+from visiontune.kernels.nf4 import NF4Weight, nf4_weight
 from visiontune.kernels.rmsnorm import rms_norm
 from visiontune.kernels.rope import (
     apply_rotary_pos_emb,
@@ -135,9 +140,44 @@ def _swap_global(handle: PatchHandle, mod_name: str, attr: str, make: Callable[[
 # helpers used by the patched forwards
 
 
+def _linear4bit_class() -> type | None:
+    bnb = sys.modules.get("bitsandbytes")  # no Linear4bit can exist unless bitsandbytes was imported
+    nn_mod = getattr(bnb, "nn", None) if bnb is not None else None
+    return getattr(nn_mod, "Linear4bit", None) if nn_mod is not None else None
+
+
+def nf4_base(base: nn.Module, x: torch.Tensor) -> NF4Weight | None:
+    """The frozen NF4 weight of a bitsandbytes ``Linear4bit`` when the engine's NF4 LoRA path serves input
+    ``x`` (:mod:`visiontune.kernels.nf4_lora`), else None (the layer keeps bitsandbytes' own path).
+
+    Served: the engine's devices (:func:`~visiontune.kernels._common.use_fused`: CUDA; CPU tensors only
+    under ``TRITON_INTERPRET=1`` in ``force_triton``), NF4 in bitsandbytes' plain layout (with or without
+    double quantization), x in the layer's compute dtype and the weight's dequantize dtype. Not served:
+    FP4, weights the CPU backend repacked for its AVX512-BF16 inference kernel (``packing_format_for_cpu``,
+    see ``fast_vision._keep_cpu_4bit_differentiable``), and one-row inputs without grad (decoding), which
+    bitsandbytes answers with its fused 4-bit GEMV instead of dequantizing the whole weight.
+    """
+    cls = _linear4bit_class()
+    if cls is None or not isinstance(base, cls) or not use_fused(x):
+        return None
+    if x.numel() == x.shape[-1] and not x.requires_grad:
+        return None
+    w = base.weight
+    if w.requires_grad or getattr(base, "compute_dtype", None) not in (None, x.dtype):
+        return None
+    q = nf4_weight(w)
+    if q is None or q.dtype != x.dtype or q.device != x.device or q.shape[1] != x.shape[-1]:
+        return None
+    return q
+
+
 def lora_params(module: nn.Module, x: torch.Tensor) -> tuple | None:
     """``(W, b, A, B, scale)`` of a plain ``nn.Linear`` or a single-adapter PEFT LoRA Linear, or None
     when the fused path cannot reproduce the module exactly (then the caller uses the module itself).
+
+    A LoRA layer over a bitsandbytes NF4 ``Linear4bit`` gives an :class:`~visiontune.kernels.nf4.NF4Weight`
+    as W where :func:`nf4_base` serves it (``lora_linear`` and the MLP ops hand it to
+    :mod:`~visiontune.kernels.nf4_lora`); other 4-bit layers give None.
     """
     if type(module) is nn.Linear:
         w = module.weight
@@ -145,11 +185,16 @@ def lora_params(module: nn.Module, x: torch.Tensor) -> tuple | None:
             return None
         return (w, module.bias, None, None, 1.0)
     base = getattr(module, "base_layer", None)
-    if base is None or not hasattr(module, "lora_A") or type(base) is not nn.Linear:
+    if base is None or not hasattr(module, "lora_A"):
         return None
-    w = base.weight
-    if w.requires_grad or w.dtype != x.dtype:
-        return None
+    if type(base) is nn.Linear:
+        w = base.weight
+        if w.requires_grad or w.dtype != x.dtype:
+            return None
+    else:
+        w = nf4_base(base, x)
+        if w is None:
+            return None
     if getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
         return (w, base.bias, None, None, 1.0)
     active = list(getattr(module, "active_adapters", []))
@@ -236,6 +281,44 @@ def _bound_forward(orig: Callable, fused: Callable[[dict[str, Any]], Any]) -> Ca
 
 # --------------------------------------------------------------------------------------------------
 # patched forwards (factories close over the module and its original forward)
+
+
+def _is_lora_over_4bit(m: nn.Module) -> bool:
+    cls = _linear4bit_class()
+    return cls is not None and hasattr(m, "lora_A") and isinstance(getattr(m, "base_layer", None), cls)
+
+
+def _nf4_lora_forward(m: nn.Module, orig: Callable) -> Callable:
+    """Forward of a PEFT LoRA layer over a bitsandbytes 4-bit base: the NF4 LoRA Function for the calls
+    :func:`lora_params` serves with an NF4 weight, PEFT's forward (``orig``) for every other call."""
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        p = None if (args or kwargs) else lora_params(m, x)
+        if p is None or not isinstance(p[0], NF4Weight):
+            return orig(x, *args, **kwargs)
+        return lora_linear(x, *p)
+
+    forward._vt_nf4_lora = True
+    return forward
+
+
+def _patch_nf4_lora(handle: PatchHandle, m: nn.Module) -> bool:
+    if not _is_lora_over_4bit(m) or getattr(m.__dict__.get("forward"), "_vt_nf4_lora", False):
+        return False
+    _set_forward(handle, m, _nf4_lora_forward(m, m.forward), "nf4_lora")
+    return True
+
+
+def patch_lora_layers(model: nn.Module) -> int:
+    """Give the LoRA layers over bitsandbytes 4-bit bases that PEFT added to an already patched ``model``
+    the NF4 LoRA forward (``FastVisionModel.get_peft_model`` calls it: the patch is applied at load time,
+    before those layers exist). The patched attention and MLP blocks find them without it; this covers the
+    projections of every other module (cross-attention, unpatched attention). Undone by the model's
+    :meth:`PatchHandle.unpatch`. Returns how many layers it patched (0 when ``model`` is not patched).
+    """
+    handle = vision_state(model).kernel_handle
+    if handle is None or not handle.active:
+        return 0
+    return sum(_patch_nf4_lora(handle, m) for m in model.modules())
 
 
 def _rmsnorm_forward(m: nn.Module, offset: float, cast: bool) -> Callable:
@@ -480,6 +563,8 @@ def _patch_modules(model: nn.Module, kmap: KernelMap, handle: PatchHandle, *, at
     ce_done = False
     for m in model.modules():
         cls = type(m).__name__
+        if _patch_nf4_lora(handle, m):  # model already PEFT-wrapped: its LoRA layers over 4-bit bases
+            continue
         if cls in kmap.rms_norms and isinstance(getattr(m, "weight", None), torch.Tensor):
             offset, cast = kmap.rms_norms[cls]
             _set_forward(handle, m, _rmsnorm_forward(m, offset, cast), "rms_norm")
@@ -516,4 +601,4 @@ def unpatch_model(model: nn.Module) -> None:
 
 
 __all__ = ["ACTIVATIONS", "PatchHandle", "identify_activation",
-           "lora_params", "patch_model", "unpatch_model"]
+           "lora_params", "nf4_base", "patch_lora_layers", "patch_model", "unpatch_model"]

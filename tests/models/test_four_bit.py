@@ -55,7 +55,8 @@ def test_qlora_loads_trains_generates_and_trains_again_on_the_cpu(arch, tiny_mod
     model = FastVisionModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0)
     lora_on_4bit = [m for m in model.modules() if hasattr(m, "lora_A") and isinstance(m.get_base_layer(), bnb.nn.Linear4bit)]
     assert lora_on_4bit and type(lora_on_4bit[0]).__module__ == "peft.tuners.lora.bnb"
-    # The engine's fused LoRA GEMM takes plain nn.Linear bases only: 4-bit layers keep PEFT's path (README).
+    # Off the engine (a CPU model, no force_triton) 4-bit layers keep PEFT's path; on CUDA the NF4 ones take
+    # kernels/nf4_lora.py (tests/kernels/test_nf4.py).
     assert lora_params(lora_on_4bit[0], torch.zeros(1, lora_on_4bit[0].in_features)) is None
 
     batch = {k: v.to(model.device) if torch.is_tensor(v) else v  # on a CUDA machine the model is on the GPU

@@ -161,6 +161,7 @@ class FastVisionModel:
         peft_model.max_seq_length = max_len
         state.checkpointing = ckpt
         FastVisionModel._set_checkpointing(peft_model, ckpt)  # Unsloth passes it here, too
+        _patch_lora_layers(model)
         return attach_save_methods(peft_model)  # save_pretrained_merged / save_pretrained_gguf, as in Unsloth
 
     @staticmethod
@@ -237,7 +238,7 @@ def _four_bit_config(torch_dtype: torch.dtype) -> Any:
 
 def quantized_layers(model: torch.nn.Module) -> list[str]:
     """Names of the bitsandbytes-quantized linear layers of ``model`` (``load_in_4bit``; 8-bit too): the
-    engine's fused LoRA paths take plain ``nn.Linear`` bases only, and LoftQ wants none."""
+    engine's fused LoRA paths take plain ``nn.Linear`` and NF4 ``Linear4bit`` bases only, and LoftQ wants none."""
     return [n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
 
 
@@ -393,6 +394,19 @@ def _set_use_cache(model: torch.nn.Module, value: bool) -> None:
     gen = getattr(base_model(model), "generation_config", None)
     if gen is not None:
         gen.use_cache = value
+
+
+def _patch_lora_layers(model: torch.nn.Module) -> None:
+    """On a patched model, the engine's NF4 LoRA forward for the LoRA layers PEFT just put over 4-bit bases
+    (``kernels.patch.patch_lora_layers``; a no-op when the model is not patched, e.g. on the CPU)."""
+    handle = vision_state(model).kernel_handle
+    if handle is None or not handle.active:  # not patched: do not import the engine for nothing
+        return
+    try:
+        from visiontune.kernels.patch import patch_lora_layers
+    except ImportError:  # engine not built in this install
+        return
+    patch_lora_layers(model)
 
 
 def _patch_kernels(model: torch.nn.Module) -> None:
