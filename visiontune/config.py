@@ -256,6 +256,9 @@ class AlignConfig:
     per_device_train_batch_size: int = _f(16, "GRPO: completions per step (a multiple of num_generations); DPO: "
                                           "pairs per step.", ge=1)
     logging_steps: int = _f(5, "Log metrics (reward, KL, completion length ...) every this many steps.", ge=1)
+    save_steps: int = _f(10, "Checkpoint every this many steps: a killed align run, re-run with the same settings, "
+                         "resumes from the last complete checkpoint (changed settings, code or inputs start over).",
+                         ge=1)
     seed: int = _f(3407, "Seed of sampling and data order.", ge=0)
     chosen_column: str = _f("chosen", "DPO: column of the preferred answer text, if the dataset has one.")
     rejected_column: str = _f("rejected", "DPO: column of the dispreferred answer text.")

@@ -156,11 +156,11 @@ STAGES: tuple[Stage, ...] = (
         + _keys("align", "method", "output_dir", "split", "max_samples", "rewards", "reward_weights",
                 "numeric_tolerance", "format_pattern", "loss_type", "importance_sampling_level", "num_generations",
                 "max_completion_length", "temperature", "beta", "learning_rate", "max_steps",
-                "per_device_train_batch_size", "logging_steps", "seed", "chosen_column", "rejected_column",
-                "sample_table_rows")
+                "per_device_train_batch_size", "logging_steps", "save_steps", "seed", "chosen_column",
+                "rejected_column", "sample_table_rows")
         + ("tracking.uri",),
         deps=(_DATASET, _ADAPTER, _RUN),
-        outs=(Out("${align.output_dir}"),),
+        outs=(Out("${align.output_dir}", persist=True),),  # persist: a killed run resumes from its checkpoints
         retries=1),
     Stage(
         "evaluate", "evaluate base and fine-tuned model on the held-out split",

@@ -1,6 +1,6 @@
-"""GRPO (token-level GRPO loss; GSPO with the Dr. GRPO loss) and DPO train tiny Qwen2.5-VL and Gemma 3
-LoRA models on conversations with images, through the fused-kernel engine: the reward rises, the
-preference accuracy rises. Unsloth's GRPO arguments and a plain-list dataset are taken."""
+"""GRPO (token-level GRPO loss; GSPO with the Dr. GRPO loss) trains tiny Qwen2.5-VL, Gemma 3 and Mllama LoRA
+models, DPO tiny Qwen2.5-VL and Gemma 3 ones, on conversations with images, through the fused-kernel engine: the
+reward rises, the preference accuracy rises. Unsloth's GRPO arguments and a plain-list dataset are taken."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def _mean(history, key, steps):
 
 
 @pytest.mark.parametrize("arch,loss", [("qwen2_5_vl", {"loss_type": "grpo"}),
-                                       ("gemma3", {"loss_type": "dr_grpo", "importance_sampling_level": "sequence"})])
+                                       ("gemma3", {"loss_type": "dr_grpo", "importance_sampling_level": "sequence"}),
+                                       ("mllama", {"loss_type": "grpo"})])  # its inputs: test_mllama_grpo.py
 def test_grpo_raises_the_reward(tiny_model_dir, tmp_path, arch, loss):
     from visiontune import rewards
     from visiontune.align import GRPOConfig, GRPOTrainer, grpo_rows

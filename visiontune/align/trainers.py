@@ -14,7 +14,12 @@ them, and add what a ``FastVisionModel`` needs:
   bitsandbytes AdamW that cannot run here replaced by ``adamw_torch`` (one warning), and transformers'
   checkpointing off where ``FastVisionModel``'s is installed (as :mod:`visiontune.trainer` does for SFT);
 * the fused-kernel engine (:mod:`visiontune.align.engine`) computes every log-probability of the policy
-  and the reference; ``use_fused_engine=False`` keeps TRL's own kernel.
+  and the reference; ``use_fused_engine=False`` keeps TRL's own kernel;
+* GRPO on Llama 3.2 Vision (Mllama): the cross-attention mask and aspect-ratio inputs TRL does not hand
+  the model, for generation, log-probabilities and loss (:mod:`visiontune.align.mllama`; other models
+  take TRL's code unchanged). DPO on Mllama is refused at the start, with the reason;
+* GRPO's prompt order in each epoch drawn from ``seed + epoch`` (TRL's runs one generator on over the
+  epochs), so a run resumed from a checkpoint in a later epoch sees the prompts an uninterrupted run sees.
 
 The loss types are TRL's: ``GRPOConfig(loss_type="grpo" | "dr_grpo" | "dapo" | ...)``, and GSPO is
 ``importance_sampling_level="sequence"``. Prompts must be conversational (lists of messages with
@@ -30,7 +35,9 @@ from typing import Any, Optional
 
 import torch
 import trl
+from trl.trainer.utils import RepeatSampler
 
+from visiontune.align import mllama
 from visiontune.align.engine import install_engine
 from visiontune.models.state import padding_side, vision_state
 from visiontune.trainer import _one_checkpointing, fit_optimizer
@@ -109,6 +116,17 @@ def _engine(trainer: Any, temperature: float, why_not: Optional[str]) -> bool:
     return install_engine(policy, temperature)
 
 
+class _EpochSeededSampler(RepeatSampler):
+    """TRL's prompt sampler, its order in epoch ``e`` drawn from ``seed + e`` (the Trainer calls ``set_epoch``
+    before each epoch). TRL's draws each epoch from one generator that runs on from the first, so a run
+    resumed from a checkpoint in a later epoch (a fresh generator) would see the first epoch's order again
+    and end elsewhere than the uninterrupted run. Epoch 0's order is TRL's."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.shuffle and self.seed is not None:
+            self.generator.manual_seed(self.seed + epoch)
+
+
 class GRPOTrainer(trl.GRPOTrainer):
     """TRL's ``GRPOTrainer`` for vision-language models (see the module docstring); TRL's arguments, in its
     order, plus ``tokenizer=`` and ``use_fused_engine``."""
@@ -121,8 +139,52 @@ class GRPOTrainer(trl.GRPOTrainer):
         _one_checkpointing(args, model)
         super().__init__(model, reward_funcs, args, _dataset(train_dataset), _dataset(eval_dataset),
                          _processor(model, processing_class, tokenizer), *more, **kwargs)
+        self._mllama = mllama.is_mllama(self.model)
+        if self._mllama and mllama.unsupported(self):
+            raise ValueError(f"GRPO on Llama 3.2 Vision (Mllama) with {mllama.unsupported(self)} is not supported: "
+                             "visiontune hands Mllama its cross-attention inputs for TRL's single-turn generation by "
+                             "transformers only (visiontune.align.mllama)")
         why_not = "the entropy bonus needs entropy gradients" if self._entropy_bonus_enabled else None
         self.uses_fused_engine = use_fused_engine and _engine(self, self.temperature, why_not)
+
+    def _get_train_sampler(self, dataset: Any = None) -> Any:
+        sampler = super()._get_train_sampler(dataset)
+        if type(sampler) is RepeatSampler:
+            sampler.__class__ = _EpochSeededSampler  # the same object, with set_epoch
+        return sampler
+
+    # Mllama only (visiontune.align.mllama): its cross-attention inputs, which TRL does not pass. Any other model
+    # goes straight to TRL's methods.
+    def _generate_single_turn(self, prompt_ids: Any, images: Any, multimodal_fields: dict, *args: Any,
+                              **kwargs: Any) -> Any:
+        if self._mllama and "cross_attention_mask" in multimodal_fields:
+            multimodal_fields = {**multimodal_fields,
+                                 "cross_attention_mask": mllama.generation_mask(self, prompt_ids, multimodal_fields)}
+        return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
+
+    def _generate_and_score_completions(self, inputs: Any) -> dict:
+        output = super()._generate_and_score_completions(inputs)
+        if self._mllama and "pixel_values" in output:
+            output.update(mllama.aspect_ratio_inputs(self, inputs, output["prompt_ids"].device))
+        return output
+
+    def _compute_loss(self, model: Any, inputs: dict) -> Any:
+        if self._mllama and "aspect_ratio_ids" in inputs:
+            model = mllama.WithImageInputs(model, {k: inputs[k] for k in mllama.KEYS})
+        return super()._compute_loss(model, inputs)
+
+    def _get_per_token_logps_and_entropies(self, model: Any, input_ids: Any, attention_mask: Any, logits_to_keep: int,
+                                           batch_size: Optional[int] = None, compute_entropy: bool = False,
+                                           compute_aux_loss: bool = False, **kwargs: Any) -> tuple:
+        if isinstance(model, mllama.WithImageInputs):
+            kwargs = {**kwargs, **model.inputs}
+            model = model.model
+        if self._mllama and "aspect_ratio_ids" in kwargs:
+            return mllama.per_token_logps(super()._get_per_token_logps_and_entropies, self, model, input_ids,
+                                          attention_mask, logits_to_keep, batch_size, compute_entropy,
+                                          compute_aux_loss, kwargs)
+        return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, batch_size,
+                                                          compute_entropy, compute_aux_loss, **kwargs)
 
     # TRL re-runs the processor on the prompts for the image inputs with the processor's own padding side and
     # lines its outputs (Qwen's mm_token_type_ids) up with left-padded prompt ids: it must pad left, and a
@@ -145,6 +207,7 @@ class DPOTrainer(trl.DPOTrainer):
                  data_collator: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
                  processing_class: Any = None, *more: Any, tokenizer: Any = None, use_fused_engine: bool = True,
                  **kwargs: Any) -> None:
+        mllama.check_dpo(model)
         args = DPOConfig() if args is None else args
         fit_optimizer(args)
         _one_checkpointing(args, model)

@@ -22,7 +22,6 @@ import logging
 import shutil
 import math
 import time
-import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,33 +30,12 @@ import torch
 from visiontune.config import PipelineConfig
 from visiontune.data.io import atomic_dir, disk_full_explained, work_dir_lock
 from visiontune.pipeline import distributed, tracking
+from visiontune.pipeline.resume import latest_checkpoint
 
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
 LOCK_FILE = ".train.lock"  # inside train.output_dir; held (flock) while a training runs there
-
-def _complete(checkpoint: Path) -> bool:
-    """Its trainer_state.json (the Trainer writes it last) is there and whole: a full disk can cut it short. With
-    several processes each rank writes its RNG state beside it, maybe after rank 0 wrote trainer_state.json: one
-    cut short there (kill -9 at that moment) makes the checkpoint incomplete too."""
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return all(zipfile.is_zipfile(p) for p in checkpoint.glob("rng_state*.pth"))  # torch.save writes zip files
-
-
-def latest_checkpoint(output_dir: Path) -> Optional[Path]:
-    """The newest *complete* ``checkpoint-N`` folder (one whose trainer_state.json was written), or None.
-
-    A run killed while saving, or stopped by a full disk, leaves a partial folder; it is skipped, not resumed from.
-    """
-    if not output_dir.exists():
-        return None
-    done = [p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and _complete(p)]
-    return max(done, key=lambda p: int(p.name.split("-")[-1])) if done else None
-
 
 class _CountingCollator:
     """Wraps the collator to count supervised and total tokens (for tokens/s in the progress bar and MLflow)."""
