@@ -1,6 +1,7 @@
 """GGUF export: the files read back with ``gguf``'s reader carry llama.cpp's names, shapes, types and
 metadata and the merged weights; llama.cpp itself (llama-cpp-python, slow) loads them and its greedy
-tokens equal transformers' on the merged model; its mtmd loads the mmproj and encodes an image.
+tokens equal transformers' on the merged model (the tiny models and the demo's committed Qwen3-VL base); its
+mtmd loads the mmproj, and encodes an image into the rows transformers computes for it.
 
 Besides the tiny models' byte-level BPE tokenizers, a Gemma 3 whose tokenizer is of the real checkpoints'
 kind (SentencePiece-style BPE with byte fallback, written as llama.cpp's ``llama`` tokenizer model): llama.cpp
@@ -18,12 +19,19 @@ import numpy as np
 import pytest
 import torch
 
-from visiontune.gguf import GGUFExportError, spm_vocab, write_gguf
+from visiontune.gguf import ARCHS, GGUFExportError, spm_vocab, write_gguf
 from visiontune.models.fast_vision import FastVisionModel
 from visiontune.models.merge import merged_model, merged_tensors
 
-GGUF_ARCHS = ["qwen2_vl", "qwen2_5_vl", "gemma3"]
+GGUF_ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "mistral3"]
+TEXT_ARCH = {"qwen2_vl": "qwen2vl", "qwen2_5_vl": "qwen2vl", "qwen3_vl": "qwen3vl", "gemma3": "gemma3",
+             "mistral3": "mistral3"}  # llama.cpp's language-model architecture
 SPM_GEMMA = "gemma3-spm"  # the tiny Gemma 3 with a tokenizer of the real checkpoints' kind (gemma_spm_tokenizer)
+# The demo's committed pretrained Qwen3-VL: head_dim 32, M-RoPE sections [4, 6, 6] at rope_theta 10 (as llama.cpp
+# reads sections, two of its 16 rotary pairs would take a fourth position: see _interleaved_sections), DeepStack
+# from vision block 1 of 4.
+DEMO_BASE = "qwen3_vl-base"
+REPO = Path(__file__).resolve().parents[1]
 TEXT = "Transcribe the handwritten digits 0123 in this image, please."
 
 
@@ -51,10 +59,10 @@ def fields(path: Path) -> tuple[dict, dict]:
 
 
 def expected_text_names(arch: str, layers: int) -> set[str]:
-    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
-    biases = [f"blk.{i}.attn_{p}.bias" for i in range(layers) for p in "qkv"] if arch != "gemma3" else []
-    per_layer += ["ffn_norm"] + (["attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm"]
-                                 if arch == "gemma3" else [])
+    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "ffn_norm"]
+    biases = [f"blk.{i}.attn_{p}.bias" for i in range(layers) for p in "qkv"] if TEXT_ARCH[arch] == "qwen2vl" else []
+    per_layer += {"gemma3": ["attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm"],
+                  "qwen3_vl": ["attn_q_norm", "attn_k_norm"]}.get(arch, [])
     return ({"token_embd.weight", "output_norm.weight", "output.weight"} | set(biases)
             | {f"blk.{i}.{p}.weight" for i in range(layers) for p in per_layer})
 
@@ -75,7 +83,7 @@ def test_language_model_files_read_back(arch, exported):
     peft, processor, hf, (f16, q8, _) = exported[arch]
     text = peft.get_base_model().config.get_text_config()
     assert (f16.name, q8.name) == ("model-F16.gguf", "model-Q8_0.gguf")
-    name = {"gemma3": "gemma3"}.get(arch, "qwen2vl")
+    name = TEXT_ARCH[arch]
     meta16, t16 = fields(f16)
     meta8, t8 = fields(q8)
     assert meta16["general.architecture"] == name and meta16["general.type"] == "model"
@@ -88,7 +96,11 @@ def test_language_model_files_read_back(arch, exported):
     assert meta16["tokenizer.chat_template"] == processor.chat_template
     if name == "qwen2vl":
         assert meta16["qwen2vl.rope.dimension_sections"] == [2, 3, 3, 0]
-    else:  # per-layer sliding window pattern and both RoPE bases
+    if name == "qwen3vl":  # interleaved sections covering the 8 rotary pairs (transformers' [2, 3, 3] rotates so);
+        # DeepStack: one vision block's features added to the first language layer
+        assert meta16["qwen3vl.rope.dimension_sections"] == [3, 3, 2, 0]
+        assert meta16["qwen3vl.n_deepstack_layers"] == 1
+    elif name == "gemma3":  # per-layer sliding window pattern and both RoPE bases
         assert meta16["gemma3.attention.sliding_window_pattern"] == [True, False]
         assert (meta16["gemma3.rope.freq_base"], meta16["gemma3.rope.freq_base_swa"]) == (1e6, 1e4)
     assert set(t16) == set(t8) == expected_text_names(arch, text.num_hidden_layers)
@@ -115,6 +127,47 @@ def test_gemma_norms_are_stored_as_one_plus_w_and_the_query_scale_is_folded_in(e
     np.testing.assert_allclose(t16["blk.0.attn_q_norm.weight"][2], (q_norm + 1) * factor, rtol=1e-6)
 
 
+def interleaved(rows: np.ndarray, heads: int) -> np.ndarray:
+    """transformers' rotate-half query/key rows in llama.cpp's interleaved order, written out row by row:
+    in each head, row 2i is row i and row 2i+1 is row i + head_dim/2."""
+    head_dim = rows.shape[0] // heads
+    order = [h * head_dim + i + half for h in range(heads) for i in range(head_dim // 2) for half in (0, head_dim // 2)]
+    return rows[order]
+
+
+@pytest.mark.parametrize(("head_dim", "mrope_section", "written"), [
+    (16, [2, 3, 3], [3, 3, 2, 0]),  # the tiny Qwen3-VL
+    (32, [4, 6, 6], [6, 5, 5, 0]),  # the demo base model (models/visiontune-read-base)
+    (128, [24, 20, 20], [22, 21, 21, 0]),  # the released Qwen3-VL dense models
+])
+def test_qwen3_vl_rope_sections_cover_every_rotary_pair(head_dim, mrope_section, written):
+    """llama.cpp's interleaved M-RoPE rotates pair k by axis k % 3 only while k < 3 * sections[k % 3] (else by
+    a fourth position, not the token's in text); transformers rotates every pair by an axis. The sections
+    written count each residue's pairs, so llama.cpp rotates every pair as transformers does in text."""
+    from types import SimpleNamespace
+
+    from visiontune.gguf import _interleaved_sections
+
+    text = SimpleNamespace(head_dim=head_dim, rope_parameters={"mrope_section": mrope_section})
+    assert _interleaved_sections(text) == written and sum(written) == head_dim // 2
+    covered = [k < 3 * written[k % 3] for k in range(head_dim // 2)]
+    assert all(covered)
+
+
+def test_mistral_query_and_key_rows_are_in_llamas_rope_order(exported):
+    peft, _, hf, (f16, _, mmproj) = exported["mistral3"]
+    config = peft.get_base_model().config
+    text = config.get_text_config()
+    _, t16 = fields(f16)
+    for proj, heads in (("q", text.num_attention_heads), ("k", text.num_key_value_heads)):
+        ref = hf[f"model.language_model.layers.1.self_attn.{proj}_proj.weight"].numpy()
+        np.testing.assert_allclose(t16[f"blk.1.attn_{proj}.weight"][2], interleaved(ref, heads), atol=2e-3, rtol=1e-3)
+    _, vision = fields(mmproj)  # the Pixtral tower's 2-D RoPE too
+    ref = hf["model.vision_tower.transformer.layers.0.attention.k_proj.weight"].numpy()
+    np.testing.assert_allclose(vision["v.blk.0.attn_k.weight"][2],
+                               interleaved(ref, config.vision_config.num_attention_heads), atol=1e-3)
+
+
 @pytest.mark.parametrize("arch", GGUF_ARCHS)
 def test_projector_files_read_back(arch, exported):
     peft, processor, hf, (_, _, mmproj) = exported[arch]
@@ -134,17 +187,69 @@ def test_projector_files_read_back(arch, exported):
         np.testing.assert_allclose(tensors["mm.input_projection.weight"][2], proj, atol=1e-3)
         assert tensors["v.position_embd.weight"][1] == "F32"
         return
-    projector = {"qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger"}[arch]
+    if arch == "mistral3":  # Pixtral tower, Mistral 3's patch merger and projector, the [IMG_BREAK] embedding
+        assert meta["clip.projector_type"] == "pixtral" and meta["clip.vision.spatial_merge_size"] == 2
+        assert meta["clip.use_gelu"] is True and meta["clip.vision.attention.layer_norm_epsilon"] == pytest.approx(1e-5)
+        assert meta["clip.vision.image_size"] == 224 and meta["clip.vision.patch_size"] == 14
+        assert {"v.patch_embd.weight", "v.pre_ln.weight", "v.blk.1.attn_q.weight", "v.blk.1.ffn_gate.weight",
+                "mm.input_norm.weight", "mm.patch_merger.weight", "mm.1.weight", "mm.2.weight"} <= set(tensors)
+        img_break_id = processor.tokenizer.convert_tokens_to_ids("[IMG_BREAK]")
+        img_break = hf["model.language_model.embed_tokens.weight"][img_break_id]
+        assert tensors["v.token_embd.img_break"][:2] == ((64,), "F32")
+        np.testing.assert_array_equal(tensors["v.token_embd.img_break"][2], img_break.numpy())
+        merger = hf["model.multi_modal_projector.patch_merger.merging_layer.weight"].numpy()
+        np.testing.assert_allclose(tensors["mm.patch_merger.weight"][2], merger, atol=1e-3)
+        return
+    projector = {"qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger", "qwen3_vl": "qwen3vl_merger"}[arch]
     assert meta["clip.projector_type"] == projector and meta["clip.vision.spatial_merge_size"] == 2
     if arch == "qwen2_5_vl":
         assert meta["clip.use_silu"] is True and meta["clip.vision.n_wa_pattern"] == 2
     assert {"v.patch_embd.weight", "v.patch_embd.weight.1", "v.post_ln.weight", "mm.0.weight", "mm.2.bias",
-            "v.blk.0.attn_q.bias", "v.blk.0.attn_out.weight"} <= set(tensors)
-    qkv = hf["model.visual.blocks.0.attn.qkv.weight"].numpy()  # LoRA merged into the fused projection, then split
-    third = qkv.shape[0] // 3
-    np.testing.assert_allclose(tensors["v.blk.0.attn_k.weight"][2], qkv[third:2 * third], atol=1e-3)
+            "v.blk.0.attn_out.weight"} <= set(tensors)
+    qkv = hf["model.visual.blocks.0.attn.qkv.weight"].numpy()  # LoRA merged into the fused projection
+    if arch == "qwen3_vl":  # fused qkv, learned positions, GELU (tanh), DeepStack mergers named by their block
+        assert meta["clip.use_gelu"] is True and meta["clip.vision.is_deepstack_layers"] == [True, False]
+        assert meta["clip.vision.image_size"] == 8 * 16  # the 8x8 position grid of 16-pixel patches
+        assert {"v.patch_embd.bias", "v.deepstack.0.norm.weight", "v.deepstack.0.fc1.bias", "v.deepstack.0.fc2.weight",
+                "mm.0.bias", "v.blk.1.attn_qkv.bias"} <= set(tensors) and "v.blk.0.attn_q.weight" not in tensors
+        np.testing.assert_allclose(tensors["v.blk.0.attn_qkv.weight"][2], qkv, atol=1e-3)
+        assert tensors["v.position_embd.weight"][:2] == ((64, 32), "F32")
+        fc2 = hf["model.visual.deepstack_merger_list.0.linear_fc2.weight"].numpy()
+        np.testing.assert_allclose(tensors["v.deepstack.0.fc2.weight"][2], fc2, atol=1e-3)
+        fc1 = hf["model.visual.merger.linear_fc1.weight"].numpy()
+        np.testing.assert_allclose(tensors["mm.0.weight"][2], fc1, atol=1e-3)
+        # the i-th DeepStack merger reads block deepstack_visual_indexes[i], its gguf name says which
+        config.vision_config.deepstack_visual_indexes = [1]
+        try:
+            named = list(ARCHS["qwen3_vl"].vision_tensors("visual.deepstack_merger_list.0.linear_fc1.bias", fc1[0],
+                                                          config))
+        finally:
+            config.vision_config.deepstack_visual_indexes = [0]
+        assert [n for n, _ in named] == ["v.deepstack.1.fc1.bias"]
+    else:  # fused qkv split into q, k, v
+        assert "v.blk.0.attn_q.bias" in tensors
+        third = qkv.shape[0] // 3
+        np.testing.assert_allclose(tensors["v.blk.0.attn_k.weight"][2], qkv[third:2 * third], atol=1e-3)
     conv = hf["model.visual.patch_embed.proj.weight"].numpy()
     np.testing.assert_allclose(tensors["v.patch_embd.weight.1"][2], conv[:, :, 1], atol=1e-3)
+
+
+def test_mistral3_configs_llama_cpp_would_run_differently_are_refused(exported, tmp_path):
+    """Ministral 3's YaRN RoPE (and attention temperature) and a non-GELU projector are not what the written
+    metadata describes: refused with the way out, not written wrong."""
+    peft, processor, _, _ = exported["mistral3"]
+    config = peft.get_base_model().config
+    text = config.get_text_config()
+    rope = dict(text.rope_parameters)
+    try:
+        text.rope_parameters = {**rope, "rope_type": "yarn", "factor": 16.0}
+        with pytest.raises(GGUFExportError, match="rope_type 'yarn'.*convert_hf_to_gguf"):
+            write_gguf(peft, processor, tmp_path / "yarn", ["f16"])
+        text.rope_parameters, config.projector_hidden_act = rope, "silu"
+        with pytest.raises(GGUFExportError, match="projector_hidden_act 'silu'.*--mmproj"):
+            write_gguf(peft, processor, tmp_path / "silu", ["f16"])
+    finally:
+        text.rope_parameters, config.projector_hidden_act = rope, "gelu"
 
 
 def test_unsloth_call_and_errors(tiny_model_dir, tmp_path):
@@ -154,18 +259,21 @@ def test_unsloth_call_and_errors(tiny_model_dir, tmp_path):
     with pytest.raises(GGUFExportError, match="llama-quantize"):
         peft.save_pretrained_gguf(tmp_path, processor, quantization_method="q4_k_m")
     mllama, mllama_processor = lora_model(tiny_model_dir("mllama"))
-    with pytest.raises(GGUFExportError, match="supports qwen2_vl, qwen2_5_vl, gemma3, not 'mllama'.*convert_hf_to_gguf"):
+    supported = "qwen2_vl, qwen2_5_vl, qwen3_vl, gemma3, mistral3"
+    with pytest.raises(GGUFExportError, match=f"supports {supported}, not 'mllama'.*convert_hf_to_gguf"):
         write_gguf(mllama, mllama_processor, tmp_path / "m")
 
 
 # ------------------------------------------------------------------------------------------ llama.cpp
 def llama_cpp_model(tiny_model_dir, arch: str, tmp_path: Path) -> str:
-    """The tiny model, for Qwen with rms_norm_eps 1e-12: llama.cpp 0.3.36's qwen2vl loader ignores
-    qwen2vl.attention.layer_norm_rms_epsilon (it runs with eps 0), which on a 64-wide random model moves
-    logits by ~0.3; at 1e-12 both sides compute the same norm."""
+    """The tiny model, for Qwen2-VL / 2.5-VL with rms_norm_eps 1e-12: llama.cpp 0.3.36's qwen2vl loader
+    ignores qwen2vl.attention.layer_norm_rms_epsilon (it runs with eps 0), which on a 64-wide random model
+    moves logits by ~0.3; at 1e-12 both sides compute the same norm. Its qwen3vl loader reads the key."""
     if arch == SPM_GEMMA:
         return build_spm_gemma(tmp_path / arch)
-    if arch == "gemma3":
+    if arch == DEMO_BASE:
+        return str(REPO / "models" / "visiontune-read-base")
+    if arch not in ("qwen2_vl", "qwen2_5_vl"):  # qwen3vl and the others read the epsilon
         return tiny_model_dir(arch)
     path = Path(shutil.copytree(tiny_model_dir(arch), tmp_path / f"{arch}-base"))
     config = json.loads((path / "config.json").read_text())
@@ -174,9 +282,16 @@ def llama_cpp_model(tiny_model_dir, arch: str, tmp_path: Path) -> str:
     return str(path)
 
 
-def llama_greedy(llm, ids: list[int], n: int) -> list[int]:
+def llama_greedy(llm, ids: list[int], n: int, banned: tuple[int, ...] = ()) -> list[int]:
+    """n greedy tokens from llama.cpp, never one of ``banned`` (what transformers' min_new_tokens bans: the eos ids)."""
+    from llama_cpp import LogitsProcessorList
+
+    def ban(_, scores):
+        scores[list(banned)] = -np.inf
+        return scores
+
     out = []
-    for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+    for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, logits_processor=LogitsProcessorList([ban])):
         out.append(int(token))
         if len(out) == n:
             return out
@@ -184,7 +299,7 @@ def llama_greedy(llm, ids: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", GGUF_ARCHS + [SPM_GEMMA])
+@pytest.mark.parametrize("arch", GGUF_ARCHS + [SPM_GEMMA, DEMO_BASE])
 def test_llama_cpp_loads_the_files_and_generates_transformers_tokens(arch, tiny_model_dir, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     from llama_cpp.llama_chat_format import MTMDChatHandler
@@ -207,7 +322,8 @@ def test_llama_cpp_loads_the_files_and_generates_transformers_tokens(arch, tiny_
         add_bos = ids[:1] == [processor.tokenizer.bos_token_id]
         assert llm.tokenize(TEXT.encode(), add_bos=add_bos, special=True) == ids  # the same tokenizer
         if path.name == "model-F32.gguf":
-            assert llama_greedy(llm, ids, 12) == hf_tokens
+            eos = merged.generation_config.eos_token_id
+            assert llama_greedy(llm, ids, 12, tuple(eos) if isinstance(eos, list) else (eos,)) == hf_tokens
         llm.reset()
         llm.eval(ids + hf_tokens)
         logits = np.array(llm.scores[:len(ids) + 12])
@@ -228,6 +344,87 @@ def test_llama_cpp_loads_the_files_and_generates_transformers_tokens(arch, tiny_
         [{"role": "user", "content": [{"type": "text", "text": "Read the digits."}]}], add_generation_prompt=True)).input_ids)
     assert reply["usage"]["prompt_tokens"] > text_only and reply["usage"]["completion_tokens"] >= 1
     llm.close()
+
+
+def mtmd_image_embeddings(model_path: Path, mmproj: Path, rgb: np.ndarray) -> np.ndarray:
+    """The rows mtmd encodes ``rgb`` (height x width x 3 uint8) into: what llama.cpp feeds the language model
+    in place of the image (for Qwen3-VL the merger's output with the DeepStack features beside it)."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import mtmd_cpp as mtmd
+
+    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=256, n_threads=2, verbose=False)
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu, params.n_threads, params.warmup = False, 2, False
+    ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llm.model, params)
+    assert ctx is not None
+    height, width, _ = rgb.shape
+    bitmap = mtmd.mtmd_bitmap_init(width, height, (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes()))
+    text = mtmd.mtmd_input_text()
+    text.text = mtmd.mtmd_default_marker()
+    text.text_len, text.add_special, text.parse_special = len(text.text), False, True
+    chunks = mtmd.mtmd_input_chunks_init()
+    try:
+        assert mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
+        image = [c for c in (mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks)))
+                 if mtmd.mtmd_input_chunk_get_type(c) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE]
+        assert len(image) == 1 and mtmd.mtmd_encode_chunk(ctx, image[0]) == 0
+        rows, width_in = mtmd.mtmd_input_chunk_get_n_tokens(image[0]), llama_cpp.llama_model_n_embd_inp(llm.model)
+        out = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(rows * width_in,))
+        return out.reshape(rows, width_in).copy()
+    finally:
+        mtmd.mtmd_input_chunks_free(chunks)
+        mtmd.mtmd_bitmap_free(bitmap)
+        mtmd.mtmd_free(ctx)
+        llm.close()
+
+
+def transformers_image_embeddings(merged, processor, arch: str, rgb: np.ndarray) -> np.ndarray:
+    """The same rows from transformers: the projector's output per image token, plus for Qwen3-VL the DeepStack
+    features (concatenated as llama.cpp does) and for Mistral 3 the [IMG_BREAK] embedding between rows."""
+    from PIL import Image
+
+    inputs = processor.image_processor(images=[Image.fromarray(rgb)], return_tensors="pt")
+    with torch.no_grad():
+        if arch == "gemma3":
+            return merged.model.get_image_features(inputs["pixel_values"]).pooler_output[0].numpy()
+        if arch == "mistral3":
+            tokens = merged.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"],
+                                                     vision_feature_layer=-1).pooler_output[0].numpy()
+            img_break = merged.model.get_input_embeddings().weight[
+                processor.tokenizer.convert_tokens_to_ids("[IMG_BREAK]")].numpy()
+            per_row = rgb.shape[1] // (merged.config.vision_config.patch_size * merged.config.spatial_merge_size)
+            rows = [tokens[i:i + per_row] for i in range(0, len(tokens), per_row)]
+            return np.concatenate([np.concatenate([r, img_break[None]]) for r in rows])[:-1]  # [IMG_END] is text
+        out = merged.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        deepstack = [f[0] for f in (getattr(out, "deepstack_features", None) or [])]
+        return torch.cat([out.pooler_output[0], *deepstack], dim=-1).numpy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [
+    "qwen2_vl",
+    pytest.param("qwen2_5_vl", marks=pytest.mark.xfail(strict=True, reason=(
+        "llama.cpp's qwen2.5vl_merger attends in fixed 112-pixel windows; the tiny Qwen2.5-VL's window_size is 56 "
+        "(measured: 24% of the range apart; 0.06% at window_size 112, as the released models have)"))),
+    "qwen3_vl", "gemma3", "mistral3", DEMO_BASE])
+def test_mtmd_encodes_images_as_transformers(arch, tiny_model_dir, tmp_path):
+    """The mmproj computes what transformers computes: mtmd's rows for an image (sized so that neither side
+    resizes it) equal transformers' image features, within 1% of their range (measured <= 0.09%; without the
+    Pixtral tower's query/key reordering 4.5%)."""
+    pytest.importorskip("llama_cpp")
+    peft, processor = lora_model(llama_cpp_model(tiny_model_dir, arch, tmp_path))
+    if arch == "gemma3":  # its tiny projection starts at zero (as transformers initialises it): all rows would be 0
+        with torch.no_grad():
+            peft.get_base_model().model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
+    f16, mmproj = write_gguf(peft, processor, tmp_path / "gguf", ["f16"])
+    width, height = {"qwen3_vl": (128, 96), DEMO_BASE: (128, 96), "gemma3": (56, 56)}.get(arch, (112, 84))
+    rgb = (np.random.RandomState(0).rand(height, width, 3) * 255).astype("uint8")
+    expected = transformers_image_embeddings(merged_model(peft), processor, arch.split("-")[0], rgb)
+    got = mtmd_image_embeddings(f16, mmproj, rgb)
+    assert got.shape == expected.shape and np.abs(expected).max() > 0
+    assert np.abs(got - expected).max() < 0.01 * np.abs(expected).max()
 
 
 # ------------------------------------------------------------------------------------------ SentencePiece-style vocabulary

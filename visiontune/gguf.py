@@ -9,8 +9,15 @@ conventions (tensor names through ``gguf``'s own name map, metadata keys of ``gg
 * Qwen2-VL and Qwen2.5-VL: text architecture ``qwen2vl`` (M-RoPE sections), projector
   ``qwen2vl_merger`` / ``qwen2.5vl_merger`` (fused qkv split into q, k, v; the two-frame patch
   convolution split into two 2-D convolutions);
+* Qwen3-VL: text architecture ``qwen3vl`` (query/key norms; interleaved M-RoPE, its sections written so that
+  llama.cpp rotates every pair as transformers does: :func:`_interleaved_sections`; DeepStack layer count),
+  projector ``qwen3vl_merger`` (fused qkv, learned position grid, GELU-tanh, the DeepStack mergers named by
+  the vision block they read);
 * Gemma 3: text architecture ``gemma3`` (RMSNorm weights stored as ``1 + w``, per-layer sliding-window
-  pattern, local and global RoPE bases), projector ``gemma3``.
+  pattern, local and global RoPE bases), projector ``gemma3``;
+* Mistral 3 (Mistral Small 3.x: plain RoPE, full attention): text architecture ``mistral3`` (query/key rows
+  reordered for llama.cpp's interleaved RoPE), projector ``pixtral`` (the same reordering for the tower's
+  2-D RoPE; Mistral 3's patch merger; the ``[IMG_BREAK]`` embedding taken from the language model).
 
 Language-model types: ``f32``, ``f16`` and ``q8_0`` (Unsloth's ``"not_quantized"`` is f16, ``"fast_quantized"``
 is q8_0); the projector is always f16 (f32 for norms, biases and embeddings), as llama.cpp ships it. Other
@@ -54,17 +61,21 @@ class GGUFArch:
     text_arch: str
     """``gguf.MODEL_ARCH`` member name of the language model (e.g. ``"QWEN2VL"``)."""
     text_params: Callable[[Any, Any], None]
-    """(writer, text config) -> writes the architecture's own text metadata."""
+    """(writer, model config) -> writes the architecture's own text metadata."""
     text_tensor: Callable[[str, np.ndarray, Any], np.ndarray]
     """(gguf name, float32 array, text config) -> the array as llama.cpp expects it."""
     projector: Callable[[Any], str]
     """model config -> ``clip.projector_type``."""
     vision_params: Callable[[Any, Any, Any], None]
     """(writer, model config, image processor) -> writes the projector's own metadata."""
-    vision_tensors: Callable[[str, np.ndarray], Iterable[tuple[str, np.ndarray]]]
-    """(HF name without the ``model.`` prefix, array) -> (name for the gguf map or final gguf name, array)."""
+    vision_tensors: Callable[[str, np.ndarray, Any], Iterable[tuple[str, np.ndarray]]]
+    """(HF name without the ``model.`` prefix, array, model config) -> (name for the gguf map or final gguf
+    name, array)."""
     f32_vision: tuple[str, ...] = ()
     """Substrings of projector tensor names kept in float32 (besides 1-D tensors)."""
+    text_to_vision: Optional[Callable[[Any, Any, dict], Iterable[tuple[str, np.ndarray]]]] = None
+    """(model config, processor, merged language-model arrays) -> projector tensors that llama.cpp takes from
+    the language model (Pixtral's ``[IMG_BREAK]`` embedding)."""
 
 
 def _rope_theta(text: Any, layer_type: str = "full_attention") -> float:
@@ -75,10 +86,31 @@ def _rope_theta(text: Any, layer_type: str = "full_attention") -> float:
     return float(rope.get("rope_theta", getattr(text, "rope_theta", 10000.0)))
 
 
-def _qwen_text_params(w: Any, text: Any) -> None:
-    sections = list((getattr(text, "rope_parameters", None) or {}).get("mrope_section") or [])
+def _interleaved_sections(text: Any) -> list[int]:
+    """M-RoPE sections for llama.cpp's interleaved M-RoPE (``qwen3vl``) that rotate as transformers' Qwen3-VL.
+
+    transformers rotates pair k of a head by the height position when k % 3 == 1 and k < 3 * mrope_section[1],
+    by the width position when k % 3 == 2 and k < 3 * mrope_section[2], else by the temporal one. llama.cpp
+    rotates it by axis k % 3 only while k < 3 * sections[k % 3], else by a fourth position (not the token's
+    position in text: measured, the tiny Qwen3-VL's [2, 3, 3] moves its f32 logits by 0.27% of their range, and
+    the demo base model's [4, 6, 6] at rope_theta 10 by 91%). Written: the number of pairs of each residue,
+    which covers every pair: the same rotation as transformers for text (its three positions are equal), and
+    for images wherever mrope_section covers its residues (the tiny and demo models); Qwen3-VL's [24, 20, 20]
+    leaves pairs 61 and 62 of 64 (frequencies ~1e-6 per position) on the temporal position, which llama.cpp
+    rotates by height and width instead (by the fourth position with the sections written as they are)."""
+    pairs = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads) // 2
+    return [len(range(r, pairs, 3)) for r in range(3)] + [0]
+
+
+def _qwen_text_params(w: Any, config: Any) -> None:
+    sections = list((getattr(config.get_text_config(), "rope_parameters", None) or {}).get("mrope_section") or [])
     if not sections:
-        raise GGUFExportError("Qwen-VL text config has no rope_parameters.mrope_section: not a Qwen2-VL checkpoint?")
+        raise GGUFExportError("Qwen-VL text config has no rope_parameters.mrope_section: not a Qwen-VL checkpoint?")
+    if config.model_type == "qwen3_vl":
+        w.add_rope_dimension_sections(_interleaved_sections(config.get_text_config()))
+        # DeepStack: each of the first n language layers adds one vision block's merged features
+        w.add_num_deepstack_layers(len(config.vision_config.deepstack_visual_indexes or []))
+        return
     w.add_rope_dimension_sections(sections + [0] * (4 - len(sections)))
 
 
@@ -87,20 +119,31 @@ def _unchanged(name: str, array: np.ndarray, text: Any) -> np.ndarray:
 
 
 def _qwen_projector(config: Any) -> str:
-    return "qwen2vl_merger" if config.model_type == "qwen2_vl" else "qwen2.5vl_merger"
+    return {"qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger", "qwen3_vl": "qwen3vl_merger"}[
+        config.model_type]
 
 
 def _qwen_vision_params(w: Any, config: Any, image_processor: Any) -> None:
     v = config.vision_config
-    w.add_vision_image_size(560)  # llama.cpp's default for Qwen-VL (dynamic resolution: a warm-up size)
+    if config.model_type == "qwen3_vl":  # the learned position grid's side (llama.cpp interpolates it per image)
+        w.add_vision_image_size(math.isqrt(int(v.num_position_embeddings)) * int(v.patch_size))
+    else:
+        w.add_vision_image_size(560)  # llama.cpp's default for Qwen-VL (dynamic resolution: a warm-up size)
     w.add_uint32("clip.vision.spatial_merge_size", int(v.spatial_merge_size))
-    w.add_vision_attention_layernorm_eps(1e-6)
+    w.add_vision_attention_layernorm_eps(1e-6)  # the vision LayerNorms' fixed eps in transformers
     if config.model_type == "qwen2_vl":
         w.add_vision_embedding_length(int(v.embed_dim))
         w.add_vision_feed_forward_length(int(v.embed_dim * v.mlp_ratio))
         return  # quick-GELU MLP: llama.cpp's default when neither use_gelu nor use_silu is set
     w.add_vision_embedding_length(int(v.hidden_size))
     w.add_vision_feed_forward_length(int(v.intermediate_size))
+    if config.model_type == "qwen3_vl":
+        if v.hidden_act != "gelu_pytorch_tanh":  # ggml's GELU is the tanh approximation
+            raise GGUFExportError(f"Qwen3-VL vision hidden_act {v.hidden_act!r}: llama.cpp runs gelu_pytorch_tanh")
+        w.add_vision_use_gelu(True)
+        deepstack = set(v.deepstack_visual_indexes or [])
+        w.add_vision_is_deepstack_layers([i in deepstack for i in range(int(v.depth))])
+        return
     w.add_vision_use_silu(True)
     full = list(v.fullatt_block_indexes)
     period = full[0] + 1  # window attention everywhere except every period-th block
@@ -109,8 +152,15 @@ def _qwen_vision_params(w: Any, config: Any, image_processor: Any) -> None:
     w.add_vision_n_wa_pattern(period)
 
 
-def _qwen_vision_tensors(name: str, array: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
-    if ".attn.qkv." in name:  # fused [q; k; v] rows
+# Qwen3-VL's patch mergers: the final one (its norm before the 2x2 merge: llama.cpp's post-LN, its MLP as
+# mm.0 / mm.2, as Qwen2-VL's) and the DeepStack ones (norm after the merge), named by the block they read.
+_QWEN3_MERGER = {"norm": "v.post_ln", "linear_fc1": "mm.0", "linear_fc2": "mm.2"}
+_QWEN3_DEEPSTACK = {"norm": "norm", "linear_fc1": "fc1", "linear_fc2": "fc2"}
+
+
+def _qwen_vision_tensors(name: str, array: np.ndarray, config: Any) -> Iterator[tuple[str, np.ndarray]]:
+    parts = name.split(".")
+    if ".attn.qkv." in name and config.model_type != "qwen3_vl":  # fused [q; k; v] rows (qwen3vl reads them fused)
         for part, chunk in zip(("q", "k", "v"), np.split(array, 3, axis=0)):
             yield name.replace(".qkv.", f".{part}."), chunk
     elif name == "visual.patch_embed.proj.weight":  # Conv3d over 2 frames -> two Conv2d kernels
@@ -118,11 +168,17 @@ def _qwen_vision_tensors(name: str, array: np.ndarray) -> Iterator[tuple[str, np
             raise GGUFExportError(f"patch embedding has temporal size {array.shape[2]}; llama.cpp supports 2")
         yield "v.patch_embd.weight", np.ascontiguousarray(array[:, :, 0])
         yield "v.patch_embd.weight.1", np.ascontiguousarray(array[:, :, 1])
+    elif config.model_type == "qwen3_vl" and parts[1] == "merger" and parts[2] in _QWEN3_MERGER:
+        yield f"{_QWEN3_MERGER[parts[2]]}.{parts[3]}", array
+    elif parts[1] == "deepstack_merger_list" and parts[3] in _QWEN3_DEEPSTACK:
+        block = config.vision_config.deepstack_visual_indexes[int(parts[2])]
+        yield f"v.deepstack.{block}.{_QWEN3_DEEPSTACK[parts[3]]}.{parts[4]}", array
     else:
         yield name, array
 
 
-def _gemma_text_params(w: Any, text: Any) -> None:
+def _gemma_text_params(w: Any, config: Any) -> None:
+    text = config.get_text_config()
     layer_types = list(getattr(text, "layer_types", None) or [])
     if getattr(text, "sliding_window", None) and "sliding_attention" in layer_types:
         w.add_sliding_window(int(text.sliding_window))
@@ -162,7 +218,7 @@ def _gemma_vision_params(w: Any, config: Any, image_processor: Any) -> None:
         w.add_vision_projector_scale_factor(int(factor))
 
 
-def _gemma_vision_tensors(name: str, array: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+def _gemma_vision_tensors(name: str, array: np.ndarray, config: Any) -> Iterator[tuple[str, np.ndarray]]:
     if name == "multi_modal_projector.mm_input_projection_weight":  # a bare parameter, stored as it is
         yield "multi_modal_projector.mm_input_projection.weight", array
     elif name == "multi_modal_projector.mm_soft_emb_norm.weight":
@@ -173,13 +229,78 @@ def _gemma_vision_tensors(name: str, array: np.ndarray) -> Iterator[tuple[str, n
         yield name, array
 
 
+def _rope_pairs(array: np.ndarray, heads: int) -> np.ndarray:
+    """Query/key rows from transformers' rotate-half RoPE layout (per head: the first halves of the rotated
+    pairs, then the second halves) to llama.cpp's interleaved pairs (rows 2i and 2i+1 rotate together), as
+    its llama-style ("norm") RoPE wants them; the same rotation frequencies pair by pair."""
+    return array.reshape(heads, 2, array.shape[0] // heads // 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
+
+
+def _mistral_text_params(w: Any, config: Any) -> None:
+    text = config.get_text_config()
+    rope_type = (getattr(text, "rope_parameters", None) or {}).get("rope_type", "default")
+    window = getattr(text, "sliding_window", None)
+    if rope_type != "default" or (window and window < text.max_position_embeddings):
+        raise GGUFExportError(
+            f"Mistral 3 language model with rope_type {rope_type!r} and sliding_window {window}: this exporter writes "
+            "plain RoPE and full attention (Mistral Small 3.x); convert the merged folder with llama.cpp's "
+            "convert_hf_to_gguf.py (Ministral 3's YaRN and attention-temperature metadata).")
+
+
+def _mistral_text_tensor(name: str, array: np.ndarray, text: Any) -> np.ndarray:
+    if name.endswith("attn_q.weight"):
+        return _rope_pairs(array, int(text.num_attention_heads))
+    if name.endswith("attn_k.weight"):
+        return _rope_pairs(array, int(text.num_key_value_heads))
+    return array
+
+
+def _pixtral_vision_params(w: Any, config: Any, image_processor: Any) -> None:
+    v = config.vision_config
+    rope_theta = _rope_theta(v)
+    problems = ([f"vision_feature_layer {config.vision_feature_layer} (llama.cpp uses the last layer)"]
+                if config.vision_feature_layer not in (-1, v.num_hidden_layers - 1) else []) \
+        + ([f"vision rope_theta {rope_theta} (llama.cpp's Pixtral uses 10000)"] if rope_theta != 10000.0 else []) \
+        + ([f"vision hidden_act {v.hidden_act!r}"] if v.hidden_act not in ("silu", "gelu") else []) \
+        + ([f"projector_hidden_act {config.projector_hidden_act!r} (llama.cpp's is GELU)"]
+           if config.projector_hidden_act != "gelu" else [])
+    if problems:
+        raise GGUFExportError(f"Pixtral vision tower with {'; '.join(problems)}: convert the merged folder with "
+                              "llama.cpp's convert_hf_to_gguf.py --mmproj")
+    w.add_vision_image_size(int(v.image_size))
+    w.add_vision_embedding_length(int(v.hidden_size))
+    w.add_vision_feed_forward_length(int(v.intermediate_size))
+    w.add_vision_attention_layernorm_eps(1e-5)  # transformers' Pixtral RMSNorm eps (fixed)
+    getattr(w, f"add_vision_use_{v.hidden_act}")(True)
+    w.add_vision_spatial_merge_size(int(config.spatial_merge_size))
+
+
+def _pixtral_vision_tensors(name: str, array: np.ndarray, config: Any) -> Iterator[tuple[str, np.ndarray]]:
+    if name.endswith(("attention.q_proj.weight", "attention.k_proj.weight")):  # 2-D RoPE, interleaved pairs
+        array = _rope_pairs(array, int(config.vision_config.num_attention_heads))
+    yield name, array
+
+
+def _pixtral_image_break(config: Any, processor: Any, text: dict) -> Iterator[tuple[str, np.ndarray]]:
+    """The ``[IMG_BREAK]`` token's (merged) input embedding: llama.cpp's Pixtral graph puts it after each row."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    token = getattr(processor, "image_break_token", None) or "[IMG_BREAK]"
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise GGUFExportError(f"the tokenizer has no {token} token, which llama.cpp's Pixtral projector needs")
+    yield "v.token_embd.img_break", text[_TEXT_PREFIX + "embed_tokens.weight"][token_id]
+
+
 _QWEN = dict(text_arch="QWEN2VL", text_params=_qwen_text_params, text_tensor=_unchanged, projector=_qwen_projector,
              vision_params=_qwen_vision_params, vision_tensors=_qwen_vision_tensors)
 ARCHS: dict[str, GGUFArch] = {
     "qwen2_vl": GGUFArch(**_QWEN),
     "qwen2_5_vl": GGUFArch(**_QWEN),
+    "qwen3_vl": GGUFArch(**{**_QWEN, "text_arch": "QWEN3VL"}, f32_vision=(".pos_embed.",)),
     "gemma3": GGUFArch("GEMMA3", _gemma_text_params, _gemma_text_tensor, lambda config: "gemma3",
                        _gemma_vision_params, _gemma_vision_tensors, f32_vision=(".embeddings.",)),
+    "mistral3": GGUFArch("MISTRAL3", _mistral_text_params, _mistral_text_tensor, lambda config: "pixtral",
+                         _pixtral_vision_params, _pixtral_vision_tensors, text_to_vision=_pixtral_image_break),
 }
 """``config.model_type`` -> :class:`GGUFArch`: the architectures this exporter writes."""
 
@@ -435,7 +556,7 @@ def _write_language_model(path: Path, spec: GGUFArch, config: Any, tensors: dict
     w.add_value_length(int(head_dim))
     w.add_layer_norm_rms_eps(float(text.rms_norm_eps))
     w.add_rope_freq_base(_rope_theta(text))
-    spec.text_params(w, text)
+    spec.text_params(w, config)
     _add_vocab(w, processor, int(text.vocab_size))
     name_map = gguf.get_tensor_name_map(arch, int(text.num_hidden_layers))
     for hf_name, array in tensors.items():
@@ -448,7 +569,7 @@ def _write_language_model(path: Path, spec: GGUFArch, config: Any, tensors: dict
 
 
 def _write_projector(path: Path, spec: GGUFArch, config: Any, tensors: dict[str, np.ndarray], processor: Any,
-                     name: str) -> Path:
+                     name: str, text: dict[str, np.ndarray]) -> Path:
     import gguf
 
     v = config.vision_config
@@ -468,11 +589,14 @@ def _write_projector(path: Path, spec: GGUFArch, config: Any, tensors: dict[str,
     w.add_vision_image_std([float(x) for x in image_processor.image_std])
     spec.vision_params(w, config, image_processor)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, max(blocks, 3))  # the merger MLP is "block" 2
-    for hf_name, array in tensors.items():
-        for part_name, part in spec.vision_tensors(hf_name[len("model."):], array):
-            gguf_name = _map_name(name_map, part_name)
-            keep_f32 = part.ndim == 1 or any(s in part_name for s in spec.f32_vision)
-            _add_tensor(w, gguf_name, part, gguf.GGMLQuantizationType.F32 if keep_f32 else gguf.GGMLQuantizationType.F16)
+    parts = [part for hf_name, array in tensors.items()
+             for part in spec.vision_tensors(hf_name[len("model."):], array, config)]
+    if spec.text_to_vision is not None:
+        parts += list(spec.text_to_vision(config, processor, text))
+    for part_name, part in parts:
+        gguf_name = _map_name(name_map, part_name)
+        keep_f32 = part.ndim == 1 or any(s in part_name for s in spec.f32_vision)
+        _add_tensor(w, gguf_name, part, gguf.GGMLQuantizationType.F32 if keep_f32 else gguf.GGMLQuantizationType.F16)
     _finish(w)
     return path
 
@@ -503,7 +627,7 @@ def write_gguf(model: Any, processor: Any, out_dir: Union[str, Path], types: Ite
     out.mkdir(parents=True, exist_ok=True)
     paths = [_write_language_model(out / f"{name}-{t.upper()}.gguf", spec, config, text, processor, t, name)
              for t in types]
-    return paths + [_write_projector(out / f"mmproj-{name}-F16.gguf", spec, config, vision, processor, name)]
+    return paths + [_write_projector(out / f"mmproj-{name}-F16.gguf", spec, config, vision, processor, name, text)]
 
 
 def save_pretrained_gguf(model: Any, save_directory: Union[str, Path], tokenizer: Any = None,
