@@ -18,6 +18,10 @@ from typing import Any, Optional
 # races the flow for the same SQLite file and logs "database is locked" tracebacks (harmless, but they
 # look like a failed run). Off unless the user opted in; must be set before prefect reads its settings.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The ephemeral server gets 20 s to answer by default. On a fresh install its first start also compiles the
+# server's modules and creates its database: a fresh-clone `make demo` on 2 cores timed out at 21 s
+# ("Timed out while attempting to connect to ephemeral Prefect API server"). Later starts take a few seconds.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from prefect import flow, get_run_logger  # noqa: E402
 
