@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from test_train import _adapter_tensors, kill_minus_9_at, lock_held_elsewhere  # tests/pipeline/test_train.py
 
 # 5 prompts (the test split), 2 per step: 2 steps an epoch, so the kill after checkpoint-2 resumes in epoch 2
 GRPO = {"method": "grpo", "split": "test", "rewards": ["cer"], "num_generations": 2, "per_device_train_batch_size": 4,
@@ -50,12 +50,6 @@ def _finish(proc: subprocess.Popen, root: Path, log: str) -> str:
     return err
 
 
-def _tensors(adapter: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(adapter / "adapter_model.safetensors"))
-
-
 @pytest.mark.slow
 def test_kill_minus_9_mid_grpo_resumes_to_the_same_adapter_in_the_same_run(make_cfg, start_training_run, assets,
                                                                             project):
@@ -66,15 +60,7 @@ def test_kill_minus_9_mid_grpo_resumes_to_the_same_adapter_in_the_same_run(make_
     _finish(_cli(project / "straight", "align.log"), project / "straight", "align.log")
 
     out = Path(killed.align.output_dir)
-    proc = _cli(project / "killed", "killed.log")
-    deadline = time.time() + 600
-    while time.time() < deadline and not (out / "checkpoint-2" / "trainer_state.json").exists():
-        assert proc.poll() is None, "the align run ended before it could be killed"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    assert not (out / "adapter").exists(), "the align run finished before kill -9"
+    kill_minus_9_at(_cli(project / "killed", "killed.log"), out / "checkpoint-2", out / "adapter")
     state = json.loads((out / "align_state.json").read_text())
     assert state["status"] == "running"
 
@@ -87,8 +73,8 @@ def test_kill_minus_9_mid_grpo_resumes_to_the_same_adapter_in_the_same_run(make_
     history = json.loads((out / "log_history.json").read_text())
     assert [h["step"] for h in history if "reward" in h] == STEPS  # the step count went on
 
-    a = _tensors(Path(straight.align.output_dir) / "adapter")
-    b = _tensors(out / "adapter")
+    a = _adapter_tensors(Path(straight.align.output_dir) / "adapter")
+    b = _adapter_tensors(out / "adapter")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs after resume")
@@ -169,8 +155,8 @@ def test_a_crashed_dpo_run_resumes_to_the_same_adapter(make_cfg, start_training_
     monkeypatch.setattr(align_mod, "_mlflow_callback", real)
     result = align_mod.align_stage(crashed)
     assert result["resumed_from"].endswith("checkpoint-2") and result["global_step"] == 4
-    a = _tensors(Path(straight.align.output_dir) / "adapter")
-    b = _tensors(out / "adapter")
+    a = _adapter_tensors(Path(straight.align.output_dir) / "adapter")
+    b = _adapter_tensors(out / "adapter")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs after resume")
 
@@ -185,17 +171,9 @@ def test_a_second_align_on_a_busy_output_dir_fails_fast_and_touches_nothing(make
     out = Path(cfg.align.output_dir)
     (out / "checkpoint-2").mkdir()
     (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
-    holder = subprocess.Popen(  # the live run: another process holding the folder's lock
-        [sys.executable, "-c", "import sys; from filelock import FileLock; l = FileLock(sys.argv[1]); l.acquire(); "
-         "print('held', flush=True); sys.stdin.read()", str(out / align_mod.LOCK_FILE)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(out / align_mod.LOCK_FILE):  # the live run
         t0 = time.perf_counter()
         with pytest.raises(align_mod.OutputDirBusyError, match="in use by another align run.*align.output_dir"):
             align_mod.align_stage(cfg)
         assert time.perf_counter() - t0 < 5
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=30)
     assert (out / "checkpoint-2" / "trainer_state.json").exists() and (out / "run.json").exists()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -78,6 +80,34 @@ def _cli(params: Path, cwd: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, start_new_session=True)
 
 
+def kill_minus_9_at(proc: subprocess.Popen, checkpoint: Path, adapter: Path) -> None:
+    """SIGKILL ``proc``'s process group as soon as ``checkpoint`` is complete (its trainer_state.json written),
+    and check it died of that, before writing its final ``adapter``."""
+    deadline = time.time() + 600
+    while time.time() < deadline and not (checkpoint / "trainer_state.json").exists():
+        assert proc.poll() is None, f"the run ended before {checkpoint.name} was written and it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not adapter.exists(), "the run finished before kill -9"
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(lock_file: Path) -> Iterator[None]:
+    """``lock_file`` held by another live process (a stage run's folder lock) for the duration of the block."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from filelock import FileLock; l = FileLock(sys.argv[1]); l.acquire(); "
+         "print('held', flush=True); sys.stdin.read()", str(lock_file)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
 @pytest.mark.slow
 def test_kill_minus_9_resumes_to_the_same_adapter(tmp_path, demo_work_dir, tiny_model_dir):
     model_dir = tiny_model_dir("qwen2_5_vl")
@@ -96,14 +126,7 @@ def test_kill_minus_9_resumes_to_the_same_adapter(tmp_path, demo_work_dir, tiny_
     root, params = runs["killed"]
     out = root / "out"
     proc = _cli(params, root)
-    deadline = time.time() + 600
-    while time.time() < deadline and not (out / "checkpoint-10" / "trainer_state.json").exists():
-        assert proc.poll() is None, "training ended before it could be killed"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    assert not (out / "adapter").exists(), "the run finished before kill -9"
+    kill_minus_9_at(proc, out / "checkpoint-10", out / "adapter")
     assert train_mod.latest_checkpoint(out) is not None
 
     proc = _cli(params, root)
@@ -183,19 +206,11 @@ def test_a_second_training_on_a_busy_output_dir_fails_fast_and_touches_nothing(t
     (out / "checkpoint-35" / "trainer_state.json").write_text("{}")
     live = '{"mlflow_run_id": "live-run", "status": "running", "fingerprint": "other settings"}'
     (out / "run.json").write_text(live)
-    holder = subprocess.Popen(  # the live run: another process holding the folder's lock
-        [sys.executable, "-c", "import sys; from filelock import FileLock; l = FileLock(sys.argv[1]); l.acquire(); "
-         "print('held', flush=True); sys.stdin.read()", str(out / train_mod.LOCK_FILE)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(out / train_mod.LOCK_FILE):  # the live run
         t0 = time.perf_counter()
         with pytest.raises(OSError) as e:
             train_mod.train_stage(cfg)
         assert time.perf_counter() - t0 < 5
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=30)
     message = str(e.value)
     assert str(out) in message and "another training" in message and "train.output_dir" in message
     assert (out / "checkpoint-35" / "trainer_state.json").exists() and (out / "run.json").read_text() == live
