@@ -45,7 +45,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from visiontune.pipeline.resume import latest_checkpoint
+from visiontune.pipeline.resume import resumable_checkpoint
 from visiontune.pipeline.tracking import read_run_file, resolve_tracking_uri, write_run_file
 
 log = logging.getLogger(__name__)
@@ -323,18 +323,18 @@ def _resume_point(out: Path, s: dict[str, Any], fingerprint: str) -> tuple[Optio
     Only call this holding the folder's lock.
     """
     old = _read_state(out)
-    checkpoint = latest_checkpoint(out)
-    interrupted = old.get("status") == "running"
-    if checkpoint is not None and interrupted and old.get("fingerprint") == fingerprint:
+    checkpoint = resumable_checkpoint(out, old, fingerprint)
+    if checkpoint is not None:
         log.warning("align: resuming the interrupted %s run from %s", s["method"], checkpoint)
         return checkpoint, old
+    interrupted = old.get("status") == "running"
     if interrupted and old.get("fingerprint") != fingerprint:
         diffs = _changed(old.get("settings") or {}, json.loads(json.dumps(s, default=str)))
         what = ("settings changed since it was interrupted (" + "; ".join(diffs) + ")" if diffs else
                 "code or inputs (the SFT adapter, its run.json, the dataset) changed since it was interrupted")
         log.warning("align: not resuming the interrupted run in %s: its %s; its checkpoints are discarded and "
                     "alignment starts over (re-run with the old settings to resume it instead)", out, what)
-    elif interrupted and checkpoint is None:
+    elif interrupted:  # same fingerprint, no complete checkpoint
         log.warning("align: the interrupted run in %s left no complete checkpoint (align.save_steps=%s); starting "
                     "over", out, s["save_steps"])
     _clear_checkpoints(out)

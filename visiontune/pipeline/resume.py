@@ -33,3 +33,14 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
         return None
     done = [p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and _complete(p)]
     return max(done, key=lambda p: int(p.name.split("-")[-1])) if done else None
+
+
+def resumable_checkpoint(output_dir: Path, old: dict, fingerprint: str) -> Optional[Path]:
+    """The checkpoint a stage resumes from: the newest complete one in ``output_dir`` when ``old`` (the stage's
+    record of its previous run there) is an unfinished run (``status: running``) with the same ``fingerprint``
+    (:func:`visiontune.stages.fingerprint`: code, settings, inputs); else None, and any checkpoints there are
+    stale."""
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is not None and old.get("status") == "running" and old.get("fingerprint") == fingerprint:
+        return checkpoint
+    return None

@@ -30,7 +30,7 @@ import torch
 from visiontune.config import PipelineConfig
 from visiontune.data.io import atomic_dir, disk_full_explained, work_dir_lock
 from visiontune.pipeline import distributed, tracking
-from visiontune.pipeline.resume import latest_checkpoint
+from visiontune.pipeline.resume import latest_checkpoint, resumable_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def _resumable_run(output_dir: Path, old: dict[str, Any], fingerprint: str, proc
     MLflow) and are cleared. Only call this holding the folder's lock (:func:`output_dir_lock`).
     """
     previous = None
-    if (latest_checkpoint(output_dir) and old.get("status") == "running" and old.get("fingerprint") == fingerprint
+    if (resumable_checkpoint(output_dir, old, fingerprint)
             and old.get("processes", 1) == processes):  # another world size: another global batch
         previous = old.get("mlflow_run_id")
     if previous is None:
