@@ -276,6 +276,7 @@ def _bound_forward(orig: Callable, fused: Callable[[dict[str, Any]], Any]) -> Ca
         out = _FALL_BACK if a is None else fused(a)
         return orig(*args, **kwargs) if out is _FALL_BACK else out
 
+    forward.__wrapped__ = orig  # inspect.signature (generate's model-kwargs check) sees orig's parameters
     return forward
 
 
@@ -508,6 +509,9 @@ def _fused_ce_forward(model: nn.Module, orig: Callable) -> Callable:
         out.logits = None
         return out
 
+    # generate() validates its model kwargs against inspect.signature(model.forward): without this a bare
+    # (*args, **kwargs) hides pixel_values and friends and generation refuses them.
+    forward.__wrapped__ = orig
     return forward
 
 

@@ -72,6 +72,29 @@ def test_patch_matches_stock_and_unpatches(triton_cpu, tiny_model_dir, arch):
     assert all(torch.equal(a, b) for a, b in zip(g2, g0))
 
 
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "gemma3"])
+def test_patched_model_generates_from_images(triton_cpu, tiny_model_dir, arch):
+    """generate() checks its model kwargs against ``inspect.signature(model.forward)``: the patched forwards
+    must report the original parameters, or pixel_values and friends are refused (found on the GPU, where
+    the engine is on by default)."""
+    import inspect
+
+    from visiontune import FastVisionModel
+
+    model, batch = _lora_model(tiny_model_dir, arch)
+    processor = FastVisionModel.from_pretrained(tiny_model_dir(arch), use_fused_kernels=False)[1]
+    patch_model(model, enabled=True)
+    inner = model.get_base_model()
+    assert "pixel_values" in inspect.signature(inner.forward).parameters
+    FastVisionModel.for_inference(model)
+    conv = _conv(0, "42")
+    prompt = processor.apply_chat_template([conv["messages"][0]], add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=[[conv["messages"][0]["content"][0]["image"]]], return_tensors="pt")
+    out = model.generate(**inputs, min_new_tokens=2, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+    unpatch_model(model)
+
+
 def test_patch_is_noop_on_cpu_by_default(tiny_model_dir):
     model, _ = _lora_model(tiny_model_dir, "qwen2_5_vl")
     handle = patch_model(model)  # enabled=None: CPU model -> nothing patched
