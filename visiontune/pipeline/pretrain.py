@@ -203,14 +203,15 @@ def pretrain(p: Any, rule: Any, progress: bool = True) -> dict[str, Any]:
     bar = tqdm(total=p.steps, initial=start, desc="pretrain", unit="step", disable=not progress)
     running = None
     phase = {"from_step": start, "to_step": start, "schedule_steps": p.steps, "learning_rate": p.learning_rate,
-             "device": device, "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None}
+             "batch_size": p.batch_size, "device": device, "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None}
     history.append(phase)
 
     def record(final: bool) -> dict[str, Any]:
         rec = {"settings": settings_of(p, rule), "parameters": n_params, "device": device, "gpu": phase["gpu"],
                "torch": torch.__version__, "transformers": transformers.__version__,
                "seconds": round(time.time() - t0, 1), "completed_steps": phase["to_step"], "complete": final,
-               "pages_seen": phase["to_step"] * p.batch_size, "history": history,
+               "pages_seen": sum((h["to_step"] - h["from_step"]) * h.get("batch_size", p.batch_size) for h in history),
+               "history": history,
                "final": evals[-1] if evals else None, "evals": evals, "loss": curve}
         (tmp / RECORD).write_text(json.dumps(rec, indent=1) + "\n")
         return rec

@@ -42,10 +42,14 @@ def resolve_tracking_uri(configured: Optional[str]) -> str:
 def setup_mlflow(configured_uri: Optional[str], experiment: str) -> str:
     """Point MLflow at the store and make sure ``experiment`` exists (artifacts under mlflow/ when embedded).
 
-    Returns the experiment id.
+    Returns the experiment id. Raises ImportError when MLflow is not installed, also when ``import mlflow``
+    only finds the repository's own ``mlflow/`` store folder (a namespace package, run from the repo root).
     """
     import mlflow
 
+    if getattr(mlflow, "__file__", None) is None:
+        raise ImportError(f"MLflow is not installed: `import mlflow` found only the folder(s) {list(mlflow.__path__)} "
+                          "(the tracking store); pip install mlflow")
     uri = resolve_tracking_uri(configured_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
