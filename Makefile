@@ -13,15 +13,21 @@ setup: $(VENV)/.installed data/raw
 # torch satisfied and installs the rest from pyproject.toml. The demo needs only the runtime; the test
 # extras come with `make test` (llama-cpp-python compiles llama.cpp: ~15 min on a fresh 2-core machine
 # with no pip cache, more than the whole demo).
+# EDITABLE_QUIET: setuptools prints an "Editable installation ... be careful with folders in your working
+# directory with the same name as your package" notice for every editable install that needs its import
+# finder, which ours does (kernels/, tasks/, flows/ map into visiontune). It is information, not a fault:
+# the one package is visiontune and the repo root holds no top-level kernels/tasks/flows package. Filtered by
+# its message only, for these pip calls only.
+EDITABLE_QUIET := PYTHONWARNINGS="ignore:Editable installation"
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q --isolated torch==2.13.0 torchvision==0.28.0
-	$(BIN)/python -m pip install -q -e .
+	$(EDITABLE_QUIET) $(BIN)/python -m pip install -q -e .
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(EDITABLE_QUIET) $(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
 # DVC tracks data/raw (data.dvc), git does not, and a fresh clone has no DVC cache to check it out from. The demo
