@@ -154,7 +154,7 @@ def nf4_base(base: nn.Module, x: torch.Tensor) -> NF4Weight | None:
     under ``TRITON_INTERPRET=1`` in ``force_triton``), NF4 in bitsandbytes' plain layout (with or without
     double quantization), x in the layer's compute dtype and the weight's dequantize dtype. Not served:
     FP4, weights the CPU backend repacked for its AVX512-BF16 inference kernel (``packing_format_for_cpu``,
-    see ``fast_vision._keep_cpu_4bit_differentiable``), and one-row inputs without grad (decoding), which
+    see ``bnb_cpu.keep_cpu_4bit_differentiable``), and one-row inputs without grad (decoding), which
     bitsandbytes answers with its fused 4-bit GEMV instead of dequantizing the whole weight.
     """
     cls = _linear4bit_class()

@@ -191,12 +191,12 @@ def _peft_lora_4bit(n_in=45, n_out=37, r=4, bias=True):
     from peft import LoraConfig
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
-    from visiontune.models.fast_vision import _keep_cpu_4bit_differentiable
+    from visiontune.models.bnb_cpu import keep_cpu_4bit_differentiable
 
     base = bnb.nn.Linear4bit(n_in, n_out, bias=bias, compute_dtype=torch.float32, quant_type="nf4")
     base.weight = bnb.nn.Params4bit(torch.randn(n_out, n_in) / n_in**0.5, requires_grad=False, quant_type="nf4")
     base = base.to("cpu")
-    _keep_cpu_4bit_differentiable(base)
+    keep_cpu_4bit_differentiable(base)
     layer = LoraLinear4bit(base, "default", config=LoraConfig(r=r, lora_alpha=2 * r), r=r, lora_alpha=2 * r)
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_(std=0.1)

@@ -44,7 +44,7 @@ def test_qlora_loads_trains_generates_and_trains_again_on_the_cpu(arch, tiny_mod
     """The seed page's QLoRA cycle on the CPU: the base in NF4 (projector and lm_head in full precision), LoRA
     on the 4-bit layers, the loss falls, generation works, and training afterwards still sends gradients
     through the 4-bit layers (bitsandbytes' CPU inference repacking would stop them: see
-    fast_vision._keep_cpu_4bit_differentiable)."""
+    bnb_cpu.keep_cpu_4bit_differentiable)."""
     from visiontune.kernels.patch import lora_params
 
     model, processor = FastVisionModel.from_pretrained(tiny_model_dir(arch), load_in_4bit=True,
@@ -116,13 +116,13 @@ def test_loftq_initialises_and_trains_on_the_gpu(tiny_model_dir):
 def test_cpu_4bit_layers_stay_differentiable_after_an_inference_forward():
     """bitsandbytes 0.50 repacks a CPU Linear4bit for a bf16 kernel without backward at its first eval-mode
     forward (CPUs with AVX512-BF16): gradients then stopped at the layer. FastVisionModel keeps the path."""
-    from visiontune.models.fast_vision import _keep_cpu_4bit_differentiable
+    from visiontune.models.bnb_cpu import keep_cpu_4bit_differentiable
 
     torch.manual_seed(0)
     layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
     layer.weight = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, quant_type="nf4")
     layer = layer.to("cpu")  # quantizes
-    _keep_cpu_4bit_differentiable(layer)
+    keep_cpu_4bit_differentiable(layer)
     x = torch.randn(3, 128)
     before = layer.train()(x)
     with torch.no_grad():

@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 import torch
 
 from visiontune.models.archs import full_precision_modules, get_spec
+from visiontune.models.bnb_cpu import correct_cpu_nf4_dequant, keep_cpu_4bit_differentiable
 from visiontune.models.checkpointing import checkpoint_fraction
 from visiontune.models.merge import attach_save_methods
 from visiontune.models.state import base_model, set_padding_side, vision_state
@@ -85,7 +86,8 @@ class FastVisionModel:
         processor = _load_processor(name, local_files_only)
         _prepare_model(model)
         if load_in_4bit:
-            _keep_cpu_4bit_differentiable(model)
+            keep_cpu_4bit_differentiable(model)
+            correct_cpu_nf4_dequant(model)
         model.max_seq_length = max_seq_length
         state = vision_state(model)
         state.processor = processor
@@ -240,21 +242,6 @@ def quantized_layers(model: torch.nn.Module) -> list[str]:
     """Names of the bitsandbytes-quantized linear layers of ``model`` (``load_in_4bit``; 8-bit too): the
     engine's fused LoRA paths take plain ``nn.Linear`` and NF4 ``Linear4bit`` bases only, and LoftQ wants none."""
     return [n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
-
-
-def _keep_cpu_4bit_differentiable(model: torch.nn.Module) -> None:
-    """On the CPU, keep every bitsandbytes 4-bit layer on the dequantize-and-matmul path that training uses.
-
-    bitsandbytes 0.50's CPU backend, on CPUs with AVX512-BF16, repacks a ``Linear4bit``'s weight for a bf16
-    kernel at the layer's first forward in eval mode without grad (e.g. ``for_inference`` + ``generate``).
-    The layer keeps using that kernel when training resumes, and it has no backward: no gradient reaches
-    the layers before it, silently, and its outputs differ from training's (measured: 0.1 on a 128-wide
-    layer). It also fails on layers narrower than its 64-wide blocks (tiny models). Slower CPU inference
-    is the price; CUDA layers are untouched.
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu") and module.weight.device.type == "cpu":
-            module.support_avx512bf16_for_cpu = False
 
 
 def _check_loftq(model: torch.nn.Module) -> None:

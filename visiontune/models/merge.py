@@ -34,6 +34,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from visiontune.models.bnb_cpu import dense_4bit
 from visiontune.models.state import base_model, vision_state
 
 log = logging.getLogger(__name__)
@@ -88,14 +89,12 @@ def _dense(param: torch.Tensor) -> torch.Tensor:
     quant_state = getattr(param, "quant_state", None)
     if quant_state is None:
         return param.detach()
-    from bitsandbytes import functional
-
     if getattr(quant_state, "packing_format_for_cpu", False):
         raise QuantizedMergeError(
             "bitsandbytes' CPU kernels have repacked this 4-bit model's weights for inference (they do on the first "
             "forward pass on CPU), and the repacked form does not dequantize exactly. Merge before running the "
             "model on CPU, or reload it (base + adapter) and merge right away.")
-    return functional.dequantize_4bit(param.data, quant_state)
+    return dense_4bit(param)
 
 
 def _active_adapter(model: Any) -> Optional[str]:
