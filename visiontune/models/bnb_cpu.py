@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+
 def _cpu_linear4bit_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return [(n, m) for n, m in model.named_modules()
             if hasattr(m, "support_avx512bf16_for_cpu") and getattr(m, "weight", None) is not None
