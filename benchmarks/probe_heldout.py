@@ -54,7 +54,7 @@ def render(layout, n: int, instruction: str, seed: int = 7) -> tuple[list[dict],
         rng = np.random.default_rng([seed, k, 9])
         count = int(rng.integers(layout.n_digits[0], layout.n_digits[1] + 1))
         idx = [int(held[int(i)]) for i in rng.integers(0, len(held), size=count)]
-        image = demo._render(d.images, idx, demo._size("in_range", count, rng), layout, rng)
+        image = demo.render_line(d.images, idx, demo._size("in_range", count, rng), layout, rng)
         ref = "".join(str(int(d.target[i])) for i in idx)
         samples.append({"messages": [
             {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": instruction}]},

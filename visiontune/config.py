@@ -349,7 +349,7 @@ class PretrainConfig:
     architecture: str = _f("qwen3_vl", "Architecture of the base (a visiontune tiny-model architecture).")
     size: str = _f("base", "Size preset of the base (visiontune.testing.TINY_SIZES).")
     seed: int = _f(3407, "Seed of the weights' initialization and of the printed-text stream.", ge=0)
-    steps: int = _f(8500, "Optimizer steps (full-parameter training; the cosine schedule spans them).", ge=1)
+    steps: int = _f(13500, "Optimizer steps (full-parameter training; the cosine schedule spans them).", ge=1)
     batch_size: int = _f(96, "Pages per step (the loop is bound by page rendering, so pages/s barely depend on it).", ge=1)
     learning_rate: float = _f(1e-3, "Peak AdamW learning rate (cosine decay to a tenth after warmup).", gt=0)
     warmup_steps: int = _f(300, "Linear warmup steps.", ge=0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from visiontune.config import PretrainConfig, load_params
-from visiontune.data.printed import DIGITS, available_fonts, printed_sample
+from visiontune.data.printed import DIGITS, KINDS, KIND_P, available_fonts, printed_sample, uci_scan
 from visiontune.images import ImageRule
 from visiontune.pipeline.pretrain import RECORD, log_pretraining, pretrain, settings_of, verify_base
 
@@ -29,6 +29,28 @@ def test_printed_pages_are_deterministic_varied_and_drawn_from_bundled_fonts():
     assert sum(t.isdigit() for t in texts) >= 15 and sum(any(c.isalpha() for c in t) for t in texts) >= 5
     assert {im.mode for im, _ in pages} == {"RGB", "L"}
     assert all(40 <= im.height <= 120 for im, _ in pages)
+
+
+def test_scan_glyphs_are_stored_like_the_digit_datasets_scans_and_stay_print():
+    """Printed digits as 8x8 block counts of a 32x32 bitmap (0-16, like scikit-learn's digits): a glyph fills its
+    box, carries a pen's worth of ink, and differs between faces; scan lines are digit strings."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    fonts = available_fonts()
+    rng = np.random.default_rng(0)
+    scans = np.stack([uci_scan(str(i % 10), fonts[i % len(fonts)], rng) for i in range(200)])
+    assert scans.shape == (200, 8, 8) and scans.min() >= 0 and scans.max() <= 16
+    assert np.allclose(scans, scans.round())  # counts of set pixels
+    ink = scans.mean(axis=(1, 2)) / 16
+    real = load_digits().images.mean(axis=(1, 2)) / 16
+    assert ink.min() > 0.05 and abs(ink.mean() - real.mean()) < 0.1  # like a pen's stroke, not a hairline
+    rows, cols = (scans > 0).any(axis=2), (scans > 0).any(axis=1)
+    assert (rows[:, 0] | rows[:, -1] | cols[:, 0] | cols[:, -1]).mean() > 0.9  # scaled to fill the 32x32 box
+    assert not np.array_equal(uci_scan("3", fonts[0], rng), uci_scan("3", fonts[-1], rng))
+    assert KIND_P[KINDS.index("scan")] > 0
+    scan_pages = [printed_sample(11, i) for i in range(60)]
+    assert sum(t.isdigit() for _, t in scan_pages) >= 30
 
 
 def _cfg(tmp_path: Path, **kw) -> PretrainConfig:

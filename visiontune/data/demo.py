@@ -77,8 +77,8 @@ HELDOUT_LAYOUT = Layout(n_digits=(3, 7), glyph=(0.38, 0.5), gap=(0.6, 1.0), jitt
                         blur=(1.0, 1.4), rgb=0.7)
 
 
-def _render(digits_img: np.ndarray, idx: list[int], size: tuple[int, int], layout: Layout,
-            rng: np.random.Generator) -> Image.Image:
+def render_line(digits_img: np.ndarray, idx: list[int], size: tuple[int, int], layout: Layout,
+                rng: np.random.Generator) -> Image.Image:
     """Draw the digits ``idx`` (rows of the 8x8 digit array) left to right onto a ``size`` canvas.
 
     Each glyph is the 8x8 scan blown up (bicubic) to its own size, tilted, and inked onto the paper; glyph
@@ -173,7 +173,7 @@ def _page(job: tuple[int, int, str]) -> tuple[str, bytes, str]:
     kind = str(rng.choice(_KINDS, p=_KIND_P)) if which != "heldout" else "in_range"
     n_digits = int(rng.integers(layout.n_digits[0], layout.n_digits[1] + 1))
     idx = [int(pool[int(i)]) for i in rng.integers(0, len(pool), size=n_digits)]
-    im = _render(images, idx, _size(kind, n_digits, rng), layout, rng)
+    im = render_line(images, idx, _size(kind, n_digits, rng), layout, rng)
     return kind, _png_bytes(im), "".join(str(int(targets[i])) for i in idx)
 
 

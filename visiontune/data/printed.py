@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from visiontune.data.demo import Layout, render_line
+
 # Text faces only: matplotlib also ships symbol and size-variant faces (cmex10, cmsy10, STIXSize*, STIXNonUni*)
 # whose code points do not map to ordinary letters and digits.
 FONT_FILES = (
@@ -35,8 +37,15 @@ DIGITS = string.digits
 LETTERS = string.ascii_letters
 PUNCT = ".,-:/()#%+"
 # What a page holds; the digit-heavy mix matches the skill the demo fine-tunes next (reading digit strings).
-KINDS = ("digits", "grouped", "word", "code")
-KIND_P = (0.6, 0.15, 0.1, 0.15)
+# "scan": printed digits stored the way digit datasets store their scans (below).
+KINDS = ("digits", "grouped", "word", "code", "scan")
+KIND_P = (0.35, 0.1, 0.1, 0.1, 0.35)
+# Scan lines: anything from one to ten glyphs, from a third of the page height to nearly all of it, touching or
+# far apart, on any light paper in any dark ink. The base is a general reader: its pages cover every layout the
+# demo's pages could use, so that fine-tuning has only the writing itself left to teach.
+SCAN_LAYOUT = Layout(n_digits=(1, 10), glyph=(0.3, 0.95), gap=(-0.05, 1.2), jitter=(0.0, 0.12), tilt=(0.0, 15.0),
+                     centre=(0.3, 0.7), paper=((170, 255), (170, 255), (150, 255)), pen=((0, 130), (0, 130), (0, 130)),
+                     blur=(0.0, 1.5), rgb=0.6)
 
 
 @dataclass(frozen=True)
@@ -118,12 +127,55 @@ def _draw_line(text: str, font: Font, size: int, rng: np.random.Generator) -> tu
     return np.asarray(canvas, dtype=np.float32) / 255.0, float(size)
 
 
+def uci_scan(char: str, font: Font, rng: np.random.Generator) -> np.ndarray:
+    """``char`` printed in ``font`` and stored as the UCI optical-recognition digits store handwriting: a
+    binary bitmap scaled to fill a 32x32 box, then the count of set pixels in each 4x4 block (8x8, values
+    0-16). A slant and a rotation vary the print; thin faces get a thicker pen."""
+    size = 48
+    canvas = Image.new("L", (2 * size, 2 * size), 0)
+    ImageDraw.Draw(canvas).text((size // 2, size // 4), char, fill=255, font=_face(font.path, size))
+    shear = rng.uniform(-0.3, 0.3)
+    canvas = canvas.transform(canvas.size, Image.AFFINE, (1, shear, -shear * size, 0, 1, 0), resample=Image.BILINEAR)
+    canvas = canvas.rotate(rng.uniform(-8, 8), resample=Image.BILINEAR)
+    ink = np.asarray(canvas) > 127
+    ys, xs = np.nonzero(ink)
+    if not len(xs):
+        return np.zeros((8, 8), dtype=np.float32)
+    crop = Image.fromarray(ink[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.uint8) * 255)
+    scale = 32 / max(crop.width, crop.height)
+    w, h = max(1, round(crop.width * scale)), max(1, round(crop.height * scale))
+    box = Image.new("L", (32, 32), 0)
+    box.paste(crop.resize((w, h), Image.BILINEAR), ((32 - w) // 2, (32 - h) // 2))
+    # A pen, not a font's hairlines: thicken until the ink covers a share of the box like the digit scans'
+    # (about 30% of the 32x32 pixels on average), at most twice; thin faces otherwise fade to a few grey blocks.
+    target = rng.uniform(0.12, 0.35)
+    for _ in range(2):
+        if (np.asarray(box) > 127).mean() >= target:
+            break
+        box = box.filter(ImageFilter.MaxFilter(3))
+    bits = (np.asarray(box) > 127).astype(np.float32)
+    return bits.reshape(8, 4, 8, 4).sum(axis=(1, 3))
+
+
+def _scan_page(font: Font, rng: np.random.Generator) -> tuple[Image.Image, str]:
+    """A line of printed digits as 8x8 scans (:func:`uci_scan`), composed like the demo's handwriting pages
+    (:func:`visiontune.data.demo.render_line`) with :data:`SCAN_LAYOUT`, on a page 40-120 px tall."""
+    n = int(rng.integers(SCAN_LAYOUT.n_digits[0], SCAN_LAYOUT.n_digits[1] + 1))
+    text = "".join(rng.choice(list(DIGITS), n))
+    scans = np.stack([uci_scan(c, font, rng) for c in text])
+    h = int(rng.integers(40, 121))
+    w = int(h * min(10.0, (n + 1.2) * rng.uniform(0.8, 1.3)))
+    return render_line(scans, list(range(n)), (w, h), SCAN_LAYOUT, rng), text
+
+
 def printed_sample(seed: int, index: int) -> tuple[Image.Image, str]:
     """Page ``index`` of the printed-text stream ``seed``: (image, its exact text). Pure and deterministic."""
     rng = np.random.default_rng([seed, index])
     fonts = available_fonts()
     font = fonts[int(rng.integers(0, len(fonts)))]
     kind = str(rng.choice(KINDS, p=KIND_P))
+    if kind == "scan":
+        return _scan_page(font, rng)
     text = _text(kind, rng, font.charset)
     size = int(rng.integers(18, 44))  # the model sees pages ~64 px tall: larger faces only cost rendering time
     ink, glyph_px = _draw_line(text, font, size, rng)
