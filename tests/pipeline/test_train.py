@@ -52,6 +52,11 @@ def test_train_stage_tracks_in_mlflow_and_reads_exactly_params(tmp_path, demo_wo
     assert run.data.params["lora.r"] == "4" and run.data.params["train.max_steps"] == "4"
     assert {"loss", "learning_rate", "grad_norm", "tokens_per_s"} <= set(run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 4
+    # tokens/s measures steady training: the first step (kernel compilation, warm-up) is timed on its own.
+    first = client.get_metric_history(run.info.run_id, "first_step_s")
+    rates = client.get_metric_history(run.info.run_id, "tokens_per_s")
+    assert [m.step for m in first] == [1] and first[0].value > 0
+    assert sorted(m.step for m in rates) == [2, 3, 4] and all(m.value > 0 for m in rates)
     assert run.data.tags["dvc_data_md5"] and run.data.tags["git_commit"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"adapter", "loss_curve.png", "resolved_config.yaml"} <= artifacts

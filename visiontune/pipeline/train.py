@@ -38,7 +38,7 @@ ADAPTER_DIR = "adapter"
 LOCK_FILE = ".train.lock"  # inside train.output_dir; held (flock) while a training runs there
 
 class _CountingCollator:
-    """Wraps the collator to count supervised and total tokens (for tokens/s in the progress bar and MLflow)."""
+    """Wraps the collator to count the tokens it collates (the run record's token total)."""
 
     def __init__(self, collator: Any):
         self.collator = collator
@@ -89,27 +89,46 @@ def checkpoint_counters(checkpoint: Optional[Path]) -> dict[str, Any]:
             "train_runtime_s": float((clock.get("attributes") or {}).get("train_runtime_s") or 0.0)}
 
 
-def _make_callbacks(counter: _CountingCollator, mlflow_active: bool) -> list:
+def _make_callbacks(mlflow_active: bool) -> list:
     from transformers import TrainerCallback
     from transformers.trainer_callback import ProgressCallback
 
     class MetricsCallback(TrainerCallback):
-        """Adds tokens/s and GPU memory to the logs; sends every log line to MLflow; shows loss in the bar."""
+        """Adds tokens/s and GPU memory to the logs; sends every log line to MLflow; shows loss in the bar.
+
+        Tokens are the trainer's count of the tokens it trained on (``num_input_tokens_seen``, summed over ranks
+        by the trainer), not of the batches collated: the data loader collates one batch ahead, which left a
+        window without tokens at each epoch's end. The first step of a run (a resumed one too) compiles kernels
+        and warms the allocator: it is logged on its own as ``first_step_s`` and left out of ``tokens_per_s``,
+        which then measures steady training."""
 
         def __init__(self) -> None:
             self.t0 = time.perf_counter()
             self.tok0 = 0
+            self.first_step_s: Optional[float] = None
+            self.first_step_done = False
 
         def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
-            self.t0, self.tok0 = time.perf_counter(), distributed.sum_over_ranks(counter.tokens)
+            self.t0, self.tok0 = time.perf_counter(), state.num_input_tokens_seen
+            self.first_step_done = False
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            if not self.first_step_done:
+                now = time.perf_counter()
+                self.first_step_s, self.first_step_done = now - self.t0, True
+                self.t0, self.tok0 = now, state.num_input_tokens_seen
 
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
             if logs is None:
                 return
             now = time.perf_counter()
-            if "loss" in logs:  # every rank logs at the same steps: the sum over ranks is a collective
-                tokens = distributed.sum_over_ranks(counter.tokens)
-                logs["tokens_per_s"] = round((tokens - self.tok0) / max(now - self.t0, 1e-9), 1)
+            if "loss" in logs:
+                tokens = state.num_input_tokens_seen
+                if self.first_step_s is not None:
+                    logs["first_step_s"] = round(self.first_step_s, 3)
+                    self.first_step_s = None
+                if tokens > self.tok0:  # a log at the first step itself has no steady window yet
+                    logs["tokens_per_s"] = round((tokens - self.tok0) / max(now - self.t0, 1e-9), 1)
                 self.t0, self.tok0 = now, tokens
                 if torch.cuda.is_available():
                     logs["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
@@ -259,7 +278,7 @@ def train(cfg: PipelineConfig, train_data: Any, output_dir: Path, mlflow_active:
     before = checkpoint_counters(resume)
     trainer = SFTTrainer(model=model, args=_sft_config(cfg, output_dir), data_collator=counter,
                          train_dataset=data, processing_class=processor,
-                         callbacks=_make_callbacks(counter, mlflow_active) + [_run_clock(before["train_runtime_s"])]
+                         callbacks=_make_callbacks(mlflow_active) + [_run_clock(before["train_runtime_s"])]
                          + eval_callbacks(cfg, processor, output_dir, mlflow_active))
     trainer.remove_callback(__import__("transformers").trainer_callback.PrinterCallback)
     distributed.check_sharding(trainer, cfg)
