@@ -105,17 +105,18 @@ def _make_callbacks(mlflow_active: bool) -> list:
         def __init__(self) -> None:
             self.t0 = time.perf_counter()
             self.tok0 = 0
+            self.first_step = 1
             self.first_step_s: Optional[float] = None
-            self.first_step_done = False
 
         def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
+            # A resumed run's state is loaded by now: its first step is the one after the checkpoint's.
             self.t0, self.tok0 = time.perf_counter(), state.num_input_tokens_seen
-            self.first_step_done = False
+            self.first_step = state.global_step + 1
 
         def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
-            if not self.first_step_done:
+            if state.global_step == self.first_step:
                 now = time.perf_counter()
-                self.first_step_s, self.first_step_done = now - self.t0, True
+                self.first_step_s = now - self.t0
                 self.t0, self.tok0 = now, state.num_input_tokens_seen
 
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
