@@ -50,13 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     inner = model.base_model.model
     for r in range(a.rounds):
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        times["stock"].append(be.train_steps(model, opt, batch, a.steps, 1)[0])
+        times["stock"].append(be.train_steps(model, opt, batch, a.steps, 1)["sec_per_step"])
         inner.gradient_checkpointing_disable()
         opt.zero_grad(set_to_none=True)
         with be._engine_step(model, opt, batch, nv, nl) as packed:
             for variant in (("off", "on") if r % 2 == 0 else ("on", "off")):
                 setattr(mod, attr, variant == "on")
-                times[variant].append(be.train_steps(model, opt, packed, a.steps, 1)[0])
+                times[variant].append(be.train_steps(model, opt, packed, a.steps, 1)["sec_per_step"])
         opt.zero_grad(set_to_none=True)
         print(f"round {r}: " + "  ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
     setattr(mod, attr, True)

@@ -21,13 +21,21 @@ frozen matmuls, flash varlen attention for the vision windows and the text, chun
 checkpointed first (3.3x cheaper to recompute per byte freed than LM layers). The budget is the stock
 run's peak for the same config (so the engine never uses more memory than stock), or 70 GiB where
 stock ran out of memory. Second engine column ("lean"; ``--no-peer-budget`` skips it): the same search
-under the lower of stock's peak and the peer's reported memory, falling back to parking the checkpointed
+under the lower of stock's peak and the peer's memory, falling back to parking the checkpointed
 layers' inputs in pinned CPU memory when recomputing every layer alone does not fit.
+``--peer``: the peer (Unsloth) is measured in the same run (``bench_peer.py`` in a child process, on the
+same saved weights, batches, optimizer and statistic) and the lean budget is its measured peak; without
+it the peer column and budget are the issue's H100 figures (``REFERENCE``).
+``--qlora``: 4-bit columns on the same weights quantized as ``FastVisionModel.from_pretrained(load_in_4bit=
+True)`` does: stock PEFT over bitsandbytes with gradient checkpointing, and the engine's NF4 path under the
+peer QLoRA's measured peak (with ``--peer``, which then also runs the peer's QLoRA).
+Every column's time is the median of the timed steps after warm-up (``train_steps``).
 ``--recompute-mlp``: every engine run patches with ``recompute_mlp=True`` (the fused MLPs of layers that
 keep their activations rerun gate/up in backward instead of storing them). Every column uses
 ``AdamW(fused=True)``.
 
-Usage (GPU): ``python benchmarks/bench_engine.py --out $OUT`` ; ``--quick`` for a smoke run.
+Usage (GPU): ``python benchmarks/bench_engine.py --out $OUT [--peer] [--qlora]`` ; ``--quick`` for a smoke run.
+``--peer`` and ``--qlora`` need unsloth / bitsandbytes on the device (RESULTS_engine.md lists the wheels).
 Never run as a unit test.
 """
 
@@ -38,6 +46,8 @@ import contextlib
 import gc
 import json
 import os
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -166,21 +176,30 @@ def count_flop_params(model) -> int:
     return n
 
 
-def train_steps(model, opt, batch, steps: int, warmup: int) -> tuple[float, float]:
-    """Run warmup + timed steps; returns (seconds per step, last loss)."""
-    loss_val = float("nan")
+def train_steps(model, opt, batch, steps: int, warmup: int) -> dict[str, Any]:
+    """Run ``warmup`` + ``steps`` training steps; the median timed step and the first and last loss.
+
+    Step boundaries are CUDA events recorded on the stream (no host sync between steps, so a launch-bound
+    step is timed as it runs); every column, the peer's included (``bench_peer.py``), uses this function.
+    Returns ``sec_per_step`` (median of the timed steps), ``step_s`` (each timed step), ``first_loss`` (the
+    first step's, before any update) and ``loss`` (the last step's).
+    """
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    losses = []
     for i in range(warmup + steps):
-        if i == warmup:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
+        if i >= warmup:
+            events[i - warmup].record()
         out = model(**batch, use_cache=False)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss_val = out.loss.detach()
+        losses.append(out.loss.detach())
         del out
+    events[steps].record()
     torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps, float(loss_val)
+    step_s = [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(steps)]
+    return dict(sec_per_step=statistics.median(step_s), step_s=step_s, first_loss=float(losses[0]),
+                loss=float(losses[-1]))
 
 
 def _lm_layers(model):
@@ -257,14 +276,14 @@ def run_engine(model, opt, batch, budget_gib: float, steps: int, warmup: int, lo
         ck = checkpoint_modules(vis[:n_vis_ck] + lm[:n_lm_ck], mode=mode)
         _reset()
         try:
-            sec, loss = train_steps(model, opt, batch, steps, warmup)
+            timed = train_steps(model, opt, batch, steps, warmup)
             peak = torch.cuda.max_memory_allocated() / GIB
             ck.remove()
             if peak > budget_gib and (n_lm_ck < len(lm) or n_vis_ck < len(vis)):
                 log(f"  over budget ({peak:.1f} > {budget_gib:.1f} GiB) with {n_vis_ck}/{n_lm_ck} checkpointed; more")
                 n_vis_ck, n_lm_ck = _more_checkpointing(n_vis_ck, n_lm_ck, len(vis), len(lm))
                 continue
-            result = dict(sec_per_step=sec, loss=loss, peak_gib=peak,
+            result = dict(**timed, peak_gib=peak,
                           reserved_gib=torch.cuda.max_memory_reserved() / GIB, floor_gib=base,
                           vision_checkpointed=n_vis_ck, lm_checkpointed=n_lm_ck, checkpoint_mode=mode,
                           over_budget=peak > budget_gib)
@@ -285,8 +304,7 @@ def _measured(model, opt, batch, steps: int, warmup: int) -> dict[str, Any]:
     """Time ``steps`` training steps from a clean allocator; peak memory, or ``oom``. Leaves no grads behind."""
     _reset()
     try:
-        sec, loss = train_steps(model, opt, batch, steps, warmup)
-        res = dict(sec_per_step=sec, loss=loss, peak_gib=torch.cuda.max_memory_allocated() / GIB,
+        res = dict(**train_steps(model, opt, batch, steps, warmup), peak_gib=torch.cuda.max_memory_allocated() / GIB,
                    reserved_gib=torch.cuda.max_memory_reserved() / GIB)
     except torch.OutOfMemoryError:
         res = dict(oom=True)
@@ -412,6 +430,60 @@ def cprofile_engine(model, opt, batch, out_dir: Path, n_vis_ck: int, n_lm_ck: in
     log(f"cprofile {tag}: written")
 
 
+def save_for_peer(model, out_dir: Path) -> Path:
+    """Save the benchmark's base model (before LoRA) where the peer's child process and the QLoRA columns load
+    it from, with a processor beside it (Unsloth's ``from_pretrained`` loads one; the batches are token ids,
+    so the tiny test tokenizer of :func:`visiontune.testing.build_tiny_model` serves)."""
+    import shutil
+    import tempfile
+
+    from visiontune.testing import build_tiny_model
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = build_tiny_model("qwen2_5_vl", tmp)
+        for f in tiny.iterdir():
+            if f.is_file() and not (f.suffix == ".safetensors" or f.name in (
+                    "config.json", "generation_config.json", "visiontune_tiny.json")):
+                shutil.copy(f, out_dir / f.name)
+    return out_dir
+
+
+def run_peer(model_dir: Path, configs: list[tuple[int, int, int]], steps: int, warmup: int, four_bit: bool,
+             log) -> dict[tuple[int, int, int], dict[str, Any]]:
+    """The peer's column for ``configs``, measured by ``bench_peer.py`` in a child process (see its docstring)."""
+    idx = ",".join(str(CONFIGS.index(c)) for c in configs)
+    cmd = [sys.executable, str(Path(__file__).with_name("bench_peer.py")), "--model-dir", str(model_dir),
+           "--configs", idx, "--steps", str(steps), "--warmup", str(warmup)] + (["--4bit"] if four_bit else [])
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found: dict[tuple[int, int, int], dict[str, Any]] = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("PEER_RESULT "):
+            r = json.loads(line[len("PEER_RESULT "):])
+            found[tuple(r["config"])] = r
+        elif line.strip():
+            log(f"  peer: {line}")
+    if proc.returncode != 0:
+        log(f"  peer{' 4-bit' if four_bit else ''} exited {proc.returncode}:\n" + proc.stderr[-6000:])
+    log(f"peer{' 4-bit' if four_bit else ''} ({time.time() - t0:.0f}s): " + json.dumps(
+        {str(k): {kk: v[kk] for kk in ("sec_per_step", "peak_gib", "first_loss", "oom") if kk in v}
+         for k, v in found.items()}))
+    return found
+
+
+def load_four_bit(model_dir: Path):
+    """The saved base in NF4 as ``FastVisionModel.from_pretrained(load_in_4bit=True)`` loads it (the same
+    quantization settings: :func:`visiontune.models.fast_vision._load_kwargs`), with the benchmark's LoRA."""
+    from transformers import AutoModelForImageTextToText
+
+    from visiontune.models.fast_vision import _load_kwargs
+
+    kw = _load_kwargs(torch.bfloat16, True, "sdpa", True, None, {})
+    return add_lora(AutoModelForImageTextToText.from_pretrained(str(model_dir), **kw))
+
+
 def check_equivalence(model, batch) -> tuple[float, float]:
     """Loss of the same weights and batch, stock vs engine (no grad): the patch must not change results."""
     from visiontune.kernels import patch_model
@@ -422,6 +494,73 @@ def check_equivalence(model, batch) -> tuple[float, float]:
         engine = float(model(**engine_batch(batch), use_cache=False).loss)
         handle.unpatch()
     return stock, engine
+
+
+def run_qlora(model_dir: Path, configs, results: list[dict[str, Any]], steps: int, warmup: int, n_flop: int,
+              peak: float, log, out_dir: Path, profile: tuple[int, ...] = ()) -> None:
+    """The 4-bit columns, into each config's row: stock HF+PEFT+GC over the NF4 base (``stock_qlora``) and the
+    engine's NF4 LoRA path (``engine_qlora``) under the lower of stock's 4-bit peak and the peer QLoRA's
+    measured peak (``row["peer_qlora"]``, from ``--peer``), searched as ``run_engine`` does."""
+    _reset()
+    t0 = time.time()
+    model = load_four_bit(model_dir)
+    log(f"4-bit model loaded in {time.time() - t0:.0f}s: weights {torch.cuda.memory_allocated() / GIB:.1f} GiB")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    device = torch.device("cuda")
+    for row in results:
+        cfg = tuple(row["config"])
+        if cfg not in [tuple(c) for c in configs]:
+            continue
+        batch = make_batch(*cfg, device)
+        tokens = row["tokens_per_step"]
+        row["stock_qlora"] = run_stock(model, opt, batch, steps, warmup)
+        log(f"{cfg} stock 4-bit: {row['stock_qlora']}")
+        budget = row["stock_qlora"].get("peak_gib") or 70.0
+        if row.get("peer_qlora", {}).get("peak_gib"):
+            budget = min(budget, row["peer_qlora"]["peak_gib"] - 0.01)
+        row["qlora_budget_gib"] = budget
+        row["engine_qlora"] = run_engine(model, opt, batch, budget, steps, warmup, log)
+        log(f"{cfg} engine 4-bit: {row['engine_qlora']}")
+        e = row["engine_qlora"]
+        if CONFIGS.index(cfg) in profile and not e.get("oom"):
+            profile_engine(model, opt, batch, out_dir, e["vision_checkpointed"], e["lm_checkpointed"],
+                           f"qlora_cfg{CONFIGS.index(cfg)}", log, e["checkpoint_mode"])
+        for k in ("stock_qlora", "engine_qlora"):
+            r = row[k]
+            if not r.get("oom"):
+                r["tokens_per_s"] = tokens / r["sec_per_step"]
+                r["mfu"] = 4 * n_flop * r["tokens_per_s"] / peak
+        del batch
+        _reset()
+    del model, opt
+    _reset()
+
+
+def qlora_table(results: list[dict[str, Any]]) -> str:
+    """The 4-bit columns as a text table: tok/s @ peak GiB and the engine's ratios to stock and the peer."""
+    def cell(x: dict) -> str:
+        if not x:
+            return f"{'-':>16}"
+        if x.get("oom"):
+            return f"{'OOM':>16}"
+        return f"{x['tokens_per_s']:>8.0f} @{x['peak_gib']:>5.1f}"
+
+    out = [f"{'4-bit (B,px,text)':<20} | {'stock QLoRA':>16} | {'engine QLoRA':>16}{'ckpt v/l':>11} | "
+           f"{'peer QLoRA':>16} | {'vs stock':>8} | {'vs peer':>7}{'mem':>6}"]
+    out.append("-" * len(out[0]))
+    for r in results:
+        if "engine_qlora" not in r:
+            continue
+        s, e, pq = r.get("stock_qlora", {}), r["engine_qlora"], r.get("peer_qlora", {})
+        ck = f"{e.get('vision_checkpointed', '-')}/{e.get('lm_checkpointed', '-')}"
+        if e.get("checkpoint_mode") == "recompute_offload":
+            ck += "+off"
+        vs = (f"{e['tokens_per_s'] / s['tokens_per_s']:>7.2f}x" if e.get("tokens_per_s") and s.get("tokens_per_s")
+              else f"{'-':>8}")
+        vp = (f"{e['tokens_per_s'] / pq['tokens_per_s']:>6.2f}x{e['peak_gib'] / pq['peak_gib']:>6.2f}"
+              if e.get("tokens_per_s") and pq.get("tokens_per_s") else f"{'-':>7}{'-':>6}")
+        out.append(f"{str(tuple(r['config'])):<20} | {cell(s)} | {cell(e)}{ck:>11} | {cell(pq)} | {vs} | {vp}")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -438,6 +577,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="0,3", help="comma-separated config indices to profile ('' for none)")
     ap.add_argument("--recompute-mlp", action="store_true",
                     help="engine columns patch with recompute_mlp=True (MLPs rerun gate/up in backward)")
+    ap.add_argument("--peer", action="store_true",
+                    help="measure the peer (Unsloth, bench_peer.py) in this run; the lean budget is its measured peak")
+    ap.add_argument("--qlora", action="store_true",
+                    help="also the 4-bit columns: stock HF+PEFT+GC, the engine (under the peer QLoRA's measured "
+                         "peak with --peer) and, with --peer, the peer's QLoRA")
+    ap.add_argument("--profile-qlora", default="", help="config indices whose engine 4-bit step to profile")
+    ap.add_argument("--model-dir", default="/tmp/vt_bench_model",
+                    help="where --peer / --qlora save the base model for the child process and the 4-bit load")
     args = ap.parse_args(argv)
     global RECOMPUTE_MLP
     RECOMPUTE_MLP = args.recompute_mlp
@@ -464,13 +611,25 @@ def main(argv: list[str] | None = None) -> int:
     log(f"torch {torch.__version__} transformers {transformers.__version__} peft {peft.__version__} "
         f"GPU {torch.cuda.get_device_name()} measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
     t0 = time.time()
-    model = add_lora(build_model(device))
+    base = build_model(device)
+    model_dir = Path(args.model_dir)
+    if args.peer or args.qlora:
+        save_for_peer(base, model_dir)
+        log(f"base saved to {model_dir} for the peer / 4-bit columns ({time.time() - t0:.0f}s since start)")
+    model = add_lora(base)
+    del base
     n_flop = count_flop_params(model)
     log(f"model built in {time.time() - t0:.0f}s: {n_flop / 1e9:.2f}e9 FLOP-counted params; "
         f"weights {torch.cuda.memory_allocated() / GIB:.1f} GiB")
     # fused AdamW (one kernel, no foreach temporaries) for every column: the same optimizer for stock and engine.
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     total_gib = torch.cuda.get_device_properties(device).total_memory / GIB
+    peer: dict[tuple[int, int, int], dict[str, Any]] = {}
+    peer4: dict[tuple[int, int, int], dict[str, Any]] = {}
+    if args.peer:  # first, while this process only holds its model: the lean budget needs the peer's peak
+        peer = run_peer(model_dir, configs, steps, warmup, False, log)
+        if args.qlora:
+            peer4 = run_peer(model_dir, configs, steps, warmup, True, log)
     results = []
     for cfg in configs:
         b, px, text = cfg
@@ -488,12 +647,18 @@ def main(argv: list[str] | None = None) -> int:
         row["engine_budget_gib"] = budget
         row["engine"] = run_engine(model, opt, batch, budget, steps, warmup, log)
         log(f"{cfg} engine: {row['engine']}")
-        peer_gib = REFERENCE["peer"].get(tuple(cfg), (None, None))[1]
+        if tuple(cfg) in peer:
+            row["peer"] = peer[tuple(cfg)]
+        if tuple(cfg) in peer4:
+            row["peer_qlora"] = peer4[tuple(cfg)]
+        peer_gib = (row["peer"].get("peak_gib") if "peer" in row
+                    else REFERENCE["peer"].get(tuple(cfg), (None, None))[1])
+        row["peer_budget_source"] = "measured" if "peer" in row else "reference (H100)"
         if not args.no_peer_budget and peer_gib:  # the goal's memory bar: under stock's peak AND the peer's
             row["peer_budget_gib"] = min(budget, peer_gib - 0.01)
             row["engine_lean"] = run_engine(model, opt, batch, row["peer_budget_gib"], steps, warmup, log)
             log(f"{cfg} engine under the peer's memory: {row['engine_lean']}")
-        for k in ("stock", "engine", "engine_lean"):
+        for k in ("stock", "engine", "engine_lean", "peer", "peer_qlora"):
             r = row.get(k)
             if r and not r.get("oom"):
                 r["tokens_per_s"] = tokens / r["sec_per_step"]
@@ -521,6 +686,12 @@ def main(argv: list[str] | None = None) -> int:
         if row is not None:
             cprofile_engine(model, opt, make_batch(*cfg, device), out_dir, row["engine"]["vision_checkpointed"],
                             row["engine"]["lm_checkpointed"], f"cfg{idx}", log, row["engine"]["checkpoint_mode"])
+    if args.qlora:
+        del model, opt  # the 4-bit columns' peaks must not count the bf16 model
+        run_qlora(model_dir, configs, results, steps, warmup, n_flop, peak, log, out_dir,
+                  tuple(int(i) for i in args.profile_qlora.split(",") if i.strip()))
+        json.dump(dict(results=results, peak_flops=peak, flop_params=n_flop, recompute_mlp=RECOMPUTE_MLP),
+                  open(out_dir / "bench_engine.json", "w"), indent=1)
     # the table, printed last
     hdr = (f"{'config (B,px,text)':<20}{'tokens':>7} | {'stock tok/s':>11}{'GiB':>6}{'MFU':>6} | "
            f"{'engine tok/s':>12}{'GiB':>6}{'MFU':>6}{'ckpt v/l':>9} | {'speedup':>7}{'mem':>6} | "
@@ -543,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
             ck += "+off"
         sp = f"{r['speedup']:>6.2f}x{r['memory_ratio']:>6.2f}" if "speedup" in r else f"{'-':>7}{'-':>6}"
         peer = REFERENCE["peer"].get(cfg)
+        if r.get("peer", {}).get("tokens_per_s"):
+            peer = (round(r["peer"]["tokens_per_s"]), round(r["peer"]["peak_gib"], 1))
         lean = fmt(r.get("engine_lean", {}))
         le = r.get("engine_lean", {})
         lck = f"{le.get('vision_checkpointed', '-')}/{le.get('lm_checkpointed', '-')}"
@@ -552,6 +725,12 @@ def main(argv: list[str] | None = None) -> int:
         peer_s = f"{peer[0]} ({peer[1]})" if peer else "-"
         lines.append(f"{str(cfg):<20}{r['tokens_per_step']:>7} | {fmt(s)} | {ef:>24}{ck:>9} | {sp} | "
                      f"{lean}{lck:>11} | {lsp} | {peer_s:>17}")
+    if any("peer" in r for r in results):
+        lines.append("peer column: Unsloth measured in this run (bench_peer.py); lean budget = its peak")
+    else:
+        lines.append("peer column: the issue's H100 figures (REFERENCE), not measured here")
+    if any("engine_qlora" in r for r in results):
+        lines += ["", qlora_table(results)]
     table = "\n".join(lines)
     (out_dir / "bench_table.txt").write_text(table + "\n")
     log(table)
