@@ -243,3 +243,81 @@ def test_as_train_dataset_indexes_lists_and_passes_datasets_through():
     assert ds._vt_rows == rows
     arrow = Dataset.from_dict({"a": [1]})
     assert as_train_dataset(arrow) is arrow
+
+
+def _engine_pair(path: str):
+    """The same LoRA model twice: one with the fused-kernel engine patched in (forced on the CPU, where its
+    torch references run), one without."""
+    from visiontune.kernels import patch_model
+
+    model, tokenizer = _peft_model(path)
+    plain, _ = _peft_model(path)  # loaded again (a deepcopy would share FastVisionModel's hooks with the original)
+    plain.load_state_dict(model.state_dict())  # the same LoRA initialisation
+    assert patch_model(model, enabled=True).active
+    return model, plain, tokenizer
+
+
+def _item_calls(monkeypatch) -> list:
+    calls: list = []
+    original = torch.Tensor.item
+
+    def counted(self):
+        calls.append(1)
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counted)
+    return calls
+
+
+def test_engine_loss_path_logs_what_trls_path_logs(tiny_model_dir, tmp_path):
+    """On a patched model the SFT loss comes from the engine's chunked log-probs (TRL's fused head bypassed) and
+    every logged value (loss, entropy, token accuracy, token count) equals TRL's path on the same weights."""
+    from visiontune import SFTConfig, SFTTrainer
+    from visiontune.align.engine import engine_installed
+
+    engine_model, plain_model, _ = _engine_pair(tiny_model_dir("qwen2_5_vl"))
+    logs = {}
+    for name, model in (("engine", engine_model), ("trl", plain_model)):
+        trainer = SFTTrainer(model, SFTConfig(output_dir=str(tmp_path / name), max_steps=3, logging_steps=1,
+                                              learning_rate=1e-2, per_device_train_batch_size=2),
+                             train_dataset=_rows(6))
+        assert trainer.uses_fused_engine is (name == "engine")
+        assert engine_installed(model) is (name == "engine")
+        trainer.train()
+        logs[name] = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs["engine"]) == len(logs["trl"]) == 3
+    for e, t in zip(logs["engine"], logs["trl"]):
+        for key in ("loss", "entropy", "mean_token_accuracy"):
+            assert e[key] == pytest.approx(t[key], rel=1e-4, abs=1e-6), (key, e, t)
+        assert e["num_tokens"] == t["num_tokens"] > 0
+    assert logs["engine"][-1]["loss"] < logs["engine"][0]["loss"]
+
+
+def test_engine_loss_path_keeps_step_metrics_on_the_device_until_the_log(tiny_model_dir, tmp_path, monkeypatch):
+    """TRL reads entropy, token accuracy and the token count to the host on every step (three syncs); the engine
+    path keeps them as one device tensor per step and reads them once, at the next log, to the same values."""
+    from visiontune import SFTConfig, SFTTrainer, VisionDataCollator
+
+    engine_model, plain_model, tokenizer = _engine_pair(tiny_model_dir("qwen2_5_vl"))
+    batch = VisionDataCollator(engine_model, tokenizer)(_rows(3))
+    out: dict[str, dict] = {}
+    calls = _item_calls(monkeypatch)
+    for name, model in (("engine", engine_model), ("trl", plain_model)):
+        trainer = SFTTrainer(model, SFTConfig(output_dir=str(tmp_path / name), max_steps=1), train_dataset=_rows(3))
+        model.train()
+        before = len(calls)
+        loss = trainer.compute_loss(model, dict(batch))
+        loss2 = trainer.compute_loss(model, dict(batch))
+        out[name] = {"item_calls": len(calls) - before, "pending": len(trainer._device_metrics["train"]),
+                     "host_lists": {k: len(v) for k, v in trainer._metrics["train"].items()}}
+        logs = {"loss": float(loss)}
+        trainer.log(logs)
+        assert float(loss2) == pytest.approx(float(loss))
+        out[name]["logs"] = logs
+    engine, trl_side = out["engine"], out["trl"]
+    assert engine["pending"] == 2 and engine["host_lists"] == {}  # nothing read back yet
+    assert trl_side["pending"] == 0 and trl_side["host_lists"]["entropy"] == 2
+    assert engine["item_calls"] <= trl_side["item_calls"] - 6  # TRL: 3 host reads per step, here none
+    for key in ("loss", "entropy", "mean_token_accuracy", "num_tokens"):
+        assert engine["logs"][key] == pytest.approx(trl_side["logs"][key], rel=1e-5), key
+    assert engine["logs"]["num_tokens"] == 2 * batch["attention_mask"].sum().item()

@@ -151,7 +151,8 @@ class ModelConfig:
     use_gradient_checkpointing: Union[bool, str, float] = _f(
         False, "True, False, 'offload' (checkpoint and keep saved inputs on the CPU), 'mlp' (CUDA engine: only the MLPs "
         "recompute their gate/up projections; fastest memory saver at small batches) or a fraction in (0, 1): "
-        "selective checkpointing of every vision block and that share of the LM layers (faster than True, more memory).")
+        "selective checkpointing of every vision block and that share of the LM layers (faster than True, more memory), "
+        "or 'auto' (GPU: the fewest checkpointed layers whose measured first step fits train.checkpoint_budget).")
     use_fused_kernels: bool = _f(True, "Patch in visiontune's Triton kernels where CUDA is present (ignored on CPU).")
 
 
@@ -198,6 +199,9 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.", ge=0)
     save_steps: int = _f(100, "Checkpoint every this many steps (a killed run resumes from the last one).", ge=1)
     logging_steps: int = _f(10, "Log metrics every this many steps.", ge=1)
+    checkpoint_budget: float = _f(
+        0.9, "With model.use_gradient_checkpointing: auto on a GPU, the share of its memory (free at train start plus "
+        "what the run already holds) that the step's measured peak may take.", gt=0, le=1)
     seed: int = _f(3407, "Seed of data order, dropout and LoRA init.", ge=0)
     eval_every_steps: int = _f(
         200, "Every this many steps (and at the end) generate answers for the first eval_samples rows of the validation "

@@ -142,8 +142,8 @@ STAGES: tuple[Stage, ...] = (
         + _keys("collator", "train_on_responses_only", "completion_only_loss", "pad_to_multiple_of", "padding_free")
         + _keys("train", "output_dir", "learning_rate", "warmup_steps", "max_steps", "num_train_epochs",
                 "per_device_train_batch_size", "gradient_accumulation_steps", "weight_decay", "max_grad_norm",
-                "save_steps", "logging_steps", "seed", "eval_every_steps", "eval_samples", "eval_max_new_tokens",
-                "select_best", "num_processes", "distributed")
+                "save_steps", "logging_steps", "checkpoint_budget", "seed", "eval_every_steps", "eval_samples",
+                "eval_max_new_tokens", "select_best", "num_processes", "distributed")
         + _keys("tracking", "uri", "experiment"),
         deps=(_DATASET,),
         outs=(Out("${train.output_dir}", persist=True),),  # persist: a killed run resumes from its checkpoints

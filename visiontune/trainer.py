@@ -160,6 +160,8 @@ class SFTConfig(trl.SFTConfig):
     * ``optim``: a bitsandbytes AdamW (``"adamw_8bit"``, ``"paged_adamw_8bit"``, ...) that cannot run on this
       machine becomes ``"adamw_torch"``, with one warning.
     * ``token_budget`` (visiontune's own): the pre-flight token budget of :class:`SFTTrainer`; False skips it.
+    * ``checkpoint_budget`` / ``checkpoint_budget_gib`` (visiontune's own): the memory budget of
+      ``use_gradient_checkpointing="auto"`` (see :class:`SFTTrainer`).
     """
 
     max_seq_length: Optional[int] = field(
@@ -179,7 +181,19 @@ class SFTConfig(trl.SFTConfig):
                                         "one-line summary and leave out the samples the collator would drop "
                                         "(visiontune.budget); False: the collator still drops them, batch by batch."})
 
+    checkpoint_budget: float = field(
+        default=0.9, metadata={"help": "use_gradient_checkpointing='auto': the share of the GPU's memory (free at "
+                                        "train start plus what this process holds) the step's peak may take."})
+    checkpoint_budget_gib: Optional[float] = field(
+        default=None, metadata={"help": "use_gradient_checkpointing='auto': the step's peak budget in GiB "
+                                        "instead of checkpoint_budget's share (e.g. another tool's peak)."})
+
     def __post_init__(self) -> None:
+        if not 0.0 < self.checkpoint_budget <= 1.0:
+            raise ValueError(f"SFTConfig(checkpoint_budget={self.checkpoint_budget}): a share of the GPU's memory, "
+                             "in (0, 1]; for a budget in GiB set checkpoint_budget_gib")
+        if self.checkpoint_budget_gib is not None and self.checkpoint_budget_gib <= 0:
+            raise ValueError(f"SFTConfig(checkpoint_budget_gib={self.checkpoint_budget_gib}): must be > 0 (or None)")
         if self.max_seq_length is not None:
             if self.max_length is not None and self.max_length != self.max_seq_length:
                 raise ValueError(f"SFTConfig got max_seq_length={self.max_seq_length} and max_length={self.max_length}: "
@@ -249,12 +263,12 @@ def run_token_budget(collator: VisionDataCollator, data: Any, args: Any) -> tupl
     return kept, report
 
 
-class _BudgetToMLflow(TrainerCallback):
-    """Logs the token budget to the MLflow run active when training starts (one the user started, or the one
-    ``report_to="mlflow"`` starts just before), once per run; nothing without an active run."""
+class _ToMLflowRun(TrainerCallback):
+    """Runs ``write(mlflow)`` once per MLflow run active when training starts (one the user started, or the one
+    ``report_to="mlflow"`` starts just before), on rank 0; nothing without an active run."""
 
-    def __init__(self, report: Any) -> None:
-        self.report = report
+    def __init__(self, write: Any) -> None:
+        self.write = write
         self.logged_runs: set[str] = set()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -262,11 +276,18 @@ class _BudgetToMLflow(TrainerCallback):
         run = mlflow.active_run() if mlflow is not None and state.is_world_process_zero else None
         if run is None or run.info.run_id in self.logged_runs:
             return
+        self.write(mlflow)
+        self.logged_runs.add(run.info.run_id)
+
+
+def _log_budget(report: Any) -> Any:
+    """What the token budget logs to an active MLflow run (counts, histogram: visiontune.budget)."""
+    def write(_mlflow: Any) -> None:
         from visiontune.budget import log_to_mlflow
 
         with tempfile.TemporaryDirectory() as tmp:
-            log_to_mlflow(self.report, Path(tmp))
-        self.logged_runs.add(run.info.run_id)
+            log_to_mlflow(report, Path(tmp))
+    return write
 
 
 class SFTTrainer(trl.SFTTrainer):
@@ -278,6 +299,17 @@ class SFTTrainer(trl.SFTTrainer):
       ``{"messages": [...]}``: the collator gets the rows themselves, images and all (no Arrow round trip).
     * ``data_collator`` defaults to :class:`~visiontune.collator.VisionDataCollator` (labels only on answers
       as configured, image tokens never targets), with ``max_length`` as its ``max_seq_length`` if set.
+    * The loss on the fused-kernel engine: when the model's kernels are patched (``FastVisionModel`` on a
+      GPU; :mod:`visiontune.kernels`), the per-token log-probabilities that TRL asks its fused LM head for
+      come from the engine's chunked linear + cross-entropy (:func:`visiontune.align.engine.install_engine`,
+      as the GRPO/DPO trainers do), and the step's metrics (entropy, token accuracy, token count) stay on
+      the device until the next log: one host sync per logging step instead of three per step. The loss and
+      the logged values are TRL's own (``uses_fused_engine`` tells whether this path serves the run).
+    * ``use_gradient_checkpointing="auto"`` (``FastVisionModel``): when the first ``train()`` starts on a CUDA
+      device, the first batch's step (forward + backward, no update) is measured under a few checkpointing
+      settings and the fewest checkpointed layers whose peak fits ``SFTConfig.checkpoint_budget`` of the GPU's
+      memory (or ``checkpoint_budget_gib``) are installed (:mod:`visiontune.models.auto_checkpoint`). The
+      choice is printed, kept in ``checkpoint_choice`` and logged as parameters of the active MLflow run.
     * ``args`` defaults to this module's :class:`SFTConfig`. A plain TRL config is taken as it is, except
       that a bitsandbytes AdamW that cannot run here becomes ``"adamw_torch"`` (one warning), that
       ``gradient_checkpointing`` is switched off where FastVisionModel's checkpointing is installed (one
@@ -320,13 +352,121 @@ class SFTTrainer(trl.SFTTrainer):
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *more, **kwargs)
         self.budget_report: Optional[Any] = None
         self._budget_pending = True
+        self.uses_fused_engine = _install_engine_loss(self.model)
+        self.checkpoint_choice: Optional[Any] = None
+        # Per step: (supervised tokens, entropy sum, top-1 hits, input tokens) on the device, read at the next log.
+        self._device_metrics: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
+
+    def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """TRL's SFT loss; on the engine (``uses_fused_engine``) computed as TRL computes it, but with the step's
+        metrics kept on the device (see the class docstring). Settings that need TRL's other branches (a custom
+        loss function, label smoothing, DFT loss, MoE auxiliary loss, sequence parallelism, returned outputs)
+        take TRL's code unchanged."""
+        if not self._engine_loss_serves(return_outputs):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        inputs["use_cache"] = False
+        try:
+            outputs = model(**inputs, fused_lm_head=True)
+        except ValueError as e:
+            if "Image features and image tokens do not match" in str(e) and self.args.max_length is not None:
+                raise ValueError(
+                    f"max_length={self.args.max_length} cuts image placeholder tokens off some samples while their "
+                    "image features remain: raise max_length, or set it to None and let the collator's "
+                    "max_seq_length cut after the last image.") from e
+            raise
+        mask = outputs.label_mask
+        count = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = -outputs.log_probs.sum() / torch.as_tensor(count, device=mask.device).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        with torch.no_grad():
+            if "attention_mask" in inputs:
+                seen = inputs["attention_mask"].sum()
+            else:  # padding-free: one packed row
+                seen = torch.tensor(inputs["position_ids"].size(-1), device=mask.device)
+            self._device_metrics[mode].append(torch.stack([
+                mask.sum().float(), outputs.entropy.detach().float().sum(), outputs.is_top1.sum().float(),
+                seen.to(mask.device).float()]))
+        return loss
+
+    def _engine_loss_serves(self, return_outputs: bool) -> bool:
+        if not self.uses_fused_engine or return_outputs or self.compute_loss_func is not None:
+            return False
+        if self.label_smoother is not None or self.args.loss_type != "nll" or self.aux_loss_enabled:
+            return False
+        pc = getattr(self.accelerator, "parallelism_config", None)
+        return not (pc is not None and getattr(pc, "sp_enabled", False))
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        """TRL's ``log``, after the engine path's pending step metrics are read (one sync) into TRL's lists."""
+        self._flush_device_metrics("train" if self.model.training else "eval")
+        super().log(logs, start_time)
+
+    def _flush_device_metrics(self, mode: str) -> None:
+        pending = self._device_metrics[mode]
+        if not pending:
+            return
+        steps = torch.stack(pending)  # (steps, 4)
+        pending.clear()
+        world = self.accelerator.num_processes
+        if world > 1:  # every rank logs the same steps; per step, the sums over ranks (as TRL's per-step gather)
+            steps = self.accelerator.gather(steps).view(world, *steps.shape).sum(0)
+        for valid, entropy, top1, seen in steps.tolist():
+            self._metrics[mode]["entropy"].append(entropy / valid if valid > 0 else 0.0)
+            self._metrics[mode]["mean_token_accuracy"].append(top1 / valid if valid > 0 else 0.0)
+            if mode == "train":
+                self._total_train_tokens += int(seen) // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """TRL's ``train``; the first call runs the pre-flight token budget before it (see the class docstring)."""
         if self._budget_pending:
             self._budget_pending = False
             self._token_budget()
+        self._auto_checkpointing()
         return super().train(*args, **kwargs)
+
+    def _auto_checkpointing(self) -> None:
+        """``use_gradient_checkpointing="auto"``: measure the first batch and install the choice (class docstring)."""
+        state = vision_state(self.model)
+        if state.checkpointing != "auto" or state.auto_choice is not None:
+            return
+        device = next(self.model.parameters()).device
+        if device.type != "cuda":
+            log.info("use_gradient_checkpointing='auto' off a CUDA device: every layer stays checkpointed")
+            return
+        from visiontune.models.auto_checkpoint import install_choice, plan_checkpointing
+
+        budget_gib = getattr(self.args, "checkpoint_budget_gib", None)
+        if budget_gib is not None:
+            budget = budget_gib * 2**30
+        else:
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = getattr(self.args, "checkpoint_budget", 0.9) * (free + torch.cuda.memory_allocated(device))
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        batch = self._prepare_inputs(next(iter(self.get_train_dataloader())))
+        tokens, metrics = self._total_train_tokens, self._device_metrics["train"]
+
+        def step() -> None:
+            self.compute_loss(self.model, dict(batch)).backward()
+            self.model.zero_grad(set_to_none=True)
+
+        if state.checkpoint_handle is not None:  # the every-layer start "auto" installed
+            state.checkpoint_handle.remove()
+            state.checkpoint_handle = state.checkpoint_plan = None
+        self.model.train()
+        # AdamW keeps two fp32 moments per trainable parameter, created at the first real step: not in the probes.
+        choice = plan_checkpointing(self.model, step, budget, extra_bytes=8.0 * trainable)
+        state.checkpoint_handle = install_choice(self.model, choice)
+        state.auto_choice = choice
+        self._total_train_tokens = tokens  # the probes are not training: no tokens, no metrics
+        metrics.clear()
+        self._metrics["train"].clear()
+        self.checkpoint_choice = choice
+        print(choice.summary())
+        self.add_callback(_ToMLflowRun(lambda mlflow: mlflow.log_params(choice.as_params())))
 
     def _token_budget(self) -> None:
         """Measure ``train_dataset`` (the rows themselves, for a list), leave out what the collator would
@@ -340,7 +480,21 @@ class SFTTrainer(trl.SFTTrainer):
         _, self.budget_report = run_token_budget(inner, rows, self.args)
         if len(self.budget_report.kept) < len(data):
             self.train_dataset = data.select(self.budget_report.kept)
-        self.add_callback(_BudgetToMLflow(self.budget_report))
+        self.add_callback(_ToMLflowRun(_log_budget(self.budget_report)))
+
+
+def _install_engine_loss(model: Any) -> bool:
+    """Put the engine's chunked log-probs in front of the fused LM head TRL installed, if ``model``'s kernels
+    are patched (an active :class:`~visiontune.kernels.patch.PatchHandle`); returns whether it serves."""
+    if isinstance(model, str):
+        return False
+    handle = vision_state(model).kernel_handle
+    if handle is None or not getattr(handle, "active", False):
+        return False
+    from visiontune.align.engine import engine_installed, install_engine
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return install_engine(inner) or engine_installed(model)
 
 
 def _is_list_dataset(data: Any) -> bool:

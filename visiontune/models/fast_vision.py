@@ -67,6 +67,10 @@ class FastVisionModel:
         only; elsewhere the same as False). ``"mlp"`` is the fastest setting that saves memory when the
         step is launch-bound (small batches): Qwen2.5-VL-7B at (1, 448 px, 512 tokens) on an H200 fit
         stock HF+PEFT's peak with 17 of 32 vision blocks and no LM layer recomputed instead of 31 and 18.
+        ``"auto"``: every layer checkpointed until training starts; then visiontune's ``SFTTrainer`` (the
+        train stage's too) measures the first batch's step on the GPU and keeps the fewest checkpointed layers
+        whose peak fits ``SFTConfig.checkpoint_budget`` (:mod:`visiontune.models.auto_checkpoint`); off a
+        CUDA device every layer stays checkpointed.
         ``use_fused_kernels`` patches visiontune's Triton kernels in when the model is on CUDA.
         """
         from transformers import AutoModelForImageTextToText
@@ -310,18 +314,19 @@ def _is_fraction(mode: Any) -> bool:
 
 
 def _check_checkpointing(mode: Any) -> None:
-    if isinstance(mode, bool) or (isinstance(mode, str) and mode in ("offload", "unsloth", "mlp")):
+    if isinstance(mode, bool) or (isinstance(mode, str) and mode in ("offload", "unsloth", "mlp", "auto")):
         return  # (not `mode in (True, False, ...)`: 0.0 == False and 1.0 == True in Python)
     if _is_fraction(mode) and 0.0 < mode < 1.0:
         return
     raise ValueError(
-        f"use_gradient_checkpointing={mode!r}: expected True, False, 'offload', 'mlp' or a fraction strictly between "
-        "0 and 1 (selective checkpointing: that share of the language-model layers recompute, e.g. 0.5)"
+        f"use_gradient_checkpointing={mode!r}: expected True, False, 'offload', 'mlp', 'auto' or a fraction strictly "
+        "between 0 and 1 (selective checkpointing: that share of the language-model layers recompute, e.g. 0.5)"
     )
 
 
 def _checkpoint_plan(mode: Any) -> Optional[tuple[float, str]]:
-    """``use_gradient_checkpointing`` -> (share of LM layers checkpointed, ``checkpointing`` module's mode)."""
+    """``use_gradient_checkpointing`` -> (share of LM layers checkpointed, ``checkpointing`` module's mode).
+    ``"auto"`` starts as True does (every layer), until the trainer measures and installs its choice."""
     if mode is False or mode == "mlp":
         return None
     if _is_fraction(mode):
@@ -354,7 +359,16 @@ def _install_checkpointing(model: torch.nn.Module, plan: Optional[tuple[float, s
 
 def _apply_checkpointing(model: torch.nn.Module, mode: Any) -> None:
     """Put ``use_gradient_checkpointing=mode`` in force: the layer wrappers, and for ``"mlp"`` the kernel
-    patch's fused MLPs recomputing gate/up (a patched model's handle reads ``recompute_mlp`` per call)."""
+    patch's fused MLPs recomputing gate/up (a patched model's handle reads ``recompute_mlp`` per call).
+    ``"auto"`` keeps the choice the trainer measured, once made (:mod:`visiontune.models.auto_checkpoint`)."""
+    state = vision_state(model)
+    if mode == "auto" and state.auto_choice is not None:
+        return
+    if state.auto_choice is not None:  # another mode replaces the measured choice
+        state.auto_choice = None
+        if state.checkpoint_handle is not None:
+            state.checkpoint_handle.remove()
+            state.checkpoint_handle = state.checkpoint_plan = None
     _install_checkpointing(model, _checkpoint_plan(mode))
     handle = vision_state(model).kernel_handle
     if handle is not None and handle.active:

@@ -36,6 +36,9 @@ class VisionState:
     """``visiontune.models.checkpointing.CheckpointHandle`` of the installed wrappers, or None."""
     kernel_handle: Any = None
     """``visiontune.kernels.patch.PatchHandle`` of an active fused-kernel patch, or None."""
+    auto_choice: Any = None
+    """``use_gradient_checkpointing="auto"``: the measured choice installed by the trainer
+    (``visiontune.models.auto_checkpoint.CheckpointChoice``), or None before it is made."""
 
 
 def base_model(model: Any) -> Any:

@@ -149,7 +149,7 @@ def _make_callbacks(mlflow_active: bool) -> list:
 
 
 def _sft_config(cfg: PipelineConfig, output_dir: Path) -> Any:
-    from trl import SFTConfig
+    from visiontune.trainer import SFTConfig
 
     t = cfg.train
     on_gpu = torch.cuda.is_available()
@@ -184,6 +184,8 @@ def _sft_config(cfg: PipelineConfig, output_dir: Path) -> Any:
         include_num_input_tokens_seen="all" if cfg.collator.padding_free else "non_padding",
         dataloader_num_workers=0,
         activation_checkpointing=False,  # FastVisionModel already set checkpointing up as configured
+        token_budget=False,  # the stage runs the pre-flight budget itself (preflight), with its own report
+        checkpoint_budget=t.checkpoint_budget,
         **distributed.trainer_args(cfg),  # DDP / FSDP2 when this process is one rank of several
     )
     return distributed.fsdp_mixed_precision(args)
@@ -260,11 +262,10 @@ def train(cfg: PipelineConfig, train_data: Any, output_dir: Path, mlflow_active:
     In a multi-process run every rank calls this (:mod:`visiontune.pipeline.distributed`): rank 0 picks the
     checkpoint and writes the files; ``mlflow_active`` belongs to rank 0 alone. ``tokens_seen`` counts all ranks.
     """
-    from trl import SFTTrainer
-
     from visiontune.budget import preflight
     from visiontune.pipeline.eval_callback import eval_callbacks
-    from visiontune.trainer import as_train_dataset
+    # visiontune's SFTTrainer: TRL's, with the loss on the fused-kernel engine when the kernels are patched
+    from visiontune.trainer import SFTTrainer, as_train_dataset
 
     main = distributed.current().is_main
     model, processor = build_model(cfg)
