@@ -536,15 +536,24 @@ def run_qlora(model_dir: Path, configs, results: list[dict[str, Any]], steps: in
     _reset()
 
 
+def _cell(x: dict, mfu: bool) -> str:
+    """One column's tok/s and peak GiB (and MFU) for the text tables; '-' not run, 'OOM' out of memory."""
+    width = 23 if mfu else 16
+    if not x or x.get("oom"):
+        return f"{'-' if not x else 'OOM':>{width}}"
+    if mfu:
+        return f"{x['tokens_per_s']:>11.0f}{x['peak_gib']:>6.1f}{100 * x['mfu']:>5.1f}%"
+    return f"{x['tokens_per_s']:>8.0f} @{x['peak_gib']:>5.1f}"
+
+
+def _ckpt(x: dict) -> str:
+    """An engine column's checkpointed vision blocks / LM layers, '+off' when their inputs were offloaded."""
+    text = f"{x.get('vision_checkpointed', '-')}/{x.get('lm_checkpointed', '-')}"
+    return text + "+off" if x.get("checkpoint_mode") == "recompute_offload" else text
+
+
 def qlora_table(results: list[dict[str, Any]]) -> str:
     """The 4-bit columns as a text table: tok/s @ peak GiB and the engine's ratios to stock and the peer."""
-    def cell(x: dict) -> str:
-        if not x:
-            return f"{'-':>16}"
-        if x.get("oom"):
-            return f"{'OOM':>16}"
-        return f"{x['tokens_per_s']:>8.0f} @{x['peak_gib']:>5.1f}"
-
     out = [f"{'4-bit (B,px,text)':<20} | {'stock QLoRA':>16} | {'engine QLoRA':>16}{'ckpt v/l':>11} | "
            f"{'peer QLoRA':>16} | {'vs stock':>8} | {'vs peer':>7}{'mem':>6}"]
     out.append("-" * len(out[0]))
@@ -552,14 +561,13 @@ def qlora_table(results: list[dict[str, Any]]) -> str:
         if "engine_qlora" not in r:
             continue
         s, e, pq = r.get("stock_qlora", {}), r["engine_qlora"], r.get("peer_qlora", {})
-        ck = f"{e.get('vision_checkpointed', '-')}/{e.get('lm_checkpointed', '-')}"
-        if e.get("checkpoint_mode") == "recompute_offload":
-            ck += "+off"
+        ck = _ckpt(e)
         vs = (f"{e['tokens_per_s'] / s['tokens_per_s']:>7.2f}x" if e.get("tokens_per_s") and s.get("tokens_per_s")
               else f"{'-':>8}")
         vp = (f"{e['tokens_per_s'] / pq['tokens_per_s']:>6.2f}x{e['peak_gib'] / pq['peak_gib']:>6.2f}"
               if e.get("tokens_per_s") and pq.get("tokens_per_s") else f"{'-':>7}{'-':>6}")
-        out.append(f"{str(tuple(r['config'])):<20} | {cell(s)} | {cell(e)}{ck:>11} | {cell(pq)} | {vs} | {vp}")
+        out.append(f"{str(tuple(r['config'])):<20} | {_cell(s, False)} | {_cell(e, False)}{ck:>11} | "
+                   f"{_cell(pq, False)} | {vs} | {vp}")
     return "\n".join(out)
 
 
@@ -701,29 +709,17 @@ def main(argv: list[str] | None = None) -> int:
         s, e = r.get("stock", {}), r["engine"]
         cfg = tuple(r["config"])
 
-        def fmt(x: dict) -> str:
-            if not x:
-                return f"{'-':>11}{'-':>6}{'-':>6}"
-            if x.get("oom"):
-                return f"{'OOM':>11}{'-':>6}{'-':>6}"
-            return f"{x['tokens_per_s']:>11.0f}{x['peak_gib']:>6.1f}{100 * x['mfu']:>5.1f}%"
-
-        ef = fmt(e)
-        ck = f"{e.get('vision_checkpointed', '-')}/{e.get('lm_checkpointed', '-')}"
-        if e.get("checkpoint_mode") == "recompute_offload":
-            ck += "+off"
+        ef = _cell(e, mfu=True)
+        ck = _ckpt(e)
         sp = f"{r['speedup']:>6.2f}x{r['memory_ratio']:>6.2f}" if "speedup" in r else f"{'-':>7}{'-':>6}"
         peer = REFERENCE["peer"].get(cfg)
         if r.get("peer", {}).get("tokens_per_s"):
             peer = (round(r["peer"]["tokens_per_s"]), round(r["peer"]["peak_gib"], 1))
-        lean = fmt(r.get("engine_lean", {}))
-        le = r.get("engine_lean", {})
-        lck = f"{le.get('vision_checkpointed', '-')}/{le.get('lm_checkpointed', '-')}"
-        if le.get("checkpoint_mode") == "recompute_offload":
-            lck += "+off"
+        lean = _cell(r.get("engine_lean", {}), mfu=True)
+        lck = _ckpt(r.get("engine_lean", {}))
         lsp = f"{r['lean_speedup']:>6.2f}x{r['lean_memory_ratio']:>6.2f}" if "lean_speedup" in r else f"{'-':>7}{'-':>6}"
         peer_s = f"{peer[0]} ({peer[1]})" if peer else "-"
-        lines.append(f"{str(cfg):<20}{r['tokens_per_step']:>7} | {fmt(s)} | {ef:>24}{ck:>9} | {sp} | "
+        lines.append(f"{str(cfg):<20}{r['tokens_per_step']:>7} | {_cell(s, mfu=True)} | {ef:>24}{ck:>9} | {sp} | "
                      f"{lean}{lck:>11} | {lsp} | {peer_s:>17}")
     if any("peer" in r for r in results):
         lines.append("peer column: Unsloth measured in this run (bench_peer.py); lean budget = its peak")
