@@ -321,3 +321,19 @@ def test_engine_loss_path_keeps_step_metrics_on_the_device_until_the_log(tiny_mo
     for key in ("loss", "entropy", "mean_token_accuracy", "num_tokens"):
         assert engine["logs"][key] == pytest.approx(trl_side["logs"][key], rel=1e-5), key
     assert engine["logs"]["num_tokens"] == 2 * batch["attention_mask"].sum().item()
+
+
+def test_engine_loss_path_evaluates_as_trls_path(tiny_model_dir, tmp_path):
+    """evaluate() on the engine path: the eval loss and the eval metrics, read at the eval log, equal TRL's."""
+    from visiontune import SFTConfig, SFTTrainer
+
+    engine_model, plain_model, _ = _engine_pair(tiny_model_dir("qwen2_5_vl"))
+    results = {}
+    for name, model in (("engine", engine_model), ("trl", plain_model)):
+        trainer = SFTTrainer(model, SFTConfig(output_dir=str(tmp_path / name), max_steps=1,
+                                              per_device_eval_batch_size=2), train_dataset=_rows(4),
+                             eval_dataset=_rows(3))
+        results[name] = trainer.evaluate()
+        assert not trainer._device_metrics["eval"]  # read at the eval log
+    for key in ("eval_loss", "eval_entropy", "eval_mean_token_accuracy"):
+        assert results["engine"][key] == pytest.approx(results["trl"][key], rel=1e-5), key
