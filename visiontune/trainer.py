@@ -460,6 +460,7 @@ class SFTTrainer(trl.SFTTrainer):
         # AdamW keeps two fp32 moments per trainable parameter, created at the first real step: not in the probes.
         choice = plan_checkpointing(self.model, step, budget, extra_bytes=8.0 * trainable)
         state.checkpoint_handle = install_choice(self.model, choice)
+        state.checkpoint_plan = (choice.lm_checkpointed / max(1, choice.lm_layers), choice.mode)
         state.auto_choice = choice
         self._total_train_tokens = tokens  # the probes are not training: no tokens, no metrics
         metrics.clear()

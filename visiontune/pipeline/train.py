@@ -1,4 +1,4 @@
-"""The train stage: LoRA fine-tuning with TRL's SFTTrainer, FastVisionModel and VisionDataCollator.
+"""The train stage: LoRA fine-tuning with visiontune's SFTTrainer (TRL's), FastVisionModel and VisionDataCollator.
 
 Reads everything from the config; tracks the run in MLflow (params, per-step metrics, system metrics,
 data hash and git commit, adapter + processor, resolved config, loss curve); checkpoints every
