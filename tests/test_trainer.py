@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import trl
-from transformers import TextStreamer
+from transformers import TextStreamer, TrainerCallback
 
 import visiontune
 from visiontune import FastVisionModel
@@ -337,3 +337,50 @@ def test_engine_loss_path_evaluates_as_trls_path(tiny_model_dir, tmp_path):
         assert not trainer._device_metrics["eval"]  # read at the eval log
     for key in ("eval_loss", "eval_entropy", "eval_mean_token_accuracy"):
         assert results["engine"][key] == pytest.approx(results["trl"][key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("how", ["non_padding", "all"])
+def test_input_token_count_waits_for_the_log_and_the_checkpoint_and_adds_up_as_transformers_does(
+        tiny_model_dir, tmp_path, how):
+    """transformers reads every batch's token count to the host; visiontune's trainer keeps it pending until the next
+    log or checkpoint: the logged counts, the final state and the checkpoint's trainer_state.json are the same."""
+    import json
+
+    from visiontune import SFTConfig, SFTTrainer
+
+    model, _ = _peft_model(tiny_model_dir("qwen2_5_vl"))
+    rows = _rows(6)
+    for i, row in enumerate(rows):  # answers of different lengths: padding in every batch
+        row["messages"][1]["content"][0]["text"] = "red " * (1 + i)
+    class PerStep(SFTTrainer):  # transformers' own count: read to the host at every step
+        _track_num_input_tokens = trl.SFTTrainer._track_num_input_tokens
+
+    class AtStepEnd(TrainerCallback):  # what a progress callback reads at each step's end
+        def __init__(self):
+            self.counts = []
+
+        def on_step_end(self, args, state, control, **kw):
+            self.counts.append(state.num_input_tokens_seen)
+
+    seen = {}
+    for name, cls in (("visiontune", SFTTrainer), ("transformers", PerStep)):
+        at_step_end = AtStepEnd()
+        trainer = cls(model, SFTConfig(output_dir=str(tmp_path / name), max_steps=3, logging_steps=2, save_steps=3,
+                                       per_device_train_batch_size=2, learning_rate=0.0,
+                                       include_num_input_tokens_seen=how), train_dataset=rows,
+                      callbacks=[at_step_end])
+        trainer.train()
+        saved = json.loads((tmp_path / name / "checkpoint-3" / "trainer_state.json").read_text())
+        seen[name] = (trainer.state.num_input_tokens_seen, saved["num_input_tokens_seen"],
+                      [h["num_input_tokens_seen"] for h in trainer.state.log_history if "loss" in h],
+                      at_step_end.counts[0])  # the first step's count is up to date at its end
+    assert seen["visiontune"] == seen["transformers"] and seen["visiontune"][0] > 0
+
+    trainer = SFTTrainer(model, SFTConfig(output_dir=str(tmp_path / "pending"), max_steps=1,
+                                          include_num_input_tokens_seen=how), train_dataset=rows)
+    batch = trainer.data_collator([{"_vt_index": 0}, {"_vt_index": 1}])
+    trainer._track_num_input_tokens(batch)
+    assert trainer.state.num_input_tokens_seen == 0 and len(trainer._pending_input_tokens) == 1
+    trainer.log({"loss": 1.0})
+    expected = int(batch["attention_mask"].sum()) if how == "non_padding" else batch["input_ids"].numel()
+    assert trainer.state.num_input_tokens_seen == expected and not trainer._pending_input_tokens

@@ -280,6 +280,22 @@ class _ToMLflowRun(TrainerCallback):
         self.logged_runs.add(run.info.run_id)
 
 
+class _FirstStepTokens(TrainerCallback):
+    """Brings ``state.num_input_tokens_seen`` up to date at the end of a run's first step (a resumed run's
+    too), where progress callbacks start their tokens/s window; later steps wait for the next log."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.first_step = 1
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.first_step = state.global_step + 1  # a resumed run's state is loaded by now
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.first_step:
+            self.trainer._flush_input_tokens()
+
+
 def _log_budget(report: Any) -> Any:
     """What the token budget logs to an active MLflow run (counts, histogram: visiontune.budget)."""
     def write(_mlflow: Any) -> None:
@@ -305,6 +321,9 @@ class SFTTrainer(trl.SFTTrainer):
       as the GRPO/DPO trainers do), and the step's metrics (entropy, token accuracy, token count) stay on
       the device until the next log: one host sync per logging step instead of three per step. The loss and
       the logged values are TRL's own (``uses_fused_engine`` tells whether this path serves the run).
+    * ``include_num_input_tokens_seen``: each batch's token count waits on the device and is added to
+      ``state.num_input_tokens_seen`` at the next log or checkpoint (transformers reads it to the host every
+      step); the totals logged and saved are the same.
     * ``use_gradient_checkpointing="auto"`` (``FastVisionModel``): when the first ``train()`` starts on a CUDA
       device, the first batch's step (forward + backward, no update) is measured under a few checkpointing
       settings and the fewest checkpointed layers whose peak fits ``SFTConfig.checkpoint_budget`` of the GPU's
@@ -356,6 +375,35 @@ class SFTTrainer(trl.SFTTrainer):
         self.checkpoint_choice: Optional[Any] = None
         # Per step: (supervised tokens, entropy sum, top-1 hits, input tokens) on the device, read at the next log.
         self._device_metrics: dict[str, list[torch.Tensor]] = {"train": [], "eval": []}
+        self._pending_input_tokens: list[Any] = []  # per step (device tensors or ints), for num_input_tokens_seen
+        # first in line: callbacks that read the count at the end of a run's first step see it up to date
+        self.callback_handler.callbacks.insert(0, _FirstStepTokens(self))
+
+    def _track_num_input_tokens(self, inputs: dict) -> None:
+        """transformers' count of the step's input tokens (all, or those under the attention mask), kept on the
+        device until :meth:`_flush_input_tokens` instead of read to the host at every step."""
+        how = self.args.include_num_input_tokens_seen
+        ids = inputs.get(getattr(self.model, "main_input_name", "input_ids"))
+        if how == "no" or not torch.is_tensor(ids) or (how == "non_padding" and "attention_mask" not in inputs):
+            return super()._track_num_input_tokens(inputs)
+        # all tokens: a host int (copying it to the GPU every step would wait for the GPU's queue)
+        self._pending_input_tokens.append(inputs["attention_mask"].sum() if how == "non_padding" else ids.numel())
+
+    def _flush_input_tokens(self) -> None:
+        """Add the pending token counts (summed over ranks, as transformers does per step) to the trainer state."""
+        pending = self._pending_input_tokens
+        if not pending:
+            return
+        total = torch.tensor(sum(c for c in pending if isinstance(c, int)), dtype=torch.int64, device=self.args.device)
+        counts = [c.to(total.device, torch.int64) for c in pending if torch.is_tensor(c)]
+        if counts:
+            total = total + torch.stack(counts).sum()
+        pending.clear()
+        self.state.num_input_tokens_seen += int(self.accelerator.gather(total).sum().item())
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        self._flush_input_tokens()  # trainer_state.json holds the count a resumed run starts from
+        super()._save_checkpoint(model, trial)
 
     def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -400,7 +448,8 @@ class SFTTrainer(trl.SFTTrainer):
         return not (pc is not None and getattr(pc, "sp_enabled", False))
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
-        """TRL's ``log``, after the engine path's pending step metrics are read (one sync) into TRL's lists."""
+        """TRL's ``log``, after the pending token counts and the engine path's step metrics are read (one sync)."""
+        self._flush_input_tokens()
         self._flush_device_metrics("train" if self.model.training else "eval")
         super().log(logs, start_time)
 
