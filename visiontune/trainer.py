@@ -487,6 +487,7 @@ class SFTTrainer(trl.SFTTrainer):
             log.info("use_gradient_checkpointing='auto' off a CUDA device: every layer stays checkpointed")
             return
         from visiontune.models.auto_checkpoint import install_choice, plan_checkpointing
+        from visiontune.models.fast_vision import _install_checkpointing
 
         budget_gib = getattr(self.args, "checkpoint_budget_gib", None)
         if budget_gib is not None:
@@ -502,9 +503,7 @@ class SFTTrainer(trl.SFTTrainer):
             self.compute_loss(self.model, dict(batch)).backward()
             self.model.zero_grad(set_to_none=True)
 
-        if state.checkpoint_handle is not None:  # the every-layer start "auto" installed
-            state.checkpoint_handle.remove()
-            state.checkpoint_handle = state.checkpoint_plan = None
+        _install_checkpointing(self.model, None)  # off: the every-layer start "auto" installed
         self.model.train()
         # AdamW keeps two fp32 moments per trainable parameter, created at the first real step: not in the probes.
         choice = plan_checkpointing(self.model, step, budget, extra_bytes=8.0 * trainable)

@@ -366,9 +366,7 @@ def _apply_checkpointing(model: torch.nn.Module, mode: Any) -> None:
         return
     if state.auto_choice is not None:  # another mode replaces the measured choice
         state.auto_choice = None
-        if state.checkpoint_handle is not None:
-            state.checkpoint_handle.remove()
-            state.checkpoint_handle = state.checkpoint_plan = None
+        _install_checkpointing(model, None)
     _install_checkpointing(model, _checkpoint_plan(mode))
     handle = vision_state(model).kernel_handle
     if handle is not None and handle.active:
