@@ -13,6 +13,11 @@ Needs unsloth, unsloth_zoo, trl, datasets, dill, multiprocess and bitsandbytes (
 wheels, see RESULTS_engine.md). GPU only; never a unit test.
 
     python benchmarks/bench_peer.py --model-dir /tmp/peer_model --configs 0,1 [--4bit]
+
+``--product`` times the peer's own product path instead, for ``bench_product.py --peer``: its patched TRL
+``SFTTrainer`` with its ``UnslothVisionDataCollator`` (images kept at their size: ``resize="max"``) and its
+offloaded checkpointing, on ``bench_product.make_rows``' rows, the same ``SFTConfig`` values and the same
+statistic (``bench_product._Clock``: CUDA events at the step boundaries, median after warm-up).
 """
 
 from __future__ import annotations
@@ -37,7 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--4bit", dest="four_bit", action="store_true", help="QLoRA: Unsloth's load_in_4bit")
+    ap.add_argument("--product", action="store_true", help="the peer's SFTTrainer + collator (bench_product.py)")
+    ap.add_argument("--batch", type=int, default=4, help="--product: rows per step")
+    ap.add_argument("--px", type=int, default=448, help="--product: image side")
+    ap.add_argument("--text", type=int, default=512, help="--product: answer digits")
     args = ap.parse_args(argv)
+    if args.product:
+        return product(args)
 
     import unsloth  # noqa: F401  (first: it patches transformers and peft)
     from unsloth import FastVisionModel
@@ -76,6 +87,61 @@ def main(argv: list[str] | None = None) -> int:
         res.update(config=list(cfg), lora_layers=n_lora, four_bit=args.four_bit, unsloth=unsloth.__version__)
         print(PREFIX + json.dumps(res), flush=True)
         del batch
+    return 0
+
+
+def product(args: argparse.Namespace) -> int:
+    """The peer's product path: its SFTTrainer, collator and checkpointing on bench_product's rows."""
+    import unsloth  # noqa: F401  (first: it patches transformers, peft and trl)
+    from unsloth import FastVisionModel
+    from unsloth.trainer import UnslothVisionDataCollator
+
+    import statistics
+
+    import torch
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_engine as be
+    import bench_product as bp
+
+    model, processor = FastVisionModel.from_pretrained(
+        args.model_dir, load_in_4bit=args.four_bit, dtype=torch.bfloat16, use_gradient_checkpointing="unsloth",
+        local_files_only=True)
+    model = FastVisionModel.get_peft_model(
+        model, r=16, lora_alpha=16, lora_dropout=0.0, bias="none", target_modules=be.LORA_TARGETS,
+        use_gradient_checkpointing="unsloth", random_state=0)
+    FastVisionModel.for_training(model)
+    total = args.warmup + args.steps
+    rows = bp.make_rows(args.batch * total, args.px, args.text)
+    collator = UnslothVisionDataCollator(model, processor, resize="max")
+    probe = collator(rows[:args.batch])
+    tokens = int(probe["attention_mask"].sum())
+    clock = bp._Clock(True)
+
+    class Steps(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            clock.mark()
+
+        def on_train_end(self, *a, **k):
+            clock.mark()
+
+    cfg = SFTConfig(output_dir="/tmp/peer_product", max_steps=total, per_device_train_batch_size=args.batch,
+                    learning_rate=1e-5, logging_steps=total, save_strategy="no", report_to="none",
+                    optim="adamw_torch_fused", dataloader_num_workers=0, disable_tqdm=True, seed=0,
+                    remove_unused_columns=False, dataset_text_field="", dataset_kwargs={"skip_prepare_dataset": True},
+                    max_length=4096)
+    trainer = SFTTrainer(model=model, tokenizer=processor, data_collator=collator, train_dataset=rows, args=cfg,
+                         callbacks=[Steps()])
+    be._reset()
+    trainer.train()
+    step_s = clock.steps()[args.warmup:]
+    sec = statistics.median(step_s)
+    res = dict(step_s=step_s, sec_per_step=sec, tokens_per_step=tokens, tokens_per_s=tokens / sec,
+               peak_gib=torch.cuda.max_memory_allocated() / be.GIB, batch=args.batch, text=args.text,
+               unsloth=unsloth.__version__, loss=next((h["loss"] for h in trainer.state.log_history if "loss" in h), None))
+    print(PREFIX + json.dumps(res), flush=True)
     return 0
 
 

@@ -14,9 +14,14 @@ smoke run), LoRA r=16 on every LM and vision-block linear through ``FastVisionMo
 with the same ``AdamW(fused=True)`` (``adamw_torch_fused``) and the same statistic (median of the steps after
 ``--warmup``; CUDA events at the step boundaries, no extra host sync). Reports LM tokens/s, the peak memory of
 each variant and the trainer's share of the raw loop; ``--checkpointing auto --budget-gib X`` measures the
-``"auto"`` choice under a budget (e.g. the peer's peak). Never a unit test.
+``"auto"`` choice under a budget (e.g. the peer's peak). ``--peer`` first runs the peer's own product path
+(Unsloth's SFTTrainer, collator and offloaded checkpointing: ``bench_peer.py --product`` in a child process,
+same checkpoint and rows); the ``trainer_auto`` variant then trains through ``use_gradient_checkpointing=
+"auto"`` with ``--budget-gib peer``, the peer's measured peak, as its budget. Never a unit test.
 
     python benchmarks/bench_product.py --batch 4 --text 512 --out $OUT           # GPU
+    python benchmarks/bench_product.py --batch 4 --text 512 --peer --budget-gib peer \
+        --variants trainer,raw_collate,raw_precollated,trainer_auto --out $OUT   # GPU, with the peer
     python benchmarks/bench_product.py --shape tiny --batch 2 --text 24 --steps 2 --warmup 1   # CPU smoke
 """
 
@@ -124,6 +129,9 @@ def run_trainer(model, rows, args, cuda: bool, out_dir: Path) -> dict[str, Any]:
     clock = _Clock(cuda)
 
     class Steps(TrainerCallback):
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            _reset(cuda)  # the peak of the training steps, not of "auto"'s probes before them
+
         def on_step_begin(self, *a: Any, **k: Any) -> None:
             clock.mark()
 
@@ -171,6 +179,26 @@ def run_raw(model, collator, rows, args, cuda: bool, precollated: bool) -> dict[
     return dict(step_s=step_s, sec_per_step=statistics.median(step_s), peak_gib=_peak(cuda), loss=float(loss.detach()))
 
 
+def run_peer(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``bench_peer.py --product`` on the same checkpoint and rows, in a child process (Unsloth patches
+    transformers and TRL on import); its ``PEER_RESULT`` line, or ``{"error": ...}`` with its output's tail."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    cmd = [sys.executable, str(here / "bench_peer.py"), "--product", "--model-dir", str(path),
+           "--batch", str(args.batch), "--px", str(args.px), "--text", str(args.text),
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("PEER_RESULT "):
+            res = json.loads(line[len("PEER_RESULT "):])
+            print("peer", json.dumps({k: res[k] for k in ("tokens_per_s", "peak_gib", "sec_per_step")}), flush=True)
+            return res
+    tail = (proc.stdout + proc.stderr)[-3000:]
+    print("peer failed:\n" + tail, flush=True)
+    return {"error": tail}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=("7b", "tiny"), default="7b")
@@ -180,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--checkpointing", default="False", help="FastVisionModel use_gradient_checkpointing")
-    ap.add_argument("--budget-gib", type=float, default=None, help="checkpoint_budget_gib for 'auto'")
-    ap.add_argument("--variants", default="trainer,raw_collate,raw_precollated")
+    ap.add_argument("--budget-gib", default=None, help="checkpoint_budget_gib for 'auto' (GiB, or 'peer')")
+    ap.add_argument("--peer", action="store_true", help="time the peer's product path first (child process)")
+    ap.add_argument("--variants", default="trainer,raw_collate,raw_precollated",
+                    help="of trainer, raw_collate, raw_precollated, trainer_auto (SFTTrainer under 'auto')")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args(argv)
     ckpt: Any = {"False": False, "True": True}.get(args.checkpointing, args.checkpointing)
@@ -197,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = build_checkpoint(Path(tmp) / "model", args.shape)
+        peer = run_peer(path, args) if args.peer else None
+        if args.budget_gib == "peer":
+            if peer is None or "peak_gib" not in peer:
+                raise SystemExit("--budget-gib peer needs --peer and a peer result")
+            args.budget_gib = peer["peak_gib"]
+        elif args.budget_gib is not None:
+            args.budget_gib = float(args.budget_gib)
         model, processor = FastVisionModel.from_pretrained(
             str(path), dtype="bfloat16" if cuda else "float32", use_gradient_checkpointing=ckpt, local_files_only=True)
         model = FastVisionModel.get_peft_model(model, r=16, lora_alpha=16)
@@ -208,9 +245,15 @@ def main(argv: list[str] | None = None) -> int:
                                       checkpointing=args.checkpointing, budget_gib=args.budget_gib,
                                       tokens_per_step=tokens, torch=torch.__version__,
                                       device=torch.cuda.get_device_name() if cuda else "cpu")
+        if peer is not None:
+            result["peer"] = peer
         for v in args.variants.split(","):
             if v == "trainer":
                 r = run_trainer(model, rows, args, cuda, Path(tmp) / "trainer")
+            elif v == "trainer_auto":
+                FastVisionModel.for_training(model, use_gradient_checkpointing="auto")
+                r = run_trainer(model, rows, args, cuda, Path(tmp) / "trainer_auto")
+                FastVisionModel.for_training(model, use_gradient_checkpointing=ckpt)
             else:
                 r = run_raw(model, collator, rows, args, cuda, precollated=v == "raw_precollated")
             r["tokens_per_s"] = tokens / r["sec_per_step"]
@@ -221,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     if "trainer" in result and "raw_precollated" in result:
         result["trainer_vs_raw_precollated"] = (result["trainer"]["tokens_per_s"]
                                                 / result["raw_precollated"]["tokens_per_s"])
+    for v in ("trainer", "trainer_auto"):
+        if v in result and peer is not None and "tokens_per_s" in peer:
+            result[f"{v}_vs_peer"] = result[v]["tokens_per_s"] / peer["tokens_per_s"]
     (out / f"bench_product_b{args.batch}_t{args.text}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
     return 0

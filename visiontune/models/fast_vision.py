@@ -182,11 +182,14 @@ class FastVisionModel:
     @staticmethod
     def for_training(model: torch.nn.Module,
                      use_gradient_checkpointing: Optional[Union[bool, str, float]] = None) -> torch.nn.Module:
-        """Train mode, KV cache off, checkpointing as configured, right padding."""
+        """Train mode, KV cache off, checkpointing as configured, right padding. A mode given here becomes the
+        model's (as in ``get_peft_model``): later calls keep it, and ``"auto"`` is then planned by the trainer."""
         model.train()
+        state = vision_state(model)
         if use_gradient_checkpointing is not None:
             _check_checkpointing(use_gradient_checkpointing)
-        mode = vision_state(model).checkpointing if use_gradient_checkpointing is None else use_gradient_checkpointing
+            state.checkpointing = use_gradient_checkpointing
+        mode = state.checkpointing
         base = base_model(model)
         if _checkpoint_plan(mode) is not None:
             _hf_checkpointing_off(base)
