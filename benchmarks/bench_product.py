@@ -64,6 +64,9 @@ def build_checkpoint(out: Path, shape: str) -> Path:
         setattr(cfg.text_config, k, v)
     for k, v in SEVEN_B["vision"].items():
         setattr(cfg.vision_config, k, v)
+    cfg.text_config.rope_parameters = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}
+    if getattr(cfg.text_config, "layer_types", None) is not None:  # one entry per layer: the tiny model's 2
+        cfg.text_config.layer_types = ["full_attention"] * cfg.text_config.num_hidden_layers
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)

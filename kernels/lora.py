@@ -90,16 +90,21 @@ def _fwd_linear(x2: torch.Tensor, w, b, a, bm, scale):
 
 
 def _linear_from_xa(x2: torch.Tensor, w, b, bm, xa, scale) -> torch.Tensor:
-    """y of :func:`_fwd_linear` given the rank-r product ``xa`` (also how backward recomputes y)."""
-    y = torch.addmm(b.to(x2.dtype), x2, w.t()) if b is not None else torch.mm(x2, w.t())
+    """y of :func:`_fwd_linear` given the rank-r product ``xa`` (also how backward recomputes y). ``w`` may be
+    a quantized base with its own products (``mm``/``dx``: :class:`~visiontune.kernels.fp8.FP8Weight`)."""
+    if not torch.is_tensor(w):
+        y = w.mm(x2, b)
+    else:
+        y = torch.addmm(b.to(x2.dtype), x2, w.t()) if b is not None else torch.mm(x2, w.t())
     if xa is not None:
         y.addmm_(xa, _lowp(bm, x2.dtype, scale).t())
     return y
 
 
 def _bwd_linear(dy2: torch.Tensor, x2: torch.Tensor, xa, w, b, a, bm, scale, need_dx: bool, need_db: bool):
-    """Gradients of one fused linear: (dx or None, db or None, dA or None, dB or None)."""
-    dx = torch.mm(dy2, w.to(dy2.dtype)) if need_dx else None
+    """Gradients of one fused linear: (dx or None, db or None, dA or None, dB or None). ``w``: a tensor or a
+    quantized base with its own products (see :func:`_linear_from_xa`)."""
+    dx = _base_dx(w, dy2) if need_dx else None
     da = dbm = None
     if a is not None:
         dyb = torch.mm(dy2, _lowp(bm, dy2.dtype, scale))  # s * dy B, (N, r)
@@ -111,6 +116,28 @@ def _bwd_linear(dy2: torch.Tensor, x2: torch.Tensor, xa, w, b, a, bm, scale, nee
             dbm = torch.mm(dy2.t(), xa).to(bm.dtype).mul_(scale)
     db = dy2.sum(0).to(b.dtype) if (need_db and b is not None) else None
     return dx, db, da, dbm
+
+
+def _base_dx(w, dy2: torch.Tensor) -> torch.Tensor:
+    """``dy2 W``: a GEMM for a tensor W, the quantized base's own product otherwise."""
+    return torch.mm(dy2, w.to(dy2.dtype)) if torch.is_tensor(w) else w.dx(dy2)
+
+
+def _has_products(w) -> bool:
+    """Whether the fused MLP Functions take base ``w``: a tensor, or a quantized base with ``mm``/``dx``
+    (FP8). NF4 bases have neither and take one LoRA Function per projection."""
+    return torch.is_tensor(w) or (hasattr(w, "mm") and hasattr(w, "dx"))
+
+
+def _save(ctx, *ts) -> None:
+    """``ctx.save_for_backward`` of ``ts`` with quantized bases (not tensors) kept on ``ctx`` instead."""
+    ctx.objs = {i: t for i, t in enumerate(ts) if t is not None and not torch.is_tensor(t)}
+    ctx.save_for_backward(*(None if i in ctx.objs else t for i, t in enumerate(ts)))
+
+
+def _saved(ctx) -> list:
+    """What :func:`_save` kept, in order."""
+    return [ctx.objs.get(i, t) for i, t in enumerate(ctx.saved_tensors)]
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -169,19 +196,19 @@ class LoRAGatedMLPFunction(torch.autograd.Function):
         del h  # recomputed in backward from g and u
         if recompute:  # keep neither g nor u (2 x tokens x intermediate): two GEMMs again in backward
             g = u = None
-        ctx.save_for_backward(x2, g, u, xag, xau, had, wg, bg, ag, bmg, wu, bu, au, bmu, wd, bd, ad, bmd)
+        _save(ctx, x2, g, u, xag, xau, had, wg, bg, ag, bmg, wu, bu, au, bmu, wd, bd, ad, bmd)
         ctx.scales, ctx.act, ctx.in_shape = scales, act, shape
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        (x2, g, u, xag, xau, had, wg, bg, ag, bmg, wu, bu, au, bmu, wd, bd, ad, bmd) = ctx.saved_tensors
+        (x2, g, u, xag, xau, had, wg, bg, ag, bmg, wu, bu, au, bmu, wd, bd, ad, bmd) = _saved(ctx)
         sg, su, sd = ctx.scales
         if g is None:
             g = _linear_from_xa(x2, wg, bg, bmg, xag, sg)
             u = _linear_from_xa(x2, wu, bu, bmu, xau, su)
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dh = torch.mm(dy2, wd.to(dy2.dtype))
+        dh = _base_dx(wd, dy2)
         dad = dbmd = None
         if ad is not None:
             dyb = torch.mm(dy2, _lowp(bmd, dy2.dtype, sd))  # sd * dy B_down
@@ -220,13 +247,13 @@ class LoRAPlainMLPFunction(torch.autograd.Function):
         del h
         if recompute:  # keep no tokens x intermediate tensor: fc1 runs again in backward
             z = None
-        ctx.save_for_backward(x2, z, xa1, ha2, w1, b1, a1, bm1, w2, b2, a2, bm2)
+        _save(ctx, x2, z, xa1, ha2, w1, b1, a1, bm1, w2, b2, a2, bm2)
         ctx.scales, ctx.act, ctx.in_shape = scales, act, shape
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, z, xa1, ha2, w1, b1, a1, bm1, w2, b2, a2, bm2 = ctx.saved_tensors
+        x2, z, xa1, ha2, w1, b1, a1, bm1, w2, b2, a2, bm2 = _saved(ctx)
         s1, s2 = ctx.scales
         if z is None:
             z = _linear_from_xa(x2, w1, b1, bm1, xa1, s1)
@@ -274,9 +301,10 @@ def gated_mlp(x: torch.Tensor, gate: LinearParams, up: LinearParams, down: Linea
     2 x tokens x intermediate fewer bytes held per MLP (Qwen2.5-VL-7B LM: 74 KiB per token), for 2 more
     GEMMs, cheaper than recomputing the whole layer when memory is what limits.
     """
-    if not all(torch.is_tensor(p[0]) for p in (gate, up, down)):
-        # a quantized (NF4) base: one NF4/LoRA Function per projection around the fused GLU. It keeps h
-        # for the down projection (the fused Function above does not); an NF4-aware MLP Function is not built.
+    if not all(_has_products(p[0]) for p in (gate, up, down)):
+        # an NF4 base: one NF4/LoRA Function per projection around the fused GLU. It keeps h for the down
+        # projection (the fused Function above does not); an NF4-aware MLP Function is not built. FP8 bases
+        # bring their own products and take the fused Function.
         return lora_linear(glu(lora_linear(x, *gate), lora_linear(x, *up), act), *down)
     if use_fused(x) and act in ACTIVATIONS:
         scales = (float(gate[4]), float(up[4]), float(down[4]))
@@ -288,7 +316,7 @@ def plain_mlp(x: torch.Tensor, fc1: LinearParams, fc2: LinearParams, act: str = 
               recompute: bool = False) -> torch.Tensor:
     """Fused LoRA plain MLP (vision towers); reference path off the engine. ``recompute``: as in
     :func:`gated_mlp` (fc1 runs again in backward instead of keeping its output)."""
-    if not torch.is_tensor(fc1[0]) or not torch.is_tensor(fc2[0]):  # a quantized (NF4) base: as in gated_mlp
+    if not _has_products(fc1[0]) or not _has_products(fc2[0]):  # an NF4 base: as in gated_mlp
         return lora_linear(activation(lora_linear(x, *fc1), act), *fc2)
     if use_fused(x) and act in ACTIVATIONS:
         return LoRAPlainMLPFunction.apply(x, *fc1[:4], *fc2[:4], (float(fc1[4]), float(fc2[4])), act, bool(recompute))

@@ -46,6 +46,7 @@ from visiontune.kernels.attention import varlen_attention
 from visiontune.kernels.cross_entropy import fused_linear_cross_entropy
 from visiontune.kernels.layernorm import layer_norm
 from visiontune.kernels.lora import gated_mlp, lora_linear, plain_mlp
+from visiontune.kernels.fp8 import fp8_base_weight
 from visiontune.kernels.nf4 import NF4Weight, nf4_weight
 from visiontune.kernels.rmsnorm import rms_norm
 from visiontune.kernels.rope import (
@@ -177,7 +178,8 @@ def lora_params(module: nn.Module, x: torch.Tensor) -> tuple | None:
 
     A LoRA layer over a bitsandbytes NF4 ``Linear4bit`` gives an :class:`~visiontune.kernels.nf4.NF4Weight`
     as W where :func:`nf4_base` serves it (``lora_linear`` and the MLP ops hand it to
-    :mod:`~visiontune.kernels.nf4_lora`); other 4-bit layers give None.
+    :mod:`~visiontune.kernels.nf4_lora`); other 4-bit layers give None. A LoRA layer over a base that
+    :func:`~visiontune.kernels.fp8.convert_fp8_base` put into FP8 gives its :class:`~visiontune.kernels.fp8.FP8Weight`.
     """
     if type(module) is nn.Linear:
         w = module.weight
@@ -189,7 +191,14 @@ def lora_params(module: nn.Module, x: torch.Tensor) -> tuple | None:
         return None
     if type(base) is nn.Linear:
         w = base.weight
-        if w.requires_grad or w.dtype != x.dtype:
+        if w.requires_grad:
+            return None
+        fp8 = fp8_base_weight(base)  # a base convert_fp8_base put into FP8: the FP8 LoRA Function serves it
+        if fp8 is not None:
+            if fp8.dtype != x.dtype:
+                return None
+            w = fp8
+        elif w.dtype != x.dtype:
             return None
     else:
         w = nf4_base(base, x)

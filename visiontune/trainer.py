@@ -273,7 +273,10 @@ class _ToMLflowRun(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         mlflow = sys.modules.get("mlflow")  # not imported: no run can be active
-        run = mlflow.active_run() if mlflow is not None and state.is_world_process_zero else None
+        # getattr: without MLflow installed, a project's own mlflow/ tracking folder imports as an empty
+        # namespace package (transformers probes for it), which has no active_run
+        active = getattr(mlflow, "active_run", None)
+        run = active() if active is not None and state.is_world_process_zero else None
         if run is None or run.info.run_id in self.logged_runs:
             return
         self.write(mlflow)

@@ -53,6 +53,7 @@ class FastVisionModel:
         local_files_only: bool = False,
         use_fused_kernels: bool = True,
         device_map: Optional[Any] = None,
+        load_in_fp8: bool = False,
         **kwargs: Any,
     ) -> tuple[torch.nn.Module, Any]:
         """Load a vision-language model and its processor from a hub id or a local directory.
@@ -72,12 +73,20 @@ class FastVisionModel:
         whose peak fits ``SFTConfig.checkpoint_budget`` (:mod:`visiontune.models.auto_checkpoint`); off a
         CUDA device every layer stays checkpointed.
         ``use_fused_kernels`` patches visiontune's Triton kernels in when the model is on CUDA.
+        ``load_in_fp8``: ``get_peft_model`` puts the frozen base of every LoRA layer into FP8 e4m3 with per-row
+        scales (:mod:`visiontune.kernels.fp8`; sides multiples of 16), so the engine runs the base products on
+        FP8 tensor cores (Hopper and newer) while adapters and gradients stay 16-bit; the 16-bit originals wait
+        on the CPU for merging and export. Off by default: it changes the numerics (see
+        ``benchmarks/RESULTS_engine.md`` for the measured loss gap).
         """
         from transformers import AutoModelForImageTextToText
 
         name = str(model_name)
         _check_model_name(name)
         _check_checkpointing(use_gradient_checkpointing)
+        if load_in_fp8 and load_in_4bit:
+            raise ValueError("load_in_fp8=True with load_in_4bit=True: the frozen base is either NF4 or FP8; "
+                             "choose one (model.load_in_4bit / model.load_in_fp8 in params.yaml)")
         load_kwargs = _load_kwargs(_resolve_dtype(dtype), load_in_4bit, attn_implementation, local_files_only,
                                    device_map, kwargs)
         try:
@@ -96,6 +105,7 @@ class FastVisionModel:
         state = vision_state(model)
         state.processor = processor
         state.checkpointing = use_gradient_checkpointing
+        state.load_in_fp8 = bool(load_in_fp8)
         for p in model.parameters():
             p.requires_grad_(bool(full_finetuning))
         if use_fused_kernels:
@@ -168,6 +178,10 @@ class FastVisionModel:
         state.checkpointing = ckpt
         FastVisionModel._set_checkpointing(peft_model, ckpt)  # Unsloth passes it here, too
         _patch_lora_layers(model)
+        if state.load_in_fp8:
+            from visiontune.kernels.fp8 import convert_fp8_base
+
+            state.fp8_layers = convert_fp8_base(peft_model)
         return attach_save_methods(peft_model)  # save_pretrained_merged / save_pretrained_gguf, as in Unsloth
 
     @staticmethod

@@ -34,6 +34,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from visiontune.kernels.fp8 import fp8_base_weight, original_weight
 from visiontune.models.bnb_cpu import dense_4bit
 from visiontune.models.state import base_model, vision_state
 
@@ -114,7 +115,8 @@ def _lora_layer_tensors(module: Any, prefix: str, adapter: str) -> dict[str, tor
     if module.use_dora.get(adapter, False):
         raise ValueError(f"{prefix.rstrip('.')}: DoRA adapters are not merged here; use peft's merge_and_unload()")
     base = module.get_base_layer()
-    weight = _dense(base.weight)
+    # an FP8 base (load_in_fp8): the update goes into the 16-bit original the model was loaded with
+    weight = original_weight(base) if fp8_base_weight(base) is not None else _dense(base.weight)
     dtype = weight.dtype
     if not module.merged and (adapter in module.lora_A or adapter in module.lora_embedding_A):
         weight = weight.float() + module.get_delta_weight(adapter).float()

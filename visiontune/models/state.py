@@ -36,6 +36,10 @@ class VisionState:
     """``visiontune.models.checkpointing.CheckpointHandle`` of the installed wrappers, or None."""
     kernel_handle: Any = None
     """``visiontune.kernels.patch.PatchHandle`` of an active fused-kernel patch, or None."""
+    load_in_fp8: bool = False
+    """``from_pretrained(load_in_fp8=True)``: ``get_peft_model`` puts the LoRA layers' frozen bases into FP8."""
+    fp8_layers: int = 0
+    """How many LoRA layers' bases are in FP8 (``visiontune.kernels.fp8.convert_fp8_base``)."""
     auto_choice: Any = None
     """``use_gradient_checkpointing="auto"``: the measured choice installed by the trainer
     (``visiontune.models.auto_checkpoint.CheckpointChoice``), or None before it is made."""
