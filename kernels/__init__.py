@@ -5,7 +5,8 @@ One op per module, each with its Triton kernels, autograd Function and pure-torc
 (RoPE, M-RoPE, vision 2D RoPE), :mod:`~visiontune.kernels.activations` (SwiGLU/GeGLU/GELU),
 :mod:`~visiontune.kernels.lora` (LoRA fused with the frozen base matmul, fused LoRA MLPs),
 :mod:`~visiontune.kernels.nf4` (bitsandbytes NF4 dequantization), :mod:`~visiontune.kernels.nf4_lora`
-(LoRA over a frozen NF4 base: QLoRA's linear),
+(LoRA over a frozen NF4 base: QLoRA's linear), :mod:`~visiontune.kernels.fp8` (row-wise FP8 e4m3
+quantization and FP8 frozen bases), :mod:`~visiontune.kernels.fp8_lora` (LoRA over a frozen FP8 base),
 :mod:`~visiontune.kernels.cross_entropy` (chunked linear + CE), :mod:`~visiontune.kernels.attention`
 (packed varlen attention).
 

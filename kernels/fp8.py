@@ -14,7 +14,8 @@ quantized row by row on the fly:
 
 e4m3 keeps 3 mantissa bits (relative rounding error up to 2^-4) and a range up to 448; a row's scale maps
 its largest magnitude to 448, so nothing saturates. The quantization kernel reads a row twice (max, then
-scale-and-round) and writes 1 byte an element. :func:`rowwise_quantize_reference` is the same arithmetic in
+scale-and-round) and writes 1 byte an element; a program takes one row at the 7B's widths on a GPU and many
+under the CPU interpreter, whose cost is per program. :func:`rowwise_quantize_reference` is the same arithmetic in
 torch: fp32 throughout, round-to-nearest-even on the cast (a quotient that differs from torch's in its last
 bit next to a tie lands one unit away; tests/kernels/test_fp8.py allows for that).
 
@@ -31,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from visiontune.kernels._common import HAS_TRITON, next_pow2, use_fused
+from visiontune.kernels._common import HAS_TRITON, next_pow2, rows_per_program, use_fused
 
 if HAS_TRITON:
     import triton
@@ -76,30 +77,29 @@ if HAS_TRITON:
         return tl.where(tl.abs(v) < 0.015625, sub, normal)
 
     @triton.jit
-    def _rowwise_quant_kernel(x_ptr, cs_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
-                              HAS_CS: tl.constexpr, BLOCK: tl.constexpr, FP8_MAXV: tl.constexpr,
-                              MIN_SCALE: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        xr = x_ptr + row * stride_x
-        qr = q_ptr + row * stride_q
-        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    def _rowwise_quant_kernel(x_ptr, cs_ptr, q_ptr, s_ptr, M, K, stride_x, stride_q,
+                              HAS_CS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                              FP8_MAXV: tl.constexpr, MIN_SCALE: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < M
+        amax = tl.zeros((ROWS,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
             o = k0 + tl.arange(0, BLOCK)
-            m = o < K
-            v = tl.load(xr + o, mask=m, other=0.0).to(tl.float32)
+            m = rmask[:, None] & (o < K)[None, :]
+            v = tl.load(x_ptr + rows[:, None] * stride_x + o[None, :], mask=m, other=0.0).to(tl.float32)
             if HAS_CS:
-                v = v * tl.load(cs_ptr + o, mask=m, other=0.0)
-            amax = tl.maximum(amax, tl.abs(v))
-        s = tl.maximum(tl.max(amax, axis=0) / FP8_MAXV, MIN_SCALE)
-        tl.store(s_ptr + row, s)
+                v = v * tl.load(cs_ptr + o, mask=o < K, other=0.0)[None, :]
+            amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
+        s = tl.maximum(amax / FP8_MAXV, MIN_SCALE)
+        tl.store(s_ptr + rows, s, mask=rmask)
         for k0 in range(0, K, BLOCK):
             o = k0 + tl.arange(0, BLOCK)
-            m = o < K
-            v = tl.load(xr + o, mask=m, other=0.0).to(tl.float32)
+            m = rmask[:, None] & (o < K)[None, :]
+            v = tl.load(x_ptr + rows[:, None] * stride_x + o[None, :], mask=m, other=0.0).to(tl.float32)
             if HAS_CS:
-                v = v * tl.load(cs_ptr + o, mask=m, other=0.0)
-            v = tl.minimum(tl.maximum(v / s, -FP8_MAXV), FP8_MAXV)
-            tl.store(qr + o, _round_to_e4m3(v).to(tl.float8e4nv), mask=m)
+                v = v * tl.load(cs_ptr + o, mask=o < K, other=0.0)[None, :]
+            v = tl.minimum(tl.maximum(v / s[:, None], -FP8_MAXV), FP8_MAXV)
+            tl.store(q_ptr + rows[:, None] * stride_q + o[None, :], _round_to_e4m3(v).to(tl.float8e4nv), mask=m)
 
 
 def rowwise_quantize(x: torch.Tensor, col_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,9 +118,10 @@ def rowwise_quantize(x: torch.Tensor, col_scale: Optional[torch.Tensor] = None) 
     if m:
         cs = col_scale.float().contiguous() if col_scale is not None else s  # s: an unused pointer
         block = min(4096, next_pow2(k))
-        _rowwise_quant_kernel[(m,)](x, cs, q, s, k, x.stride(0), q.stride(0), HAS_CS=col_scale is not None,
-                                    BLOCK=block, FP8_MAXV=FP8_MAX, MIN_SCALE=_MIN_SCALE,
-                                    num_warps=8 if block >= 2048 else 4)
+        rows = rows_per_program(m, block)  # 1 at the 7B's widths on a GPU; many under the CPU interpreter
+        _rowwise_quant_kernel[(triton.cdiv(m, rows),)](
+            x, cs, q, s, m, k, x.stride(0), q.stride(0), HAS_CS=col_scale is not None, ROWS=rows, BLOCK=block,
+            FP8_MAXV=FP8_MAX, MIN_SCALE=_MIN_SCALE, num_warps=8 if block * rows >= 2048 else 4)
     return q, s
 
 

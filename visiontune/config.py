@@ -149,10 +149,11 @@ class ModelConfig:
     dtype: Optional[str] = _f(None, "torch dtype name; None picks bfloat16 on GPUs that support it, float32 otherwise.")
     load_in_4bit: bool = _f(False, "Load the frozen base in 4-bit NF4 (bitsandbytes: CUDA, or its slower CPU backend).")
     use_gradient_checkpointing: Union[bool, str, float] = _f(
-        False, "True, False, 'offload' (checkpoint and keep saved inputs on the CPU), 'mlp' (CUDA engine: only the MLPs "
+        "auto", "True, False, 'offload' (checkpoint and keep saved inputs on the CPU), 'mlp' (CUDA engine: only the MLPs "
         "recompute their gate/up projections; fastest memory saver at small batches) or a fraction in (0, 1): "
         "selective checkpointing of every vision block and that share of the LM layers (faster than True, more memory), "
-        "or 'auto' (GPU: the fewest checkpointed layers whose measured first step fits train.checkpoint_budget).")
+        "or 'auto' (the train stage measures its first step and keeps the fewest checkpointed layers that fit "
+        "train.checkpoint_budget; the align stage checkpoints every layer).")
     use_fused_kernels: bool = _f(True, "Patch in visiontune's Triton kernels where CUDA is present (ignored on CPU).")
 
 
@@ -200,8 +201,8 @@ class TrainConfig:
     save_steps: int = _f(100, "Checkpoint every this many steps (a killed run resumes from the last one).", ge=1)
     logging_steps: int = _f(10, "Log metrics every this many steps.", ge=1)
     checkpoint_budget: float = _f(
-        0.9, "With model.use_gradient_checkpointing: auto on a GPU, the share of its memory (free at train start plus "
-        "what the run already holds) that the step's measured peak may take.", gt=0, le=1)
+        0.9, "With model.use_gradient_checkpointing: auto, the share of the GPU's memory (free at train start plus "
+        "what the run already holds; off a GPU, of the available RAM) that the step's measured peak may take.", gt=0, le=1)
     seed: int = _f(3407, "Seed of data order, dropout and LoRA init.", ge=0)
     eval_every_steps: int = _f(
         200, "Every this many steps (and at the end) generate answers for the first eval_samples rows of the validation "

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import random
 import sys
 import tempfile
 import warnings
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import trl
 from transformers import TrainerCallback
@@ -263,6 +266,18 @@ def run_token_budget(collator: VisionDataCollator, data: Any, args: Any) -> tupl
     return kept, report
 
 
+def _available_ram_bytes() -> float:
+    """The host memory available to this process now (Linux ``MemAvailable``; free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
 class _ToMLflowRun(TrainerCallback):
     """Runs ``write(mlflow)`` once per MLflow run active when training starts (one the user started, or the one
     ``report_to="mlflow"`` starts just before), on rank 0; nothing without an active run."""
@@ -327,10 +342,12 @@ class SFTTrainer(trl.SFTTrainer):
     * ``include_num_input_tokens_seen``: each batch's token count waits on the device and is added to
       ``state.num_input_tokens_seen`` at the next log or checkpoint (transformers reads it to the host every
       step); the totals logged and saved are the same.
-    * ``use_gradient_checkpointing="auto"`` (``FastVisionModel``): when the first ``train()`` starts on a CUDA
-      device, the first batch's step (forward + backward, no update) is measured under a few checkpointing
-      settings and the fewest checkpointed layers whose peak fits ``SFTConfig.checkpoint_budget`` of the GPU's
-      memory (or ``checkpoint_budget_gib``) are installed (:mod:`visiontune.models.auto_checkpoint`). The
+    * ``use_gradient_checkpointing="auto"`` (``FastVisionModel``): when the first ``train()`` starts, the first
+      batch's step (forward + backward, no update) is measured under a few checkpointing settings and the
+      fewest checkpointed layers whose peak fits ``SFTConfig.checkpoint_budget`` of the GPU's memory (or
+      ``checkpoint_budget_gib``) are installed (:mod:`visiontune.models.auto_checkpoint`). Off a GPU the
+      measure is the bytes autograd saves, against that share of the available RAM. The probes leave the
+      random generators as they found them, so the run trains as it would have with the chosen setting. The
       choice is printed, kept in ``checkpoint_choice`` and logged as parameters of the active MLflow run.
     * ``args`` defaults to this module's :class:`SFTConfig`. A plain TRL config is taken as it is, except
       that a bitsandbytes AdamW that cannot run here becomes ``"adamw_torch"`` (one warning), that
@@ -486,30 +503,40 @@ class SFTTrainer(trl.SFTTrainer):
         if state.checkpointing != "auto" or state.auto_choice is not None:
             return
         device = next(self.model.parameters()).device
-        if device.type != "cuda":
-            log.info("use_gradient_checkpointing='auto' off a CUDA device: every layer stays checkpointed")
-            return
         from visiontune.models.auto_checkpoint import install_choice, plan_checkpointing
         from visiontune.models.fast_vision import _install_checkpointing
 
         budget_gib = getattr(self.args, "checkpoint_budget_gib", None)
+        share = getattr(self.args, "checkpoint_budget", 0.9)
         if budget_gib is not None:
             budget = budget_gib * 2**30
-        else:
+        elif device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            budget = getattr(self.args, "checkpoint_budget", 0.9) * (free + torch.cuda.memory_allocated(device))
+            budget = share * (free + torch.cuda.memory_allocated(device))
+        else:  # off a GPU the probes measure what autograd saves (the weights it saves included) against RAM
+            budget = share * _available_ram_bytes()
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        batch = self._prepare_inputs(next(iter(self.get_train_dataloader())))
         tokens, metrics = self._total_train_tokens, self._device_metrics["train"]
+        # The probes must not change the run: its data order and dropout draw from these generators.
+        rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+               torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        try:
+            batch = self._prepare_inputs(next(iter(self.get_train_dataloader())))
 
-        def step() -> None:
-            self.compute_loss(self.model, dict(batch)).backward()
-            self.model.zero_grad(set_to_none=True)
+            def step() -> None:
+                self.compute_loss(self.model, dict(batch)).backward()
+                self.model.zero_grad(set_to_none=True)
 
-        _install_checkpointing(self.model, None)  # off: the every-layer start "auto" installed
-        self.model.train()
-        # AdamW keeps two fp32 moments per trainable parameter, created at the first real step: not in the probes.
-        choice = plan_checkpointing(self.model, step, budget, extra_bytes=8.0 * trainable)
+            _install_checkpointing(self.model, None)  # off: the every-layer start "auto" installed
+            self.model.train()
+            # AdamW keeps two fp32 moments per trainable parameter, created at the first real step: not in the probes.
+            choice = plan_checkpointing(self.model, step, budget, extra_bytes=8.0 * trainable)
+        finally:
+            random.setstate(rng[0])
+            np.random.set_state(rng[1])
+            torch.set_rng_state(rng[2])
+            if rng[3] is not None:
+                torch.cuda.set_rng_state_all(rng[3])
         state.checkpoint_handle = install_choice(self.model, choice)
         state.checkpoint_plan = (choice.lm_checkpointed / max(1, choice.lm_layers), choice.mode)
         state.auto_choice = choice

@@ -99,20 +99,44 @@ def test_auto_with_room_for_everything_checkpoints_nothing_and_below_the_floor_r
     assert plan_checkpointing(model, step, none * 1.01, extra_bytes=none).lm_checkpointed > 0
 
 
-def test_auto_mode_starts_with_every_layer_checkpointed_and_stays_so_off_a_gpu(tiny_model_dir, tmp_path):
+def test_auto_off_a_gpu_plans_against_ram_and_trains_as_the_chosen_setting(tiny_model_dir, tmp_path):
+    """"auto" on the CPU: every layer checkpointed at load; at train start the trainer measures the first batch
+    (saved activations against the available RAM), installs the choice (here: nothing checkpointed), and the
+    probes leave the data order and random draws alone, so the run's losses and adapters equal a run made with
+    that setting (False) from the start. A budget below the floor checkpoints everything and says so."""
     from visiontune import SFTConfig, SFTTrainer
 
-    model, processor = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), use_gradient_checkpointing="auto")
-    model = FastVisionModel.get_peft_model(model, r=8, lora_alpha=8)
-    vision, lm = layer_stacks(model)
-    state = vision_state(model)
-    assert state.checkpoint_plan == (1.0, "recompute") and len(state.checkpoint_handle) == len(vision) + len(lm)
     img = Image.new("RGB", (64, 64), "white")
     rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "?"}]},
-                          {"role": "assistant", "content": [{"type": "text", "text": "42"}]}]}] * 2
-    trainer = SFTTrainer(model, SFTConfig(output_dir=str(tmp_path), max_steps=1), train_dataset=rows)
-    trainer.train()
-    assert trainer.checkpoint_choice is None and state.auto_choice is None  # no CUDA: nothing measured
+                          {"role": "assistant", "content": [{"type": "text", "text": str(40 + i)}]}]} for i in range(6)]
+
+    def run(mode, **cfg):
+        torch.manual_seed(0)
+        model, _ = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), use_gradient_checkpointing=mode)
+        model = FastVisionModel.get_peft_model(model, r=8, lora_alpha=8, lora_dropout=0.1)
+        state = vision_state(model)
+        vision, lm = layer_stacks(model)
+        if mode == "auto":
+            assert state.checkpoint_plan == (1.0, "recompute") and len(state.checkpoint_handle) == len(vision) + len(lm)
+        trainer = SFTTrainer(model, SFTConfig(output_dir=str(tmp_path / str(mode)), max_steps=3, logging_steps=1,
+                                              per_device_train_batch_size=2, seed=0, report_to="none", **cfg),
+                             train_dataset=rows)
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return trainer, state, (vision, lm), losses, lora
+
+    trainer, state, (vision, lm), losses, lora = run("auto")
+    choice = trainer.checkpoint_choice
+    assert choice is not None and state.auto_choice is choice and choice.fits
+    assert (choice.vision_checkpointed, choice.lm_checkpointed) == (0, 0) and not state.checkpoint_handle
+    _, _, _, want_losses, want_lora = run(False)
+    assert losses == want_losses
+    for n, p in lora.items():
+        torch.testing.assert_close(p, want_lora[n], atol=0, rtol=0, msg=n)
+
+    tight, state, (vision, lm), _, _ = run("auto", checkpoint_budget_gib=1e-6)
+    assert not tight.checkpoint_choice.fits
     assert len(state.checkpoint_handle) == len(vision) + len(lm)
     with pytest.raises(ValueError, match="checkpoint_budget"):
         SFTConfig(output_dir=str(tmp_path), checkpoint_budget=1.5)

@@ -189,6 +189,24 @@ def test_checkpointing_recomputes_chosen_layers_with_same_grads(tiny_model_dir, 
     assert vision_state(model).checkpoint_handle is None
 
 
+def test_for_training_mode_becomes_the_models(tiny_model_dir):
+    """A mode given to for_training is the model's from then on (as in get_peft_model): a later
+    for_training() keeps it, and "auto" given there is what the trainer plans from."""
+    model, _ = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), use_gradient_checkpointing=False)
+    model = FastVisionModel.get_peft_model(model, r=4)
+    FastVisionModel.for_training(model, use_gradient_checkpointing="auto")
+    state = vision_state(model)
+    assert state.checkpointing == "auto" and state.checkpoint_plan == (1.0, "recompute")
+    FastVisionModel.for_inference(model)
+    FastVisionModel.for_training(model)
+    assert state.checkpointing == "auto" and state.checkpoint_handle is not None
+    FastVisionModel.for_training(model, use_gradient_checkpointing=False)
+    assert state.checkpointing is False and state.checkpoint_handle is None
+    with pytest.raises(ValueError, match="use_gradient_checkpointing"):
+        FastVisionModel.for_training(model, use_gradient_checkpointing="sometimes")
+    assert state.checkpointing is False
+
+
 def test_get_peft_model_checkpointing_argument_installs_it(tiny_model_dir):
     # Unsloth-style: checkpointing chosen in get_peft_model (from_pretrained had it off).
     model, _ = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), use_gradient_checkpointing=False)

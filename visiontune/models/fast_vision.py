@@ -69,9 +69,10 @@ class FastVisionModel:
         step is launch-bound (small batches): Qwen2.5-VL-7B at (1, 448 px, 512 tokens) on an H200 fit
         stock HF+PEFT's peak with 17 of 32 vision blocks and no LM layer recomputed instead of 31 and 18.
         ``"auto"``: every layer checkpointed until training starts; then visiontune's ``SFTTrainer`` (the
-        train stage's too) measures the first batch's step on the GPU and keeps the fewest checkpointed layers
-        whose peak fits ``SFTConfig.checkpoint_budget`` (:mod:`visiontune.models.auto_checkpoint`); off a
-        CUDA device every layer stays checkpointed.
+        train stage's too) measures the first batch's step and keeps the fewest checkpointed layers whose peak
+        fits ``SFTConfig.checkpoint_budget`` of the GPU's memory (off a GPU: what autograd saves, against that
+        share of the available RAM; :mod:`visiontune.models.auto_checkpoint`). Other trainers (GRPO/DPO) do not
+        measure: under them every layer stays checkpointed.
         ``use_fused_kernels`` patches visiontune's Triton kernels in when the model is on CUDA.
         ``load_in_fp8``: ``get_peft_model`` puts the frozen base of every LoRA layer into FP8 e4m3 with per-row
         scales (:mod:`visiontune.kernels.fp8`; sides multiples of 16), so the engine runs the base products on
