@@ -61,5 +61,6 @@ STAGES ?=
 repro: setup
 	PATH="$(abspath $(BIN)):$$PATH" HF_HUB_OFFLINE=1 $(BIN)/dvc repro $(STAGES)
 
+# Not models/visiontune-read-base: the pretrained demo base is committed (the pretrain stage rebuilds it).
 clean-demo:
-	rm -rf data/validated data/normalized data/dataset outputs models mlflow/mlflow.db mlflow/artifacts
+	rm -rf data/validated data/normalized data/dataset outputs models/tiny-* mlflow/mlflow.db mlflow/artifacts
