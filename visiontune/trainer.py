@@ -298,6 +298,11 @@ class _ToMLflowRun(TrainerCallback):
         self.logged_runs.add(run.info.run_id)
 
 
+class _ChoiceToMLflowRun(_ToMLflowRun):
+    """The "auto" checkpoint choice's writer (its own class: transformers warns when a callback class is added
+    twice, and the token budget's writer is a :class:`_ToMLflowRun` too)."""
+
+
 class _FirstStepTokens(TrainerCallback):
     """Brings ``state.num_input_tokens_seen`` up to date at the end of a run's first step (a resumed run's
     too), where progress callbacks start their tokens/s window; later steps wait for the next log."""
@@ -545,7 +550,7 @@ class SFTTrainer(trl.SFTTrainer):
         self._metrics["train"].clear()
         self.checkpoint_choice = choice
         print(choice.summary())
-        self.add_callback(_ToMLflowRun(lambda mlflow: mlflow.log_params(choice.as_params())))
+        self.add_callback(_ChoiceToMLflowRun(lambda mlflow: mlflow.log_params(choice.as_params())))
 
     def _token_budget(self) -> None:
         """Measure ``train_dataset`` (the rows themselves, for a list), leave out what the collator would
