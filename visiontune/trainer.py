@@ -507,6 +507,11 @@ class SFTTrainer(trl.SFTTrainer):
         state = vision_state(self.model)
         if state.checkpointing != "auto" or state.auto_choice is not None:
             return
+        world = getattr(self.args, "world_size", 1)
+        if world > 1:  # each rank would measure its own batch and could choose differently: keep the floor
+            log.warning("use_gradient_checkpointing='auto' under %d processes: every layer stays checkpointed "
+                        "(set model.use_gradient_checkpointing explicitly to store more)", world)
+            return
         device = next(self.model.parameters()).device
         from visiontune.models.auto_checkpoint import install_choice, plan_checkpointing
         from visiontune.models.fast_vision import _install_checkpointing

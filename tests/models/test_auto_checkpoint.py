@@ -142,6 +142,25 @@ def test_auto_off_a_gpu_plans_against_ram_and_trains_as_the_chosen_setting(tiny_
         SFTConfig(output_dir=str(tmp_path), checkpoint_budget=1.5)
 
 
+def test_auto_under_several_processes_keeps_every_layer_checkpointed(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """Ranks measure different batches and could choose differently: "auto" does not measure under a launcher."""
+    from visiontune import SFTConfig, SFTTrainer
+
+    model, _ = FastVisionModel.from_pretrained(tiny_model_dir("qwen2_5_vl"), use_gradient_checkpointing="auto")
+    model = FastVisionModel.get_peft_model(model, r=4)
+    vision, lm = layer_stacks(model)
+    img = Image.new("RGB", (64, 64), "white")
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "7"}]}]}] * 2
+    trainer = SFTTrainer(model, SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to="none"), train_dataset=rows)
+    monkeypatch.setattr(type(trainer.args), "world_size", property(lambda self: 2))
+    with caplog.at_level("WARNING"):
+        trainer._auto_checkpointing()
+    assert "under 2 processes" in caplog.text
+    assert trainer.checkpoint_choice is None and vision_state(model).auto_choice is None
+    assert len(vision_state(model).checkpoint_handle) == len(vision) + len(lm)
+
+
 @pytest.mark.gpu
 def test_auto_on_the_gpu_installs_a_measured_choice_under_the_budget(tiny_model_dir, tmp_path):
     if not torch.cuda.is_available():
