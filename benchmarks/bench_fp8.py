@@ -106,16 +106,21 @@ def main(argv: list[str] | None = None) -> int:
                 if n in lora0:
                     p.copy_(lora0[n])
 
+    def engine_curve(tag: str) -> list[float]:
+        """The loss curve on the patched model from the initial LoRA weights."""
+        handle = be._patch(model)
+        restore_lora()
+        t = time.time()
+        curve = loss_curve(model, [be.engine_batch(b) for b in curve_batches], args.lr)
+        handle.unpatch()
+        log(f"{tag} loss curve: {curve[0]:.4f} -> {curve[-1]:.4f} ({time.time() - t:.0f}s)")
+        return curve
+
     curve_batches = None
     if args.loss_steps:
         cfg = be.CONFIGS[args.loss_config]
         curve_batches = [learnable_batch(*cfg, seed=i, device=device) for i in range(args.loss_steps)]
-        handle = be._patch(model)
-        restore_lora()
-        t = time.time()
-        bf16_curve = loss_curve(model, [be.engine_batch(b) for b in curve_batches], args.lr)
-        handle.unpatch()
-        log(f"bf16 loss curve at {cfg}: {bf16_curve[0]:.4f} -> {bf16_curve[-1]:.4f} ({time.time() - t:.0f}s)")
+        bf16_curve = engine_curve("bf16")
         result["loss_curve"] = dict(config=list(cfg), lr=args.lr, bf16=bf16_curve)
     rows = []
     for cfg in configs:
@@ -151,12 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             row["fp8_vs_bf16"] = row["engine_fp8"]["tokens_per_s"] / row["engine_bf16"]["tokens_per_s"]
         result["rows"].append(row)
     if curve_batches is not None:
-        handle = be._patch(model)
-        restore_lora()
-        t = time.time()
-        fp8_curve = loss_curve(model, [be.engine_batch(b) for b in curve_batches], args.lr)
-        handle.unpatch()
-        log(f"fp8 loss curve: {fp8_curve[0]:.4f} -> {fp8_curve[-1]:.4f} ({time.time() - t:.0f}s)")
+        fp8_curve = engine_curve("fp8")
         bf = result["loss_curve"]["bf16"]
         tail = max(1, len(bf) // 10)
         gap_tail = (statistics.mean(fp8_curve[-tail:]) - statistics.mean(bf[-tail:])) / statistics.mean(bf[-tail:])

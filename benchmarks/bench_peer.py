@@ -35,6 +35,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PREFIX = "PEER_RESULT "
 
 
+def load_peer(args: argparse.Namespace):
+    """The peer's model on ``--model-dir``: Unsloth's FastVisionModel (16-bit or ``--4bit``), LoRA r=16 on
+    bench_engine's targets, its offloaded checkpointing, in training mode; ``(model, processor)``."""
+    import torch
+    from unsloth import FastVisionModel
+
+    import bench_engine as be
+
+    model, processor = FastVisionModel.from_pretrained(
+        args.model_dir, load_in_4bit=args.four_bit, dtype=torch.bfloat16, use_gradient_checkpointing="unsloth",
+        local_files_only=True)
+    model = FastVisionModel.get_peft_model(
+        model, r=16, lora_alpha=16, lora_dropout=0.0, bias="none", target_modules=be.LORA_TARGETS,
+        use_gradient_checkpointing="unsloth", random_state=0)
+    FastVisionModel.for_training(model)
+    return model, processor
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", required=True, help="the checkpoint bench_engine.py saved (save_for_peer)")
@@ -51,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         return product(args)
 
     import unsloth  # noqa: F401  (first: it patches transformers and peft)
-    from unsloth import FastVisionModel
 
     import torch
 
@@ -59,13 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     import bench_engine as be
 
     t0 = time.time()
-    model, _ = FastVisionModel.from_pretrained(
-        args.model_dir, load_in_4bit=args.four_bit, dtype=torch.bfloat16, use_gradient_checkpointing="unsloth",
-        local_files_only=True)
-    model = FastVisionModel.get_peft_model(
-        model, r=16, lora_alpha=16, lora_dropout=0.0, bias="none", target_modules=be.LORA_TARGETS,
-        use_gradient_checkpointing="unsloth", random_state=0)
-    FastVisionModel.for_training(model)
+    model, _ = load_peer(args)
     n_lora = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
@@ -93,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
 def product(args: argparse.Namespace) -> int:
     """The peer's product path: its SFTTrainer, collator and checkpointing on bench_product's rows."""
     import unsloth  # noqa: F401  (first: it patches transformers, peft and trl)
-    from unsloth import FastVisionModel
     from unsloth.trainer import UnslothVisionDataCollator
 
     import statistics
@@ -106,13 +116,7 @@ def product(args: argparse.Namespace) -> int:
     import bench_engine as be
     import bench_product as bp
 
-    model, processor = FastVisionModel.from_pretrained(
-        args.model_dir, load_in_4bit=args.four_bit, dtype=torch.bfloat16, use_gradient_checkpointing="unsloth",
-        local_files_only=True)
-    model = FastVisionModel.get_peft_model(
-        model, r=16, lora_alpha=16, lora_dropout=0.0, bias="none", target_modules=be.LORA_TARGETS,
-        use_gradient_checkpointing="unsloth", random_state=0)
-    FastVisionModel.for_training(model)
+    model, processor = load_peer(args)
     total = args.warmup + args.steps
     rows = bp.make_rows(args.batch * total, args.px, args.text)
     collator = UnslothVisionDataCollator(model, processor, resize="max")

@@ -77,6 +77,16 @@ if HAS_TRITON:
         return tl.where(tl.abs(v) < 0.015625, sub, normal)
 
     @triton.jit
+    def _load_tile(x_ptr, cs_ptr, rows, rmask, k0, K, stride_x, HAS_CS: tl.constexpr, BLOCK: tl.constexpr):
+        """Columns ``k0 .. k0 + BLOCK`` of ``rows`` in fp32, times the column scales if any; (offsets, mask, values)."""
+        o = k0 + tl.arange(0, BLOCK)
+        m = rmask[:, None] & (o < K)[None, :]
+        v = tl.load(x_ptr + rows[:, None] * stride_x + o[None, :], mask=m, other=0.0).to(tl.float32)
+        if HAS_CS:
+            v = v * tl.load(cs_ptr + o, mask=o < K, other=0.0)[None, :]
+        return o, m, v
+
+    @triton.jit
     def _rowwise_quant_kernel(x_ptr, cs_ptr, q_ptr, s_ptr, M, K, stride_x, stride_q,
                               HAS_CS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                               FP8_MAXV: tl.constexpr, MIN_SCALE: tl.constexpr):
@@ -84,20 +94,12 @@ if HAS_TRITON:
         rmask = rows < M
         amax = tl.zeros((ROWS,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
-            o = k0 + tl.arange(0, BLOCK)
-            m = rmask[:, None] & (o < K)[None, :]
-            v = tl.load(x_ptr + rows[:, None] * stride_x + o[None, :], mask=m, other=0.0).to(tl.float32)
-            if HAS_CS:
-                v = v * tl.load(cs_ptr + o, mask=o < K, other=0.0)[None, :]
+            o, m, v = _load_tile(x_ptr, cs_ptr, rows, rmask, k0, K, stride_x, HAS_CS, BLOCK)
             amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
         s = tl.maximum(amax / FP8_MAXV, MIN_SCALE)
         tl.store(s_ptr + rows, s, mask=rmask)
         for k0 in range(0, K, BLOCK):
-            o = k0 + tl.arange(0, BLOCK)
-            m = rmask[:, None] & (o < K)[None, :]
-            v = tl.load(x_ptr + rows[:, None] * stride_x + o[None, :], mask=m, other=0.0).to(tl.float32)
-            if HAS_CS:
-                v = v * tl.load(cs_ptr + o, mask=o < K, other=0.0)[None, :]
+            o, m, v = _load_tile(x_ptr, cs_ptr, rows, rmask, k0, K, stride_x, HAS_CS, BLOCK)
             v = tl.minimum(tl.maximum(v / s[:, None], -FP8_MAXV), FP8_MAXV)
             tl.store(q_ptr + rows[:, None] * stride_q + o[None, :], _round_to_e4m3(v).to(tl.float8e4nv), mask=m)
 
@@ -169,6 +171,8 @@ class FP8Weight:
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The weight the FP8 values stand for, in ``dtype`` (default: the weight's own)."""
         return (self.data.float() * self.scale[:, None]).to(dtype or self.dtype)
+
+    fused_mlp = True  # the fused LoRA MLP Functions take it through mm/dx
 
     def mm(self, x2: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x2 W^T + b`` for 2-D ``x2``: x2 quantized row-wise, the product on FP8 tensor cores, out in x2's

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from visiontune.kernels._common import use_fused
 from visiontune.kernels.fp8 import FP8Weight, rowwise_quantize_reference
-from visiontune.kernels.lora import _bwd_linear, _fwd_linear, lora_linear_reference
+from visiontune.kernels.lora import QuantizedLoRALinearFunction, lora_linear_reference, quantized_lora_linear
 
 
 def fp8_lora_linear_reference(x: torch.Tensor, w: FP8Weight, b: torch.Tensor | None, a: torch.Tensor | None,
@@ -43,37 +42,15 @@ def fp8_dx_emulated(dy2: torch.Tensor, w: FP8Weight) -> torch.Tensor:
     return (q.float() * s[:, None]) @ w.data.float()
 
 
-class FP8LoRALinearFunction(torch.autograd.Function):
-    """Frozen FP8 base linear + LoRA; saves x and x A^T (activation dtype), the FP8 weight by reference."""
-
-    @staticmethod
-    def forward(ctx, x, w: FP8Weight, b, a, bm, scale: float):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        y, xa = _fwd_linear(x2, w, b, a, bm, scale)  # the base product is w.mm (FP8)
-        ctx.save_for_backward(x2, xa, b, a, bm)
-        ctx.w, ctx.scale, ctx.in_shape = w, scale, shape
-        return y.view(*shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, xa, b, a, bm = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dx, db, da, dbm = _bwd_linear(dy2, x2, xa, ctx.w, b, a, bm, ctx.scale, ctx.needs_input_grad[0],
-                                      ctx.needs_input_grad[2])  # the base part of dx is w.dx (FP8)
-        if dx is not None:
-            dx = dx.view(ctx.in_shape)
-        return dx, None, db, da, dbm, None
+class FP8LoRALinearFunction(QuantizedLoRALinearFunction):
+    """Frozen FP8 base linear + LoRA: the base products are the weight's ``mm``/``dx`` (scaled FP8 GEMMs)."""
 
 
 def fp8_lora_linear(x: torch.Tensor, w: FP8Weight, b: torch.Tensor | None = None, a: torch.Tensor | None = None,
                     bm: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
     """LoRA linear over a frozen FP8 weight: the Function on the engine's devices, the reference elsewhere."""
-    if x.shape[-1] != w.shape[1]:
-        raise ValueError(f"fp8_lora_linear: x has {x.shape[-1]} features, the weight takes {w.shape[1]}")
-    if use_fused(x):
-        return FP8LoRALinearFunction.apply(x, w, b, a, bm, float(scale))
-    return fp8_lora_linear_reference(x, w, b, a, bm, scale)
+    return quantized_lora_linear(FP8LoRALinearFunction, fp8_lora_linear_reference, "fp8_lora_linear", x, w, b, a,
+                                 bm, scale)
 
 
 __all__ = ["FP8LoRALinearFunction", "fp8_dx_emulated", "fp8_linear_emulated", "fp8_lora_linear",

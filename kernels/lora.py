@@ -124,9 +124,10 @@ def _base_dx(w, dy2: torch.Tensor) -> torch.Tensor:
 
 
 def _has_products(w) -> bool:
-    """Whether the fused MLP Functions take base ``w``: a tensor, or a quantized base with ``mm``/``dx``
-    (FP8). NF4 bases have neither and take one LoRA Function per projection."""
-    return torch.is_tensor(w) or (hasattr(w, "mm") and hasattr(w, "dx"))
+    """Whether the fused MLP Functions take base ``w``: a tensor, or a quantized base that says so
+    (``fused_mlp``: FP8). NF4 bases take one LoRA Function per projection (the fused MLPs over NF4 are not
+    measured on a GPU)."""
+    return torch.is_tensor(w) or getattr(w, "fused_mlp", False)
 
 
 def _save(ctx, *ts) -> None:
@@ -165,6 +166,43 @@ class LoRALinearFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.view(ctx.in_shape)
         return dx, dw, db, da, dbm, None
+
+
+class QuantizedLoRALinearFunction(torch.autograd.Function):
+    """Frozen quantized base + LoRA. The base is an object with its own products (``mm(x2, b)`` = x2 W^T + b,
+    ``dx(dy2)`` = dy2 W: NF4 dequantizes into a shared workspace, FP8 runs scaled FP8 GEMMs); the Function saves
+    x and x A^T only and holds the base by reference, like :class:`LoRALinearFunction` otherwise. Each format
+    subclasses it (its own name in autograd graphs and profiles)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, a, bm, scale: float):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        y, xa = _fwd_linear(x2, w, b, a, bm, scale)
+        ctx.save_for_backward(x2, xa, b, a, bm)
+        ctx.w, ctx.scale, ctx.in_shape = w, scale, shape
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xa, b, a, bm = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx, db, da, dbm = _bwd_linear(dy2, x2, xa, ctx.w, b, a, bm, ctx.scale, ctx.needs_input_grad[0],
+                                      ctx.needs_input_grad[2])
+        if dx is not None:
+            dx = dx.view(ctx.in_shape)
+        return dx, None, db, da, dbm, None
+
+
+def quantized_lora_linear(function: type, reference, name: str, x: torch.Tensor, w, b, a, bm,
+                          scale: float) -> torch.Tensor:
+    """``function`` (a :class:`QuantizedLoRALinearFunction`) on the engine's devices, ``reference`` elsewhere;
+    ``name`` is the caller's, for the error when x's width is not the weight's."""
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"{name}: x has {x.shape[-1]} features, the weight takes {w.shape[1]}")
+    if use_fused(x):
+        return function.apply(x, w, b, a, bm, float(scale))
+    return reference(x, w, b, a, bm, scale)
 
 
 def lora_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, a: torch.Tensor | None = None,

@@ -95,6 +95,20 @@ class NF4Weight:
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
 
+    fused_mlp = False  # the fused LoRA MLP Functions are not measured over NF4: one Function per projection
+
+    def mm(self, x2: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """``x2 W^T + b`` (dequantized into a shared workspace, then cuBLAS)."""
+        from visiontune.kernels.nf4_lora import nf4_mm
+
+        return nf4_mm(self, x2, b)
+
+    def dx(self, dy2: torch.Tensor) -> torch.Tensor:
+        """``dy2 W`` (dequantized into the workspace again)."""
+        from visiontune.kernels.nf4_lora import nf4_dx
+
+        return nf4_dx(self, dy2)
+
     def lora_linear(self, x: torch.Tensor, b: torch.Tensor | None, a: torch.Tensor | None,
                     bm: torch.Tensor | None, scale: float) -> torch.Tensor:
         """``x dequant(W)^T + b + scale (x A^T) B^T`` (how :func:`~visiontune.kernels.lora.lora_linear`

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from visiontune.kernels._common import use_fused
-from visiontune.kernels.lora import _bwd_linear, _fwd_linear, lora_linear_reference
+from visiontune.kernels.lora import QuantizedLoRALinearFunction, lora_linear_reference, quantized_lora_linear
 from visiontune.kernels.nf4 import NF4Weight, nf4_dequantize, nf4_dequantize_reference
 
 _WORKSPACE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -61,40 +60,26 @@ def nf4_lora_linear_reference(x: torch.Tensor, w: NF4Weight, b: torch.Tensor | N
     return lora_linear_reference(x, nf4_dequantize_reference(w, x.dtype), b, a, bm, scale)
 
 
-class NF4LoRALinearFunction(torch.autograd.Function):
+def nf4_mm(w: NF4Weight, x2: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``x2 W^T + b``: W dequantized into the workspace, then cuBLAS (:meth:`NF4Weight.mm`)."""
+    wd = _dequant_into_workspace(w, x2.dtype)
+    return torch.addmm(b.to(x2.dtype), x2, wd.t()) if b is not None else torch.mm(x2, wd.t())
+
+
+def nf4_dx(w: NF4Weight, dy2: torch.Tensor) -> torch.Tensor:
+    """``dy2 W``: W dequantized into the workspace again (:meth:`NF4Weight.dx`)."""
+    return torch.mm(dy2, _dequant_into_workspace(w, dy2.dtype))
+
+
+class NF4LoRALinearFunction(QuantizedLoRALinearFunction):
     """Frozen NF4 base linear + LoRA; saves x and x A^T, dequantizes W again in backward."""
-
-    @staticmethod
-    def forward(ctx, x, w: NF4Weight, b, a, bm, scale: float):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        wd = _dequant_into_workspace(w, x2.dtype)
-        y, xa = _fwd_linear(x2, wd, b, a, bm, scale)
-        del wd
-        ctx.save_for_backward(x2, xa, b, a, bm)
-        ctx.w, ctx.scale, ctx.in_shape = w, scale, shape
-        return y.view(*shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, xa, b, a, bm = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        need_dx = ctx.needs_input_grad[0]
-        wd = _dequant_into_workspace(ctx.w, dy2.dtype) if need_dx else None
-        dx, db, da, dbm = _bwd_linear(dy2, x2, xa, wd, b, a, bm, ctx.scale, need_dx, ctx.needs_input_grad[2])
-        if dx is not None:
-            dx = dx.view(ctx.in_shape)
-        return dx, None, db, da, dbm, None
 
 
 def nf4_lora_linear(x: torch.Tensor, w: NF4Weight, b: torch.Tensor | None = None, a: torch.Tensor | None = None,
                     bm: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
     """LoRA linear over a frozen NF4 weight: the Function on the engine's devices, the reference elsewhere."""
-    if x.shape[-1] != w.shape[1]:
-        raise ValueError(f"nf4_lora_linear: x has {x.shape[-1]} features, the weight takes {w.shape[1]}")
-    if use_fused(x):
-        return NF4LoRALinearFunction.apply(x, w, b, a, bm, float(scale))
-    return nf4_lora_linear_reference(x, w, b, a, bm, scale)
+    return quantized_lora_linear(NF4LoRALinearFunction, nf4_lora_linear_reference, "nf4_lora_linear", x, w, b, a,
+                                 bm, scale)
 
 
 __all__ = ["NF4LoRALinearFunction", "nf4_lora_linear", "nf4_lora_linear_reference", "release_workspace"]

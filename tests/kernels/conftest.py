@@ -58,6 +58,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 _GPU_ERRORS: list[tuple[str, str, float, float]] = []
 
 
+def adamw_losses(model, batch, params, steps: int = 4, lr: float = 5e-3) -> list[float]:
+    """The loss of each of ``steps`` AdamW steps on one batch (the tiny models' "it trains" checks)."""
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(float(loss.detach()))
+        optimizer.step()
+        optimizer.zero_grad()
+    return losses
+
+
 def record_gpu_error(op: str, what: str, err: float, bound: float) -> None:
     """Keep a GPU test's relative error for the summary table printed at the end of the run."""
     _GPU_ERRORS.append((op, what, err, bound))

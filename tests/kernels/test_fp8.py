@@ -9,7 +9,7 @@ matmul) and against the unquantized LoRA linear within FP8's error; the conversi
 
 import pytest
 import torch
-from conftest import record_gpu_error, rel_err
+from conftest import adamw_losses, record_gpu_error, rel_err
 
 from visiontune.kernels.fp8 import (
     FP8,
@@ -248,14 +248,7 @@ def test_load_in_fp8_trains_through_the_fp8_function(triton_cpu, tiny_model_dir,
 
         monkeypatch.setattr(FP8Weight, "mm", counting)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=5e-3)
-        losses = []
-        for _ in range(4):
-            loss = model(**batch).loss
-            loss.backward()
-            losses.append(float(loss.detach()))
-            optimizer.step()
-            optimizer.zero_grad()
+        losses = adamw_losses(model, batch, params)
         assert calls["n"] == 4 * len(converted)  # every converted layer once a step, on FP8 products
         assert abs(losses[0] - losses0[False]) < 0.05 * abs(losses0[False]), (losses[0], losses0)
         assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.3, losses

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from conftest import record_gpu_error, rel_err
+from conftest import adamw_losses, record_gpu_error, rel_err
 
 bnb = pytest.importorskip("bitsandbytes", reason="NF4 weights come from bitsandbytes")
 import bitsandbytes.functional as bnbf  # noqa: E402
@@ -317,14 +317,7 @@ def test_tiny_4bit_model_trains_through_the_nf4_lora_path(triton_cpu, tiny_model
 
     handle = patch_model(model, enabled=True)  # patching the PEFT-wrapped model finds the LoRA layers itself
     assert handle.counts.get("nf4_lora") == len(lora_4bit)
-    optimizer = torch.optim.AdamW(params, lr=5e-3)
-    losses = []
-    for _ in range(4):
-        loss = model(**batch).loss
-        loss.backward()
-        losses.append(float(loss.detach()))
-        optimizer.step()
-        optimizer.zero_grad()
+    losses = adamw_losses(model, batch, params)
     assert calls["n"] == 4 * len(lora_4bit)
     assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.5, losses
     handle.unpatch()
