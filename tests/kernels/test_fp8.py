@@ -213,6 +213,13 @@ def test_load_in_fp8_trains_through_the_fp8_function(triton_cpu, tiny_model_dir,
     path = tiny_model_dir("qwen2_5_vl")
     with pytest.raises(ValueError, match="NF4 or FP8"):
         FastVisionModel.from_pretrained(path, load_in_4bit=True, load_in_fp8=True)
+    with pytest.raises(ValueError, match="full_finetuning"):
+        FastVisionModel.from_pretrained(path, load_in_fp8=True, full_finetuning=True)
+    with pytest.raises(ValueError, match="per output row only"):
+        FastVisionModel.from_pretrained(path, load_in_fp8="block")
+    from visiontune.models.fast_vision import _check_fp8
+
+    assert _check_fp8("row", False, False) is True and _check_fp8(False, True, True) is False
     losses0 = {}
     for fp8 in (False, True):
         torch.manual_seed(0)

@@ -53,7 +53,7 @@ class FastVisionModel:
         local_files_only: bool = False,
         use_fused_kernels: bool = True,
         device_map: Optional[Any] = None,
-        load_in_fp8: bool = False,
+        load_in_fp8: Union[bool, str] = False,
         **kwargs: Any,
     ) -> tuple[torch.nn.Module, Any]:
         """Load a vision-language model and its processor from a hub id or a local directory.
@@ -77,7 +77,8 @@ class FastVisionModel:
         ``load_in_fp8``: ``get_peft_model`` puts the frozen base of every LoRA layer into FP8 e4m3 with per-row
         scales (:mod:`visiontune.kernels.fp8`; sides multiples of 16), so the engine runs the base products on
         FP8 tensor cores (Hopper and newer) while adapters and gradients stay 16-bit; the 16-bit originals wait
-        on the CPU for merging and export. Off by default: it changes the numerics (see
+        on the CPU for merging and export. ``"row"`` is the same (Unsloth's name); Unsloth's ``"block"`` scaling
+        is refused, as are a 4-bit base and full fine-tuning. Off by default: it changes the numerics (see
         ``benchmarks/RESULTS_engine.md`` for the measured loss gap).
         """
         from transformers import AutoModelForImageTextToText
@@ -85,9 +86,7 @@ class FastVisionModel:
         name = str(model_name)
         _check_model_name(name)
         _check_checkpointing(use_gradient_checkpointing)
-        if load_in_fp8 and load_in_4bit:
-            raise ValueError("load_in_fp8=True with load_in_4bit=True: the frozen base is either NF4 or FP8; "
-                             "choose one (model.load_in_4bit / model.load_in_fp8 in params.yaml)")
+        load_in_fp8 = _check_fp8(load_in_fp8, load_in_4bit, full_finetuning)
         load_kwargs = _load_kwargs(_resolve_dtype(dtype), load_in_4bit, attn_implementation, local_files_only,
                                    device_map, kwargs)
         try:
@@ -212,6 +211,20 @@ class FastVisionModel:
         _set_use_cache(model, False)
         _pad_loaded_processor(model, "right")
         return model
+
+
+def _check_fp8(load_in_fp8: Union[bool, str], load_in_4bit: bool, full_finetuning: bool) -> bool:
+    """``load_in_fp8`` as a bool, or a ValueError saying which combination is not served and what to use."""
+    if load_in_fp8 not in (False, True, "row"):
+        raise ValueError(f"load_in_fp8={load_in_fp8!r}: visiontune scales FP8 weights per output row only; pass "
+                         "True (or 'row'), or False")
+    if load_in_fp8 and load_in_4bit:
+        raise ValueError("load_in_fp8=True with load_in_4bit=True: the frozen base is either NF4 or FP8; "
+                         "choose one")
+    if load_in_fp8 and full_finetuning:
+        raise ValueError("load_in_fp8=True with full_finetuning=True: only frozen LoRA bases are put into FP8; "
+                         "drop one of them")
+    return bool(load_in_fp8)
 
 
 def _check_model_name(name: str) -> None:
