@@ -148,6 +148,8 @@ class ModelConfig:
     max_seq_length: int = _f(1024, "Longest sequence (text + image tokens) a sample may have.", ge=1)
     dtype: Optional[str] = _f(None, "torch dtype name; None picks bfloat16 on GPUs that support it, float32 otherwise.")
     load_in_4bit: bool = _f(False, "Load the frozen base in 4-bit NF4 (bitsandbytes: CUDA, or its slower CPU backend).")
+    load_in_fp8: bool = _f(False, "Train stage: put the LoRA layers' frozen bases into FP8 e4m3 (per-row scales) so the "
+                           "engine runs them on FP8 tensor cores (Hopper+); faster, numerics change (RESULTS_engine.md).")
     use_gradient_checkpointing: Union[bool, str, float] = _f(
         "auto", "True, False, 'offload' (checkpoint and keep saved inputs on the CPU), 'mlp' (CUDA engine: only the MLPs "
         "recompute their gate/up projections; fastest memory saver at small batches) or a fraction in (0, 1): "

@@ -135,7 +135,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "train", "LoRA-train the model on the conversation dataset (resumes from checkpoints)",
         "visiontune.pipeline.train:train_stage",
-        ("data.work_dir",) + _TINY_MODEL + _LOAD_MODEL[1:] + _keys("model", "use_gradient_checkpointing") + _IMAGES
+        ("data.work_dir",) + _TINY_MODEL + _LOAD_MODEL[1:] + _keys("model", "use_gradient_checkpointing", "load_in_fp8")
+        + _IMAGES
         + _keys("lora", "finetune_vision_layers", "finetune_language_layers", "finetune_attention_modules",
                 "finetune_mlp_modules", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules",
                 "modules_to_save")

@@ -193,6 +193,29 @@ def test_padding_free_training(tmp_path, demo_work_dir, tiny_model_dir, monkeypa
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
+def test_model_load_in_fp8_puts_the_lora_bases_into_fp8_and_trains(tmp_path, demo_work_dir, tiny_model_dir):
+    """model.load_in_fp8 (off by default) reaches the train stage's model: every convertible LoRA base in FP8
+    (on the CPU the base layers dequantize for their own forward), and training runs and saves the adapter."""
+    from datasets import load_from_disk
+
+    from visiontune.kernels.fp8 import convertible, fp8_base_weight
+    from visiontune.models.state import vision_state
+
+    assert from_dict({}).model.load_in_fp8 is False
+    raw = _cfg(tmp_path, demo_work_dir, tiny_model_dir("qwen2_5_vl"), max_steps=2)
+    raw["model"].update(load_in_fp8=True, dtype="bfloat16")
+    cfg = from_dict(raw)
+    model, _ = train_mod.build_model(cfg)
+    lora = [m for m in model.modules() if hasattr(m, "lora_A")]
+    fp8 = [m for m in lora if fp8_base_weight(m.get_base_layer()) is not None]
+    assert fp8 and vision_state(model).fp8_layers == len(fp8) and not any(convertible(m) for m in lora)
+    rows = list(load_from_disk(str(demo_work_dir / "dataset"))["train"])
+    result = train_mod.train(cfg, rows, tmp_path / "fp8", mlflow_active=False)
+    losses = [h["loss"] for h in result["history"] if "loss" in h]
+    assert result["global_step"] == 2 and Path(result["adapter_dir"]).exists()
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
 # ------------------------------------------------------------------------------- issue 14: holes 5 and 8
 def _mlflow_client(cfg: PipelineConfig):
     import mlflow

@@ -203,6 +203,7 @@ def build_model(cfg: PipelineConfig) -> tuple[Any, Any]:
     model, processor = FastVisionModel.from_pretrained(
         m.name_or_path, max_seq_length=m.max_seq_length, dtype=m.dtype, load_in_4bit=m.load_in_4bit,
         use_gradient_checkpointing=m.use_gradient_checkpointing, use_fused_kernels=m.use_fused_kernels,
+        load_in_fp8=m.load_in_fp8,
     )
     target = lo.target_modules if lo.target_modules is not None else "all-linear"
     model = FastVisionModel.get_peft_model(
