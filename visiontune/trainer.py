@@ -353,7 +353,7 @@ class SFTTrainer(trl.SFTTrainer):
       ``checkpoint_budget_gib``) are installed (:mod:`visiontune.models.auto_checkpoint`). Off a GPU the
       measure is the bytes autograd saves, against that share of the available RAM. The probes leave the
       random generators as they found them, so the run trains as it would have with the chosen setting. The
-      choice is printed, kept in ``checkpoint_choice`` and logged as parameters of the active MLflow run.
+      choice is printed, kept in ``checkpoint_choice`` and logged as tags of the active MLflow run.
     * ``args`` defaults to this module's :class:`SFTConfig`. A plain TRL config is taken as it is, except
       that a bitsandbytes AdamW that cannot run here becomes ``"adamw_torch"`` (one warning), that
       ``gradient_checkpointing`` is switched off where FastVisionModel's checkpointing is installed (one
@@ -555,7 +555,8 @@ class SFTTrainer(trl.SFTTrainer):
         self._metrics["train"].clear()
         self.checkpoint_choice = choice
         print(choice.summary())
-        self.add_callback(_ChoiceToMLflowRun(lambda mlflow: mlflow.log_params(choice.as_params())))
+        # tags, not params: a resumed run measures again, and MLflow refuses to change a logged param
+        self.add_callback(_ChoiceToMLflowRun(lambda mlflow: mlflow.set_tags(choice.as_params())))
 
     def _token_budget(self) -> None:
         """Measure ``train_dataset`` (the rows themselves, for a list), leave out what the collator would

@@ -57,7 +57,7 @@ class CheckpointChoice:
     probes: list[dict[str, Any]] = field(default_factory=list)
 
     def as_params(self) -> dict[str, Any]:
-        """Flat values for an MLflow run's parameters."""
+        """Flat values for the MLflow run's tags (a resumed run measures again: tags may change, params may not)."""
         gib = 2**30
         return {"ckpt_auto_vision_checkpointed": self.vision_checkpointed, "ckpt_auto_vision_blocks": self.vision_blocks,
                 "ckpt_auto_lm_checkpointed": self.lm_checkpointed, "ckpt_auto_lm_layers": self.lm_layers,

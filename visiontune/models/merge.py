@@ -34,7 +34,6 @@ from typing import Any, Optional, Union
 
 import torch
 
-from visiontune.kernels.fp8 import fp8_base_weight, original_weight
 from visiontune.models.bnb_cpu import dense_4bit
 from visiontune.models.state import base_model, vision_state
 
@@ -98,6 +97,17 @@ def _dense(param: torch.Tensor) -> torch.Tensor:
     return dense_4bit(param)
 
 
+def _fp8_original(base: Any) -> torch.Tensor:
+    """An FP8 base's 16-bit original (``load_in_fp8``): the update goes into the weight the model was loaded
+    with. Imported here only: a served model's packaged code has no kernels and no FP8 bases."""
+    from visiontune.kernels.fp8 import fp8_base_weight, original_weight
+
+    if fp8_base_weight(base) is None:
+        raise QuantizedMergeError(f"an FP8 weight ({tuple(base.weight.shape)}) that visiontune did not convert: "
+                                  "nothing to merge into; load the base in 16-bit")
+    return original_weight(base)
+
+
 def _active_adapter(model: Any) -> Optional[str]:
     """The one active adapter of a PEFT model (None for a plain model)."""
     active = getattr(model, "active_adapters", None)
@@ -115,8 +125,7 @@ def _lora_layer_tensors(module: Any, prefix: str, adapter: str) -> dict[str, tor
     if module.use_dora.get(adapter, False):
         raise ValueError(f"{prefix.rstrip('.')}: DoRA adapters are not merged here; use peft's merge_and_unload()")
     base = module.get_base_layer()
-    # an FP8 base (load_in_fp8): the update goes into the 16-bit original the model was loaded with
-    weight = original_weight(base) if fp8_base_weight(base) is not None else _dense(base.weight)
+    weight = _fp8_original(base) if base.weight.dtype == torch.float8_e4m3fn else _dense(base.weight)
     dtype = weight.dtype
     if not module.merged and (adapter in module.lora_A or adapter in module.lora_embedding_A):
         weight = weight.float() + module.get_delta_weight(adapter).float()
