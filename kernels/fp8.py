@@ -235,13 +235,14 @@ def _dequantizing_forward(base: nn.Linear):
 
 
 def convertible(module: nn.Module) -> bool:
-    """A PEFT LoRA layer whose base is a plain ``nn.Linear`` with a frozen bf16/fp16 weight whose sides are
-    multiples of 16 (what FP8 GEMMs take; Qwen2.5-VL's vision MLP, 3420 wide, stays in bf16)."""
+    """A PEFT LoRA layer whose base is a plain ``nn.Linear`` with a frozen bf16 weight whose sides are multiples
+    of 16 (what FP8 GEMMs take; Qwen2.5-VL's vision MLP, 3420 wide, stays in bf16). Not fp16: cuBLAS's
+    row-wise scaled FP8 GEMM writes bf16 only, so an fp16 model's products could not run."""
     base = getattr(module, "base_layer", None)
     if base is None or not hasattr(module, "lora_A") or type(base) is not nn.Linear:
         return False
     w = base.weight
-    return (not w.requires_grad and w.dtype in (torch.bfloat16, torch.float16)
+    return (not w.requires_grad and w.dtype == torch.bfloat16
             and w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0)
 
 

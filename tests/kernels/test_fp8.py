@@ -184,6 +184,13 @@ def test_convert_and_restore_fp8_base():
         assert torch.equal(model(x), y16)
 
 
+def test_fp16_bases_stay_16_bit():
+    """cuBLAS's row-wise scaled FP8 GEMM writes bf16 only: an fp16 model's LoRA bases are not converted."""
+    model = _peft_mlp().half()
+    assert convert_fp8_base(model) == 0
+    assert model.base_model.model.up.base_layer.weight.dtype == torch.float16
+
+
 def test_convert_without_original_restores_the_dequantized_weight():
     model = _peft_mlp()
     w16 = model.base_model.model.up.base_layer.weight.detach().clone()
