@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loss-steps", type=int, default=0)
     ap.add_argument("--loss-config", type=int, default=1)
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--profile", action="store_true",
+                    help="torch.profiler over one step of the bf16 and the FP8 engine (bench_engine.profile_engine)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args(argv)
     be.RECOMPUTE_MLP = args.recompute_mlp
@@ -116,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{tag} loss curve: {curve[0]:.4f} -> {curve[-1]:.4f} ({time.time() - t:.0f}s)")
         return curve
 
+    def profile(res: dict, batch: dict, tag: str) -> None:
+        """One profiled step at the checkpointing that ``res`` chose (``--profile``)."""
+        if args.profile and not res.get("oom"):
+            restore_lora()
+            be.profile_engine(model, opt, batch, out, res["vision_checkpointed"], res["lm_checkpointed"], tag, log,
+                              res.get("checkpoint_mode", "recompute"))
+
     curve_batches = None
     if args.loss_steps:
         cfg = be.CONFIGS[args.loss_config]
@@ -136,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         row["bf16_budget_gib"] = budget
         row["engine_bf16"] = be.run_engine(model, opt, batch, budget, args.steps, args.warmup, log)
         log(f"{cfg} engine bf16: {row['engine_bf16']}")
+        profile(row["engine_bf16"], batch, f"bf16_cfg{be.CONFIGS.index(cfg)}")
         rows.append((row, batch))
     t = time.time()
     n = convert_fp8_base(model)
@@ -148,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         row["fp8_budget_gib"] = fp8_budget
         row["engine_fp8"] = be.run_engine(model, opt, batch, fp8_budget, args.steps, args.warmup, log)
         log(f"{tuple(row['config'])} engine fp8: {row['engine_fp8']}")
+        profile(row["engine_fp8"], batch, f"fp8_cfg{be.CONFIGS.index(tuple(row['config']))}")
         for k in ("stock", "engine_bf16", "engine_fp8"):
             r = row.get(k)
             if r and not r.get("oom"):

@@ -131,18 +131,23 @@ def run_trainer(model, rows, args, cuda: bool, out_dir: Path) -> dict[str, Any]:
 
     clock = _Clock(cuda)
 
+    total = args.warmup + args.steps
+    host = _HostProfile(args.cprofile, Path(args.out) / f"cprofile_{out_dir.name}.txt")
+
     class Steps(TrainerCallback):
         def on_train_begin(self, *a: Any, **k: Any) -> None:
             _reset(cuda)  # the peak of the training steps, not of "auto"'s probes before them
 
-        def on_step_begin(self, *a: Any, **k: Any) -> None:
+        def on_step_begin(self, args_: Any, state: Any, *a: Any, **k: Any) -> None:
             clock.mark()
+            if state.global_step == total:  # the extra step after the timed ones (--cprofile)
+                host.start()
 
         def on_train_end(self, *a: Any, **k: Any) -> None:
             clock.mark()
+            host.stop()
 
-    total = args.warmup + args.steps
-    cfg = SFTConfig(output_dir=str(out_dir), max_steps=total, per_device_train_batch_size=args.batch,
+    cfg = SFTConfig(output_dir=str(out_dir), max_steps=total + host.extra, per_device_train_batch_size=args.batch,
                     learning_rate=1e-5, logging_steps=total, save_strategy="no", report_to="none",
                     optim="adamw_torch_fused" if cuda else "adamw_torch", dataloader_num_workers=0,
                     disable_tqdm=True, seed=0, **({"checkpoint_budget_gib": args.budget_gib} if args.budget_gib else {}))
@@ -150,7 +155,7 @@ def run_trainer(model, rows, args, cuda: bool, out_dir: Path) -> dict[str, Any]:
     _reset(cuda)
     trainer.train()
     # on_step_begin of step i+1 closes step i; train end closes the last one
-    step_s = clock.steps()[args.warmup:]
+    step_s = clock.steps()[args.warmup:total]
     choice = trainer.checkpoint_choice
     return dict(step_s=step_s, sec_per_step=statistics.median(step_s), peak_gib=_peak(cuda),
                 uses_fused_engine=trainer.uses_fused_engine, loss=trainer.state.log_history[-2].get("loss"),
@@ -162,6 +167,8 @@ def run_raw(model, collator, rows, args, cuda: bool, precollated: bool) -> dict[
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
     batches = [rows[i:i + args.batch] for i in range(0, args.batch * (args.warmup + args.steps), args.batch)]
     batches = [b if len(b) == args.batch else rows[:args.batch] for b in batches]
+    host = _HostProfile(args.cprofile and not precollated, Path(args.out) / "cprofile_raw_collate.txt")
+    batches += batches[-1:] * host.extra  # one more step, profiled, after the timed ones
 
     def to_device(b: dict) -> dict:
         return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
@@ -170,16 +177,70 @@ def run_raw(model, collator, rows, args, cuda: bool, precollated: bool) -> dict[
     clock = _Clock(cuda)
     model.train()
     _reset(cuda)
+    total = args.warmup + args.steps
     for i, rb in enumerate(batches):
         clock.mark()
+        if i == total:
+            host.start()
         batch = ready[i] if precollated else to_device(collator(rb))
         loss = model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     clock.mark()
-    step_s = clock.steps()[args.warmup:]
+    host.stop()
+    step_s = clock.steps()[args.warmup:total]
     return dict(step_s=step_s, sec_per_step=statistics.median(step_s), peak_gib=_peak(cuda), loss=float(loss.detach()))
+
+
+class _HostProfile:
+    """``--cprofile``: cProfile over one extra step after the timed ones (where the host's time goes), and the
+    GPU->host syncs of that step by the line that made them; written to ``path``. Inactive: ``extra`` is 0."""
+
+    def __init__(self, on: bool, path: Path) -> None:
+        self.on, self.path, self.extra = on, path, int(on)
+        self.prof = self.caught = self._warn = None
+
+    def start(self) -> None:
+        import cProfile
+        import warnings
+
+        if not self.on or self.prof is not None:
+            return
+        self._warn = warnings.catch_warnings(record=True)
+        self.caught = self._warn.__enter__()
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("warn")
+        self.t0 = time.perf_counter()
+        self.prof = cProfile.Profile()
+        self.prof.enable()
+
+    def stop(self) -> None:
+        import io
+        import pstats
+        from collections import Counter
+
+        if self.prof is None:
+            return
+        self.prof.disable()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("default")
+        wall = time.perf_counter() - self.t0
+        self._warn.__exit__(None, None, None)
+        syncs = Counter(f"{w.filename}:{w.lineno}" for w in self.caught if "synchroniz" in str(w.message))
+        buf = io.StringIO()
+        buf.write(f"one step after the timed ones, {wall * 1e3:.0f} ms with the profiler on; "
+                  f"{sum(syncs.values())} GPU->host syncs:\n")
+        buf.writelines(f"  {k} x{v}\n" for k, v in syncs.most_common(20))
+        stats = pstats.Stats(self.prof, stream=buf)
+        stats.sort_stats("tottime").print_stats(40)
+        stats.sort_stats("cumulative").print_stats(60)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(buf.getvalue())
+        print(f"cprofile: {self.path.name}: {wall * 1e3:.0f} ms, {sum(syncs.values())} syncs", flush=True)
+        self.prof = None
 
 
 def run_peer(path: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -215,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer", action="store_true", help="time the peer's product path first (child process)")
     ap.add_argument("--variants", default="trainer,raw_collate,raw_precollated",
                     help="of trainer, raw_collate, raw_precollated, trainer_auto (SFTTrainer under 'auto')")
+    ap.add_argument("--cprofile", action="store_true",
+                    help="cProfile one extra step of trainer and raw_collate after the timed ones (host time, syncs)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args(argv)
     ckpt: Any = {"False": False, "True": True}.get(args.checkpointing, args.checkpointing)

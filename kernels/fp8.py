@@ -26,7 +26,8 @@ bit next to a tie lands one unit away; tests/kernels/test_fp8.py allows for that
 
 from __future__ import annotations
 
-from typing import Optional
+import weakref
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -144,6 +145,50 @@ def scaled_mm(a: torch.Tensor, sa: torch.Tensor, b_t: torch.Tensor, sb: torch.Te
     return out[:m] if pad else out
 
 
+def _ones(n: int, device: torch.device) -> torch.Tensor:
+    """A cached fp32 vector of n ones (the unit scales of W^T's rows in ``dx``)."""
+    key = (n, device)
+    t = _ONES.get(key)
+    if t is None:
+        t = _ONES[key] = torch.ones(n, dtype=torch.float32, device=device)
+    return t
+
+
+_ONES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+# The last activation quantize_input quantized: q, k and v (and an MLP's gate and up, also when they run again
+# in backward) multiply the same input, so all but the first reuse its FP8 copy. The tensor is held by a weak
+# reference whose callback drops the entry, so a freed activation (e.g. an MLP's h, deleted after its down
+# projection) takes its FP8 copy with it, and its address cannot be reused under a live entry.
+_LAST_INPUT: dict[str, Any] = {}
+
+
+def _input_key(x2: torch.Tensor) -> tuple:
+    return (x2.data_ptr(), tuple(x2.shape), x2.stride(), x2._version, x2.dtype, x2.device)
+
+
+def quantize_input(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rowwise_quantize` of ``x2``, reusing the result of the previous call when it was for the same
+    values: the same tensor (or a view of the same tensor with the same storage offset, shape and strides)
+    not written in place since (its version counter is part of the key)."""
+    root = x2._base if x2._base is not None else x2
+    hit = _LAST_INPUT.get("entry")
+    key = _input_key(x2)
+    if hit is not None and hit[0]() is root and hit[1] == key:
+        return hit[2]
+    qs = rowwise_quantize(x2)
+    _LAST_INPUT.clear()
+    _LAST_INPUT["entry"] = (weakref.ref(root, _drop_entry), key, qs)
+    return qs
+
+
+def _drop_entry(ref: weakref.ref) -> None:
+    """Weak-reference callback: the cached input died; drop its entry (not a newer one)."""
+    entry = _LAST_INPUT.get("entry")
+    if entry is not None and entry[0] is ref:
+        _LAST_INPUT.clear()
+
+
 class FP8Weight:
     """A frozen (N, K) weight in FP8 e4m3 with one fp32 scale per output row, standing in for a bf16/fp16
     weight of ``dtype``; the engine hands it where a weight goes (``lora_linear`` applies it)."""
@@ -175,17 +220,17 @@ class FP8Weight:
     fused_mlp = True  # the fused LoRA MLP Functions take it through mm/dx
 
     def mm(self, x2: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``x2 W^T + b`` for 2-D ``x2``: x2 quantized row-wise, the product on FP8 tensor cores, out in x2's
-        dtype (what the fused LoRA Functions call for a base that is not a tensor)."""
-        q, s = rowwise_quantize(x2)
+        """``x2 W^T + b`` for 2-D ``x2``: x2 quantized row-wise (once for the projections that share it, see
+        :func:`quantize_input`), the product on FP8 tensor cores, out in x2's dtype (what the fused LoRA
+        Functions call for a base that is not a tensor)."""
+        q, s = quantize_input(x2)
         return scaled_mm(q, s, self.data, self.scale, b, x2.dtype)
 
     def dx(self, dy2: torch.Tensor) -> torch.Tensor:
         """``dy2 W``: W's row scales folded into dy2's row-wise quantization, W^T made for this call."""
         q, s = rowwise_quantize(dy2, self.scale)
         wt = self.data.t().contiguous()  # (K, N) row-major: its rows are dx's columns
-        ones = torch.ones(wt.shape[0], dtype=torch.float32, device=wt.device)
-        return scaled_mm(q, s, wt, ones, None, dy2.dtype)
+        return scaled_mm(q, s, wt, _ones(wt.shape[0], wt.device), None, dy2.dtype)
 
     def lora_linear(self, x: torch.Tensor, b: torch.Tensor | None, a: torch.Tensor | None,
                     bm: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -296,4 +341,4 @@ def has_fp8_base(model: nn.Module) -> bool:
 
 
 __all__ = ["FP8", "FP8Weight", "convert_fp8_base", "convertible", "fp8_base_weight", "has_fp8_base",
-           "original_weight", "quantize_weight", "restore_fp8_base", "rowwise_quantize", "rowwise_quantize_reference", "scaled_mm"]
+           "original_weight", "quantize_input", "quantize_weight", "restore_fp8_base", "rowwise_quantize", "rowwise_quantize_reference", "scaled_mm"]

@@ -125,8 +125,7 @@ def _base_dx(w, dy2: torch.Tensor) -> torch.Tensor:
 
 def _has_products(w) -> bool:
     """Whether the fused MLP Functions take base ``w``: a tensor, or a quantized base that says so
-    (``fused_mlp``: FP8). NF4 bases take one LoRA Function per projection (the fused MLPs over NF4 are not
-    measured on a GPU)."""
+    (``fused_mlp``: NF4 and FP8 bases, through their ``mm``/``dx``)."""
     return torch.is_tensor(w) or getattr(w, "fused_mlp", False)
 
 
@@ -340,9 +339,8 @@ def gated_mlp(x: torch.Tensor, gate: LinearParams, up: LinearParams, down: Linea
     GEMMs, cheaper than recomputing the whole layer when memory is what limits.
     """
     if not all(_has_products(p[0]) for p in (gate, up, down)):
-        # an NF4 base: one NF4/LoRA Function per projection around the fused GLU. It keeps h for the down
-        # projection (the fused Function above does not); an NF4-aware MLP Function is not built. FP8 bases
-        # bring their own products and take the fused Function.
+        # a quantized base without products for the fused Function: one LoRA Function per projection around
+        # the fused GLU (it keeps h for the down projection, which the fused Function does not).
         return lora_linear(glu(lora_linear(x, *gate), lora_linear(x, *up), act), *down)
     if use_fused(x) and act in ACTIVATIONS:
         scales = (float(gate[4]), float(up[4]), float(down[4]))
@@ -354,7 +352,7 @@ def plain_mlp(x: torch.Tensor, fc1: LinearParams, fc2: LinearParams, act: str = 
               recompute: bool = False) -> torch.Tensor:
     """Fused LoRA plain MLP (vision towers); reference path off the engine. ``recompute``: as in
     :func:`gated_mlp` (fc1 runs again in backward instead of keeping its output)."""
-    if not _has_products(fc1[0]) or not _has_products(fc2[0]):  # an NF4 base: as in gated_mlp
+    if not _has_products(fc1[0]) or not _has_products(fc2[0]):  # as in gated_mlp
         return lora_linear(activation(lora_linear(x, *fc1), act), *fc2)
     if use_fused(x) and act in ACTIVATIONS:
         return LoRAPlainMLPFunction.apply(x, *fc1[:4], *fc2[:4], (float(fc1[4]), float(fc2[4])), act, bool(recompute))

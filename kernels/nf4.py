@@ -95,7 +95,9 @@ class NF4Weight:
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
 
-    fused_mlp = False  # the fused LoRA MLP Functions are not measured over NF4: one Function per projection
+    # The fused LoRA MLP Functions take it through mm/dx: they keep neither h nor (with recompute) g and u,
+    # which the 4-bit step needs most, since it runs under the smallest budgets.
+    fused_mlp = True
 
     def mm(self, x2: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         """``x2 W^T + b`` (dequantized into a shared workspace, then cuBLAS)."""

@@ -337,3 +337,48 @@ def test_fused_gated_mlp_takes_fp8_bases(triton_cpu, recompute):
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_projections_of_one_input_quantize_it_once(triton_cpu, monkeypatch):
+    """q, k and v over the same activation quantize it once (forward); gate and up once, also when they run
+    again in backward; an in-place write, another tensor or a freed one is quantized afresh, and every result
+    equals the uncached arithmetic."""
+    from visiontune.kernels import fp8
+    from visiontune.kernels.lora import gated_mlp
+
+    calls = []
+    real = fp8.rowwise_quantize
+    monkeypatch.setattr(fp8, "rowwise_quantize", lambda x, cs=None: calls.append(cs is None) or real(x, cs))
+    fp8._LAST_INPUT.clear()
+    projs = [_fp8_params(48, 32, 4, True) for _ in range(3)]
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    h = x * 1.0  # a non-leaf activation, as attention's normed input is
+    ys = [fp8_lora_linear(h, *p, 1.5) for p in projs]
+    assert calls == [True]  # one quantization of h for three projections
+    for y, p in zip(ys, projs):  # the same values as quantizing afresh
+        fp8._LAST_INPUT.clear()
+        torch.testing.assert_close(y, fp8_lora_linear(h, *p, 1.5), atol=0, rtol=0)
+    calls.clear()
+    fp8._LAST_INPUT.clear()
+    fp8_lora_linear(h, *projs[0], 1.5)
+    with torch.no_grad():
+        h.mul_(2.0)  # written in place: its version moves on, the FP8 copy is stale
+    y2 = fp8_lora_linear(h, *projs[1], 1.5)
+    assert calls == [True, True]
+    fp8._LAST_INPUT.clear()
+    torch.testing.assert_close(y2, fp8_lora_linear(h, *projs[1], 1.5), atol=0, rtol=0)
+    tmp = torch.randn(3, 48)
+    fp8_lora_linear(tmp, *projs[0], 1.5)
+    assert "entry" in fp8._LAST_INPUT
+    del tmp  # a freed input drops its FP8 copy with it
+    assert not fp8._LAST_INPUT
+
+    gate, up = _fp8_params(48, 80, 4, True), _fp8_params(48, 80, 4, False)
+    down = _fp8_params(80, 48, 4, True)
+    mlp = [(*p, 1.3) for p in (gate, up, down)]
+    calls.clear()
+    y = gated_mlp(h, *mlp, act="silu", recompute=True)
+    assert calls == [True, True]  # x once for gate and up, h once for down
+    y.sum().backward()
+    # backward: gate and up run again from x (one quantization), then three dy quantizations (col-scaled)
+    assert calls.count(True) == 3 and calls.count(False) == 3, calls

@@ -171,6 +171,34 @@ def test_nf4_lora_layers_share_one_workspace(triton_cpu):
     assert not nf4_lora._WORKSPACE
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_fused_mlps_take_nf4_bases(triton_cpu, recompute):
+    """gated_mlp and plain_mlp over NF4 bases run the fused MLP Functions (h not kept; with recompute, nor the
+    first products) and equal one NF4 LoRA linear per projection around the activation: output and every
+    gradient (the shared workspace is reused by every projection, forward and backward)."""
+    from visiontune.kernels.activations import activation, glu
+    from visiontune.kernels.lora import LoRAGatedMLPFunction, LoRAPlainMLPFunction, gated_mlp, plain_mlp
+
+    gate, up = _nf4_params(48, 80, 4, True)[0], _nf4_params(48, 80, 4, False)[0]
+    down = _nf4_params(80, 48, 4, True, nested=False)[0]
+    x, dy = torch.randn(2, 9, 48), torch.randn(2, 9, 48)
+    got, _ = _grads(lambda x: gated_mlp(x, gate, up, down, act="silu", recompute=recompute), x, [gate, up, down], dy)
+    want, _ = _grads(lambda x: nf4_lora_linear(glu(nf4_lora_linear(x, *gate), nf4_lora_linear(x, *up), "silu"),
+                                               *down), x, [gate, up, down], dy)
+    y = gated_mlp(x.requires_grad_(), gate, up, down, act="silu", recompute=recompute)
+    assert type(y.grad_fn).__name__ == LoRAGatedMLPFunction.__name__ + "Backward"
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    fc1, fc2 = _nf4_params(48, 72, 4, True)[0], _nf4_params(72, 48, 4, True)[0]
+    act = "gelu_pytorch_tanh"
+    got, _ = _grads(lambda x: plain_mlp(x, fc1, fc2, act, recompute=recompute), x, [fc1, fc2], dy)
+    want, _ = _grads(lambda x: nf4_lora_linear(activation(nf4_lora_linear(x, *fc1), act), *fc2), x, [fc1, fc2], dy)
+    y = plain_mlp(x, fc1, fc2, act, recompute=recompute)
+    assert type(y.grad_fn).__name__ == LoRAPlainMLPFunction.__name__ + "Backward"
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
 def test_nf4_lora_bf16_activations_fp32_adapters(triton_cpu):
     """PEFT keeps adapters in fp32 while the base computes in bf16: the Function casts them (cached)."""
     p, _ = _nf4_params(72, 40, 4, True, dtype=torch.bfloat16, lora_dtype=torch.float32)
