@@ -590,10 +590,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qlora", action="store_true",
                     help="also the 4-bit columns: stock HF+PEFT+GC, the engine (under the peer QLoRA's measured "
                          "peak with --peer) and, with --peer, the peer's QLoRA")
+    ap.add_argument("--qlora-only", action="store_true",
+                    help="only the 4-bit columns (and the peer's QLoRA with --peer): no bf16 stock/engine/lean/peer")
     ap.add_argument("--profile-qlora", default="", help="config indices whose engine 4-bit step to profile")
     ap.add_argument("--model-dir", default="/tmp/vt_bench_model",
                     help="where --peer / --qlora save the base model for the child process and the 4-bit load")
     args = ap.parse_args(argv)
+    args.qlora = args.qlora or args.qlora_only
     global RECOMPUTE_MLP
     RECOMPUTE_MLP = args.recompute_mlp
     out_dir = Path(args.out)
@@ -635,7 +638,8 @@ def main(argv: list[str] | None = None) -> int:
     peer: dict[tuple[int, int, int], dict[str, Any]] = {}
     peer4: dict[tuple[int, int, int], dict[str, Any]] = {}
     if args.peer:  # first, while this process only holds its model: the lean budget needs the peer's peak
-        peer = run_peer(model_dir, configs, steps, warmup, False, log)
+        if not args.qlora_only:
+            peer = run_peer(model_dir, configs, steps, warmup, False, log)
         if args.qlora:
             peer4 = run_peer(model_dir, configs, steps, warmup, True, log)
     results = []
@@ -644,6 +648,11 @@ def main(argv: list[str] | None = None) -> int:
         batch = make_batch(b, px, text, device)
         tokens = batch["input_ids"].numel()
         row: dict[str, Any] = dict(config=list(cfg), tokens_per_step=tokens, patches=batch["pixel_values"].shape[0])
+        if args.qlora_only:
+            if tuple(cfg) in peer4:
+                row["peer_qlora"] = dict(peer4[tuple(cfg)], tokens_per_s=tokens / peer4[tuple(cfg)]["sec_per_step"])
+            results.append(row)
+            continue
         ls, le = check_equivalence(model, batch)
         row["equivalence"] = dict(stock_loss=ls, engine_loss=le, rel_diff=abs(le - ls) / abs(ls))
         log(f"{cfg} same weights, no grad: stock loss {ls:.5f} engine loss {le:.5f} (rel diff {abs(le - ls) / abs(ls):.1e})")
@@ -684,13 +693,13 @@ def main(argv: list[str] | None = None) -> int:
                   open(out_dir / "bench_engine.json", "w"), indent=1)
     for idx in [int(i) for i in args.profile.split(",") if i.strip()] if not args.quick else []:
         cfg = CONFIGS[idx]
-        row = next((r for r in results if tuple(r["config"]) == cfg and not r["engine"].get("oom")), None)
+        row = next((r for r in results if tuple(r["config"]) == cfg and not r.get("engine", {"oom": 1}).get("oom")), None)
         if row is not None:
             profile_engine(model, opt, make_batch(*cfg, device), out_dir, row["engine"]["vision_checkpointed"],
                            row["engine"]["lm_checkpointed"], f"cfg{idx}", log, row["engine"]["checkpoint_mode"])
     for idx in [int(i) for i in args.cprofile.split(",") if i.strip()]:
         cfg = CONFIGS[idx]
-        row = next((r for r in results if tuple(r["config"]) == cfg and not r["engine"].get("oom")), None)
+        row = next((r for r in results if tuple(r["config"]) == cfg and not r.get("engine", {"oom": 1}).get("oom")), None)
         if row is not None:
             cprofile_engine(model, opt, make_batch(*cfg, device), out_dir, row["engine"]["vision_checkpointed"],
                             row["engine"]["lm_checkpointed"], f"cfg{idx}", log, row["engine"]["checkpoint_mode"])
@@ -706,6 +715,8 @@ def main(argv: list[str] | None = None) -> int:
            f"{'lean tok/s':>11}{'GiB':>6}{'MFU':>6}{'ckpt v/l':>11} | {'speedup':>7}{'mem':>6} | {'peer tok/s (GiB)':>17}")
     lines = [hdr, "-" * len(hdr)]
     for r in results:
+        if "engine" not in r:  # --qlora-only
+            continue
         s, e = r.get("stock", {}), r["engine"]
         cfg = tuple(r["config"])
 

@@ -384,3 +384,33 @@ def test_input_token_count_waits_for_the_log_and_the_checkpoint_and_adds_up_as_t
     trainer.log({"loss": 1.0})
     expected = int(batch["attention_mask"].sum()) if how == "non_padding" else batch["input_ids"].numel()
     assert trainer.state.num_input_tokens_seen == expected and not trainer._pending_input_tokens
+
+
+def test_total_flos_is_transformers_estimate_with_the_parameter_count_taken_once(tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    """transformers walks every module to count parameters at every step for ``total_flos``; visiontune's
+    trainer counts them once per model: the state's and the checkpoint's ``total_flos`` are transformers'."""
+    import json
+
+    from visiontune import SFTConfig, SFTTrainer
+
+    model, _ = _peft_model(tiny_model_dir("qwen2_5_vl"))
+    rows = _rows(6)
+
+    class PerStep(SFTTrainer):  # transformers' own estimate, counted at every step
+        floating_point_ops = trl.SFTTrainer.floating_point_ops
+
+    counts = []
+    cls = type(model.get_base_model())  # the PEFT model hands num_parameters on to it
+    real = cls.num_parameters
+    monkeypatch.setattr(cls, "num_parameters", lambda self, *a, **k: counts.append(1) or real(self, *a, **k))
+    flos = {}
+    for name, trainer_cls in (("visiontune", SFTTrainer), ("transformers", PerStep)):
+        counts.clear()
+        trainer = trainer_cls(model, SFTConfig(output_dir=str(tmp_path / name), max_steps=3, save_steps=3,
+                                       per_device_train_batch_size=2, learning_rate=0.0), train_dataset=rows)
+        trainer.train()
+        saved = json.loads((tmp_path / name / "checkpoint-3" / "trainer_state.json").read_text())
+        flos[name] = (trainer.state.total_flos, saved["total_flos"], len(counts))
+    assert flos["visiontune"][:2] == flos["transformers"][:2] and flos["visiontune"][0] > 0
+    assert flos["transformers"][2] >= 3 and flos["visiontune"][2] == 1, flos

@@ -354,6 +354,9 @@ class SFTTrainer(trl.SFTTrainer):
       measure is the bytes autograd saves, against that share of the available RAM. The probes leave the
       random generators as they found them, so the run trains as it would have with the chosen setting. The
       choice is printed, kept in ``checkpoint_choice`` and logged as tags of the active MLflow run.
+    * ``floating_point_ops`` (the ``total_flos`` that transformers adds up every step) is transformers' own
+      estimate, 6 x input tokens x non-embedding parameters, with the parameter count taken once per model
+      instead of by a walk over every module at every step (host time the GPU waits for at small batches).
     * ``args`` defaults to this module's :class:`SFTConfig`. A plain TRL config is taken as it is, except
       that a bitsandbytes AdamW that cannot run here becomes ``"adamw_torch"`` (one warning), that
       ``gradient_checkpointing`` is switched off where FastVisionModel's checkpointing is installed (one
@@ -425,6 +428,17 @@ class SFTTrainer(trl.SFTTrainer):
             total = total + torch.stack(counts).sum()
         pending.clear()
         self.state.num_input_tokens_seen += int(self.accelerator.gather(total).sum().item())
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """transformers' estimate of a step's FLOPs, the model's non-embedding parameter count cached (it does
+        not change while training; keyed on the model object)."""
+        main = getattr(self.model, "main_input_name", "input_ids")
+        if main not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        cached = getattr(self, "_flop_params", None)
+        if cached is None or cached[0] is not self.model:
+            cached = self._flop_params = (self.model, self.model.num_parameters(exclude_embeddings=True))
+        return 6 * inputs[main].numel() * cached[1]
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         self._flush_input_tokens()  # trainer_state.json holds the count a resumed run starts from
