@@ -10,6 +10,8 @@ smoke run), LoRA r=16 on every LM and vision-block linear through ``FastVisionMo
   the host each step),
 * ``raw_collate``: a plain loop that collates each batch on the host, moves it and steps,
 * ``raw_precollated``: the same loop over batches collated and moved to the device beforehand,
+* ``raw_collate_model_positions``: ``raw_collate`` with the collator's M-RoPE ``position_ids`` dropped, so the
+  model computes them in its forward (what it did before the collator gave them),
 
 with the same ``AdamW(fused=True)`` (``adamw_torch_fused``) and the same statistic (median of the steps after
 ``--warmup``; CUDA events at the step boundaries, no extra host sync). Reports LM tokens/s, the peak memory of
@@ -162,12 +164,12 @@ def run_trainer(model, rows, args, cuda: bool, out_dir: Path) -> dict[str, Any]:
                 checkpoint_choice=choice.as_params() if choice is not None else None)
 
 
-def run_raw(model, collator, rows, args, cuda: bool, precollated: bool) -> dict[str, Any]:
+def run_raw(model, collator, rows, args, cuda: bool, precollated: bool, name: str = "raw_collate") -> dict[str, Any]:
     device = next(model.parameters()).device
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
     batches = [rows[i:i + args.batch] for i in range(0, args.batch * (args.warmup + args.steps), args.batch)]
     batches = [b if len(b) == args.batch else rows[:args.batch] for b in batches]
-    host = _HostProfile(args.cprofile and not precollated, Path(args.out) / "cprofile_raw_collate.txt")
+    host = _HostProfile(args.cprofile and not precollated, Path(args.out) / f"cprofile_{name}.txt")
     batches += batches[-1:] * host.extra  # one more step, profiled, after the timed ones
 
     def to_device(b: dict) -> dict:
@@ -320,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
                 FastVisionModel.for_training(model, use_gradient_checkpointing="auto")
                 r = run_trainer(model, rows, args, cuda, Path(tmp) / "trainer_auto")
                 FastVisionModel.for_training(model, use_gradient_checkpointing=ckpt)
+            elif v == "raw_collate_model_positions":  # as raw_collate, the M-RoPE positions left to the model
+                def without_positions(b: list[dict]) -> dict:
+                    return {k: x for k, x in collator(b).items() if k != "position_ids"}
+
+                r = run_raw(model, without_positions, rows, args, cuda, precollated=False, name=v)
             else:
                 r = run_raw(model, collator, rows, args, cuda, precollated=v == "raw_precollated")
             r["tokens_per_s"] = tokens / r["sec_per_step"]

@@ -329,3 +329,31 @@ def test_padding_free_on_the_gpu_engine(arch, tiny_model_dir):
     for gk, gp in zip(grads_k, grads_p):
         assert torch.isfinite(gk).all()
         assert (gk.float() - gp.float()).norm() <= 5e-2 * gp.float().norm() + 1e-6
+
+
+# ------------------------------------------------------------------------------------- M-RoPE positions
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mllama"])
+def test_mrope_positions_come_with_the_batch(arch, tiny_model_dir, monkeypatch):
+    """M-RoPE models get their 3-D positions from the collator (computed on the CPU batch), so the forward does
+    not compute them from GPU tensors value by value; the logits are the model's own, bit for bit. Models with
+    1-D positions get none."""
+    model, processor = FastVisionModel.from_pretrained(tiny_model_dir(arch), use_gradient_checkpointing=False)
+    batch = VisionDataCollator(model, processor, resize=None)([_single(1, "4071"), _multi(2), _single(3, "9")])
+    if arch == "mllama":
+        assert "position_ids" not in batch
+        return
+    ids = batch["input_ids"]
+    assert batch["position_ids"].shape == (3, *ids.shape) and batch["position_ids"].device == ids.device
+    without = {k: v for k, v in batch.items() if k != "position_ids"}
+    inner = model.model
+    calls = []
+    real = type(inner).get_rope_index
+    monkeypatch.setattr(type(inner), "get_rope_index", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    with torch.no_grad():
+        want = model(**without).logits
+        assert calls, "the model computes the positions itself without them"
+        calls.clear()
+        got = model(**batch).logits
+    assert not calls
+    torch.testing.assert_close(got, want, atol=0, rtol=0)

@@ -111,11 +111,19 @@ def _check_padding_free(model: Any, config: Any) -> None:
         )
 
 
+def _rope_index(model: Any) -> Optional[Callable]:
+    """The model's M-RoPE position function (``get_rope_index`` of the Qwen-VL family), or None."""
+    base = base_model(model)
+    return getattr(getattr(base, "model", base), "get_rope_index", None)
+
+
+def _has_mrope(model: Any) -> bool:
+    return _rope_index(model) is not None
+
+
 def _mrope_positions(model: Any, batch: dict[str, Any], mask: torch.Tensor) -> Optional[torch.Tensor]:
     """The model's own M-RoPE positions (3, B, S) for a padded batch, or None for 1-D RoPE models."""
-    base = base_model(model)
-    inner = getattr(base, "model", base)
-    fn = getattr(inner, "get_rope_index", None)
+    fn = _rope_index(model)
     if fn is None:
         return None
     available = dict(batch, attention_mask=mask)
@@ -176,7 +184,10 @@ class VisionDataCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.image_root = Path(image_root) if image_root else None
         self.padding_free = padding_free
-        self._model = model if padding_free else None
+        # M-RoPE models (the Qwen-VL family): the collator hands the model its 3-D positions, computed here on the
+        # CPU batch. Left to the model, they are computed in every forward from the batch on the GPU, reading
+        # values to the host one by one: ~12 GPU->host syncs per sample, each draining the GPU's queue.
+        self._model = model if (padding_free or _has_mrope(model)) else None
         if padding_free:
             _check_padding_free(model, base_cfg)
         self.resizer = model_resizer(self.rule, base_cfg, processor)
@@ -370,7 +381,10 @@ class VisionDataCollator:
         batch["labels"] = torch.tensor(labels, dtype=torch.long)
         if self.padding_free:
             return self._pack(dict(batch))
-        return dict(batch)
+        batch = dict(batch)
+        if self._model is not None:
+            batch["position_ids"] = _mrope_positions(self._model, batch, batch["attention_mask"])
+        return batch
 
     def _prepare(self, examples: list[dict]) -> tuple[list[list[dict]], list[str], list[list[Image.Image]]]:
         """Per sample: its conversation (images replaced by placeholders), rendered text and loaded images."""
