@@ -414,3 +414,60 @@ def test_total_flos_is_transformers_estimate_with_the_parameter_count_taken_once
         flos[name] = (trainer.state.total_flos, saved["total_flos"], len(counts))
     assert flos["visiontune"][:2] == flos["transformers"][:2] and flos["visiontune"][0] > 0
     assert flos["transformers"][2] >= 3 and flos["visiontune"][2] == 1, flos
+
+
+def test_per_step_train_and_zero_grad_skip_the_module_walk_and_train_the_same(tiny_model_dir, tmp_path, monkeypatch):
+    """transformers calls model.train() and model.zero_grad() at every step; during visiontune's train() they do not
+    walk the module tree when nothing would change: the same losses and adapter weights as transformers' calls, a
+    module put in eval mode by a callback is back in training mode for the next step, and nothing is left on
+    the model afterwards."""
+    from contextlib import nullcontext
+
+    from visiontune import SFTConfig, SFTTrainer
+    from visiontune import trainer as vt_trainer
+
+    full = {"train": 0, "zero_grad": 0}
+    real_train, real_zero = torch.nn.Module.train, torch.nn.Module.zero_grad
+
+    def counted(name, real):
+        def call(self, *a, **k):
+            if self is root[0]:
+                full[name] += 1
+            return real(self, *a, **k)
+        return call
+
+    root = [None]
+    monkeypatch.setattr(torch.nn.Module, "train", counted("train", real_train))
+    monkeypatch.setattr(torch.nn.Module, "zero_grad", counted("zero_grad", real_zero))
+
+    class EvalsTheVisionTower(TrainerCallback):  # what a user's callback might do between steps
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == 2:
+                model.get_base_model().model.visual.eval()
+
+    runs = {}
+    for name in ("visiontune", "transformers"):
+        if name == "transformers":
+            monkeypatch.setattr(vt_trainer, "_lean_step_calls", lambda model: nullcontext())
+        model, _ = _peft_model(tiny_model_dir("qwen2_5_vl"))
+        root[0] = model
+        seen_training = []
+        visual = model.get_base_model().model.visual
+        visual.register_forward_pre_hook(lambda m, a: seen_training.append(m.training))
+        full.update(train=0, zero_grad=0)
+        trainer = SFTTrainer(model, SFTConfig(output_dir=str(tmp_path / name), max_steps=4, logging_steps=1,
+                                              per_device_train_batch_size=2, learning_rate=1e-2, seed=5),
+                             train_dataset=_rows(8), callbacks=[EvalsTheVisionTower()])
+        trainer.train()
+        assert "train" not in vars(model) and "zero_grad" not in vars(model)
+        runs[name] = ([h["loss"] for h in trainer.state.log_history if "loss" in h],
+                      {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+                      list(seen_training), dict(full))
+    lean, stock = runs["visiontune"], runs["transformers"]
+    assert lean[0] == stock[0] and len(lean[0]) == 4
+    for n, p in stock[1].items():
+        torch.testing.assert_close(lean[1][n], p, atol=0, rtol=0)
+    assert lean[2] == stock[2] == [True] * 4  # the eval()'d tower trains again at step 3
+    assert stock[3]["train"] >= 4 and stock[3]["zero_grad"] >= 4
+    # in full twice: at the first step (modules left in eval mode by loading) and after the callback's eval()
+    assert lean[3]["zero_grad"] == 0 and lean[3]["train"] == 2, lean[3]
