@@ -407,8 +407,8 @@ class SFTTrainer(trl.SFTTrainer):
       measure is the bytes autograd saves, against that share of the available RAM. The probes leave the
       random generators as they found them, so the run trains as it would have with the chosen setting. The
       choice is printed, kept in ``checkpoint_choice`` and logged as tags of the active MLflow run.
-    * transformers calls ``model.train()`` and ``model.zero_grad()`` at every step; during ``train()`` they skip the
-      walk over every module when nothing would change (``_lean_step_calls``), as a plain loop does.
+    * transformers calls ``model.train()`` and ``model.zero_grad()`` at every step; during a one-process ``train()``
+      they skip the walk over every module when nothing would change (``_lean_step_calls``), as a plain loop does.
     * ``floating_point_ops`` (the ``total_flos`` that transformers adds up every step) is transformers' own
       estimate, 6 x input tokens x non-embedding parameters, with the parameter count taken once per model
       instead of by a walk over every module at every step (host time the GPU waits for at small batches).
@@ -569,7 +569,11 @@ class SFTTrainer(trl.SFTTrainer):
             self._budget_pending = False
             self._token_budget()
         self._auto_checkpointing()
-        with _lean_step_calls(self.model):
+        # One process only: FSDP2 and DeepSpeed replace the parameters when the model is prepared, after this
+        # point, and a parameter list taken here would then miss the ones that get gradients.
+        alone = self.args.world_size == 1 and not (getattr(self, "is_fsdp_enabled", False)
+                                                   or getattr(self, "is_deepspeed_enabled", False))
+        with _lean_step_calls(self.model) if alone else contextlib.nullcontext():
             return super().train(*args, **kwargs)
 
     def _auto_checkpointing(self) -> None:
