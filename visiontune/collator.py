@@ -117,10 +117,6 @@ def _rope_index(model: Any) -> Optional[Callable]:
     return getattr(getattr(base, "model", base), "get_rope_index", None)
 
 
-def _has_mrope(model: Any) -> bool:
-    return _rope_index(model) is not None
-
-
 def _mrope_positions(model: Any, batch: dict[str, Any], mask: torch.Tensor) -> Optional[torch.Tensor]:
     """The model's own M-RoPE positions (3, B, S) for a padded batch, or None for 1-D RoPE models."""
     fn = _rope_index(model)
@@ -187,7 +183,7 @@ class VisionDataCollator:
         # M-RoPE models (the Qwen-VL family): the collator hands the model its 3-D positions, computed here on the
         # CPU batch. Left to the model, they are computed in every forward from the batch on the GPU, reading
         # values to the host one by one: ~12 GPU->host syncs per sample, each draining the GPU's queue.
-        self._model = model if (padding_free or _has_mrope(model)) else None
+        self._model = model if (padding_free or _rope_index(model) is not None) else None
         if padding_free:
             _check_padding_free(model, base_cfg)
         self.resizer = model_resizer(self.rule, base_cfg, processor)

@@ -345,7 +345,8 @@ def _lean_step_calls(model: Any):
 
     * ``train(mode)`` returns at once when every module already is in ``mode`` and no module's ``train`` does more
       than set the flag (PEFT's DoRA layers clear a cache there: then every call runs in full);
-    * ``zero_grad()`` runs ``nn.Module.zero_grad``'s loop over the parameter list taken when training starts.
+    * ``zero_grad()`` (transformers' call: ``set_to_none``) clears the grads of the parameter list taken when training
+      starts; ``zero_grad(False)`` is ``nn.Module``'s own.
 
     Both are set on the model object and removed afterwards; a model that already has its own is left alone.
     """
@@ -355,7 +356,7 @@ def _lean_step_calls(model: Any):
     modules = list(model.modules())
     params = list(model.parameters())
     flag_only = all(_flag_only_train(type(m)) for m in modules)
-    full_train = model.train
+    full_train, full_zero_grad = model.train, model.zero_grad
 
     def train(mode: bool = True) -> Any:
         if flag_only and all(m.training == mode for m in modules):
@@ -363,16 +364,10 @@ def _lean_step_calls(model: Any):
         return full_train(mode)
 
     def zero_grad(set_to_none: bool = True) -> None:
+        if not set_to_none:
+            return full_zero_grad(False)
         for p in params:
-            if p.grad is not None:
-                if set_to_none:
-                    p.grad = None
-                else:
-                    if p.grad.grad_fn is not None:
-                        p.grad.detach_()
-                    else:
-                        p.grad.requires_grad_(False)
-                    p.grad.zero_()
+            p.grad = None
 
     vars(model).update(train=train, zero_grad=zero_grad)
     try:
