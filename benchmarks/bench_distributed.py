@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         config = [b, px, text]
         model = be.add_lora(be.build_model(device))
         be._patch(model)
-        batch = be.engine_batch(be.make_batch(b, px, text, device))
+        batch = be.engine_batch(be.make_batch(b, px, text, device), model)
     from visiontune.models.checkpointing import checkpoint_modules
 
     vis, lm = be._vision_blocks(model), be._lm_layers(model)

@@ -228,8 +228,14 @@ def choose_checkpointing(model, batch, budget_gib: float, base_peak_gib: float) 
     return n_vis - vis_stored, n_lm - lm_stored
 
 
-def engine_batch(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The same batch, padding-free packed into one row (position ids restart per sample, cu_seqlens).
+#: engine_batch gives the vision tower its metadata (cu_seqlens, window index, ...) computed on the CPU, as
+#: VisionDataCollator does; ab_engine_switch.py --switch vision_metadata compares it with the tower's own
+VISION_METADATA = True
+
+
+def engine_batch(batch: dict[str, torch.Tensor], model: Any = None) -> dict[str, Any]:
+    """The same batch, padding-free packed into one row (position ids restart per sample, cu_seqlens), with
+    the vision tower's metadata when ``model`` is given (and ``VISION_METADATA``), as the collator gives it.
 
     The benchmark's samples have no padding, so packing saves no FLOPs here; it routes the text
     attention through the varlen kernel with exact per-sample boundaries. The first label of every
@@ -240,6 +246,15 @@ def engine_batch(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     ids = batch["input_ids"]
     packed = pack_padded_batch(ids, torch.ones_like(ids), batch["labels"], batch["position_ids"])
     packed.update(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+    if model is not None and VISION_METADATA:
+        from visiontune.models.archs import get_spec
+        from visiontune.models.state import base_model
+
+        spec = get_spec(base_model(model).config)
+        if spec.vision_metadata is not None:
+            meta = spec.vision_metadata(model, batch["image_grid_thw"].cpu())
+            device = batch["input_ids"].device
+            packed.update({k: v.to(device) if torch.is_tensor(v) else v for k, v in meta.items()})
     return packed
 
 
@@ -249,7 +264,7 @@ def run_engine(model, opt, batch, budget_gib: float, steps: int, warmup: int, lo
     recomputing does not fit, their inputs are parked in pinned CPU memory too (``recompute_offload``)."""
     from visiontune.models.checkpointing import checkpoint_modules
 
-    batch = engine_batch(batch)
+    batch = engine_batch(batch, model)
     model.base_model.model.gradient_checkpointing_disable()
     handle = _patch(model)
     log(f"  engine patch counts: {handle.counts}")
@@ -340,7 +355,7 @@ def _engine_step(model, opt, batch, n_vis_ck: int, n_lm_ck: int, mode: str = "re
     from visiontune.models.checkpointing import checkpoint_modules
 
     handle = _patch(model)
-    batch = engine_batch(batch)
+    batch = engine_batch(batch, model)
     ck = checkpoint_modules(_vision_blocks(model)[:n_vis_ck] + _lm_layers(model)[:n_lm_ck], mode=mode)
     try:
         train_steps(model, opt, batch, 1, 1)
@@ -491,7 +506,7 @@ def check_equivalence(model, batch) -> tuple[float, float]:
     with torch.no_grad():
         stock = float(model(**batch, use_cache=False).loss)
         handle = patch_model(model)
-        engine = float(model(**engine_batch(batch), use_cache=False).loss)
+        engine = float(model(**engine_batch(batch, model), use_cache=False).loss)
         handle.unpatch()
     return stock, engine
 

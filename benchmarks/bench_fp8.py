@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         handle = be._patch(model)
         restore_lora()
         t = time.time()
-        curve = loss_curve(model, [be.engine_batch(b) for b in curve_batches], args.lr)
+        curve = loss_curve(model, [be.engine_batch(b, model) for b in curve_batches], args.lr)
         handle.unpatch()
         log(f"{tag} loss curve: {curve[0]:.4f} -> {curve[-1]:.4f} ({time.time() - t:.0f}s)")
         return curve

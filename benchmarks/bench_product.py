@@ -12,9 +12,17 @@ smoke run), LoRA r=16 on every LM and vision-block linear through ``FastVisionMo
 * ``raw_precollated``: the same loop over batches collated and moved to the device beforehand,
 * ``raw_collate_model_positions``: ``raw_collate`` with the collator's M-RoPE ``position_ids`` dropped, so the
   model computes them in its forward (what it did before the collator gave them),
+* ``raw_collate_model_metadata``: ``raw_collate`` with the collator's vision metadata (``image_cu_seqlens``,
+  ``image_window_index``, ...) dropped, so the vision tower computes it from the grid on the GPU,
+* ``raw_collate_before``: both dropped (the collator's batch before it gave either),
+* ``trainer_full_calls``: ``trainer`` with ``model.train()`` / ``model.zero_grad()`` walking every module at
+  every step (what transformers' calls did before ``visiontune.trainer._lean_step_calls``),
 
 with the same ``AdamW(fused=True)`` (``adamw_torch_fused``) and the same statistic (median of the steps after
-``--warmup``; CUDA events at the step boundaries, no extra host sync). Reports LM tokens/s, the peak memory of
+``--warmup``; CUDA events at the step boundaries, no extra host sync). ``--rounds N`` runs the variant list
+N times in one process, in reverse order every other round, so that a variant's place in the run and the host's
+drift do not decide a comparison; the figure is then the median over all rounds' timed steps. Reports LM
+tokens/s, the peak memory of
 each variant and the trainer's share of the raw loop; ``--checkpointing auto --budget-gib X`` measures the
 ``"auto"`` choice under a budget (e.g. the peer's peak). ``--peer`` first runs the peer's own product path
 (Unsloth's SFTTrainer, collator and offloaded checkpointing: ``bench_peer.py --product`` in a child process,
@@ -278,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer", action="store_true", help="time the peer's product path first (child process)")
     ap.add_argument("--variants", default="trainer,raw_collate,raw_precollated",
                     help="of trainer, raw_collate, raw_precollated, trainer_auto (SFTTrainer under 'auto')")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the variant list this many times, reversed every other round (interleaved A/B)")
     ap.add_argument("--cprofile", action="store_true",
                     help="cProfile one extra step of trainer and raw_collate after the timed ones (host time, syncs)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -315,28 +325,69 @@ def main(argv: list[str] | None = None) -> int:
                                       device=torch.cuda.get_device_name() if cuda else "cpu")
         if peer is not None:
             result["peer"] = peer
-        for v in args.variants.split(","):
-            if v == "trainer":
-                r = run_trainer(model, rows, args, cuda, Path(tmp) / "trainer")
-            elif v == "trainer_auto":
+        metadata = {k for k in probe if k.startswith("image_") and k != "image_grid_thw"}
+        result["collator_vision_metadata"] = sorted(metadata)
+        dropped = {"raw_collate_model_positions": {"position_ids"}, "raw_collate_model_metadata": metadata,
+                   "raw_collate_before": metadata | {"position_ids"}}
+
+        def run_variant(v: str) -> dict[str, Any]:
+            if v in ("trainer", "trainer_full_calls"):
+                import contextlib
+
+                import visiontune.trainer as vt_trainer
+
+                lean = vt_trainer._lean_step_calls
+                if v == "trainer_full_calls":
+                    vt_trainer._lean_step_calls = lambda m: contextlib.nullcontext()
+                try:
+                    return run_trainer(model, rows, args, cuda, Path(tmp) / v)
+                finally:
+                    vt_trainer._lean_step_calls = lean
+            if v == "trainer_auto":
                 FastVisionModel.for_training(model, use_gradient_checkpointing="auto")
                 r = run_trainer(model, rows, args, cuda, Path(tmp) / "trainer_auto")
                 FastVisionModel.for_training(model, use_gradient_checkpointing=ckpt)
-            elif v == "raw_collate_model_positions":  # as raw_collate, the M-RoPE positions left to the model
-                def without_positions(b: list[dict]) -> dict:
-                    return {k: x for k, x in collator(b).items() if k != "position_ids"}
+                return r
+            if v in dropped:  # as raw_collate, with what the collator gives dropped: the model computes it
+                def without(b: list[dict], drop: set = dropped[v]) -> dict:
+                    return {k: x for k, x in collator(b).items() if k not in drop}
 
-                r = run_raw(model, without_positions, rows, args, cuda, precollated=False, name=v)
-            else:
-                r = run_raw(model, collator, rows, args, cuda, precollated=v == "raw_precollated")
-            r["tokens_per_s"] = tokens / r["sec_per_step"]
-            result[v] = r
-            print(v, json.dumps({k: r[k] for k in ("tokens_per_s", "peak_gib", "sec_per_step")}), flush=True)
+                return run_raw(model, without, rows, args, cuda, precollated=False, name=v)
+            return run_raw(model, collator, rows, args, cuda, precollated=v == "raw_precollated", name=v)
+
+        variants = args.variants.split(",")
+        for i in range(args.rounds):
+            for v in (variants if i % 2 == 0 else variants[::-1]):
+                r = run_variant(v)
+                r["tokens_per_s"] = tokens / r["sec_per_step"]
+                print(v, f"round {i + 1}/{args.rounds}",
+                      json.dumps({k: r[k] for k in ("tokens_per_s", "peak_gib", "sec_per_step")}), flush=True)
+                if v not in result:
+                    result[v] = dict(r, round_sec_per_step=[r["sec_per_step"]])
+                    continue
+                agg = result[v]  # every round's timed steps pooled; the largest peak
+                agg["step_s"] = agg["step_s"] + r["step_s"]
+                agg["round_sec_per_step"].append(r["sec_per_step"])
+                agg["sec_per_step"] = statistics.median(agg["step_s"])
+                agg["tokens_per_s"] = tokens / agg["sec_per_step"]
+                if r.get("peak_gib") is not None:
+                    agg["peak_gib"] = max(agg["peak_gib"], r["peak_gib"])
+        if args.rounds > 1:
+            for v in variants:
+                print(v, f"all {args.rounds} rounds",
+                      json.dumps({k: result[v][k] for k in ("tokens_per_s", "peak_gib", "sec_per_step",
+                                                            "round_sec_per_step")}), flush=True)
     if "trainer" in result and "raw_collate" in result:
         result["trainer_vs_raw_collate"] = result["trainer"]["tokens_per_s"] / result["raw_collate"]["tokens_per_s"]
     if "trainer" in result and "raw_precollated" in result:
         result["trainer_vs_raw_precollated"] = (result["trainer"]["tokens_per_s"]
                                                 / result["raw_precollated"]["tokens_per_s"])
+    for v in dropped:  # the collator's extras: with them (raw_collate) over without
+        if v in result and "raw_collate" in result:
+            result[f"raw_collate_vs_{v}"] = result["raw_collate"]["tokens_per_s"] / result[v]["tokens_per_s"]
+    if "trainer" in result and "trainer_full_calls" in result:
+        result["trainer_vs_trainer_full_calls"] = (result["trainer"]["tokens_per_s"]
+                                                   / result["trainer_full_calls"]["tokens_per_s"])
     for v in ("trainer", "trainer_auto"):
         if v in result and peer is not None and "tokens_per_s" in peer:
             result[f"{v}_vs_peer"] = result[v]["tokens_per_s"] / peer["tokens_per_s"]

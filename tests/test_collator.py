@@ -334,6 +334,56 @@ def test_padding_free_on_the_gpu_engine(arch, tiny_model_dir):
 # ------------------------------------------------------------------------------------- M-RoPE positions
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mllama"])
+def test_vision_metadata_comes_with_the_batch(arch, tiny_model_dir, monkeypatch):
+    """Qwen-VL towers get their attention metadata from the collator (computed on the CPU batch): the tower
+    uses the batch's own tensors instead of reading the grid back from the GPU, and the logits are the same
+    bit for bit, padded and packed. Towers with nothing to take get no extra keys."""
+    import sys
+
+    model, processor = FastVisionModel.from_pretrained(tiny_model_dir(arch), use_gradient_checkpointing=False)
+    examples = [_single(1, "4071"), _multi(2), _single(3, "9")]
+    batch = VisionDataCollator(model, processor, resize=None)(examples)
+    keys = [k for k in batch if k.startswith("image_") and k != "image_grid_thw"]
+    if not arch.startswith("qwen"):
+        assert keys == []
+        return
+    expected = {"image_position_ids", "image_cu_seqlens", "image_max_seqlen"}
+    expected |= {"qwen2_5_vl": {"image_window_index", "image_cu_window_seqlens", "image_max_window_seqlen"},
+                 "qwen3_vl": {"image_interp_indices", "image_interp_weights"}}.get(arch, set())
+    assert set(keys) == expected
+    cu = batch["image_cu_seqlens"]
+    assert batch["image_max_seqlen"] == int((cu[1:] - cu[:-1]).max()) and isinstance(batch["image_max_seqlen"], int)
+
+    module = sys.modules[type(model.model.visual).__module__]
+    returned: list = []
+    for name in [n for n in dir(module) if n.startswith("get_vision_")]:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, **k: returned.append(_real(*a, **k)) or returned[-1])
+    without = {k: v for k, v in batch.items() if k not in keys}
+    with torch.no_grad():
+        want = model(**without).logits
+        computed = [t for r in returned for t in (r if isinstance(r, tuple) else (r,)) if torch.is_tensor(t)]
+        returned.clear()
+        got = model(**batch).logits
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    used = [t for r in returned for t in (r if isinstance(r, tuple) else (r,)) if torch.is_tensor(t)]
+    given = [batch[k] for k in keys if torch.is_tensor(batch[k])]
+    assert len(used) == len(given) and all(any(u is g for g in given) for u in used)
+    for mine, theirs in zip(used, computed):  # the same values the tower computes for itself
+        torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+
+    from visiontune.kernels import patch_model
+
+    monkeypatch.undo()  # the real functions again: the collator checks that the tower calls transformers' own
+    patch_model(model, enabled=True)  # packed rows need the engine's varlen attention (CPU: torch references)
+    packed = VisionDataCollator(model, processor, resize=None, padding_free=True)(examples)
+    assert set(keys) <= set(packed)
+    torch.testing.assert_close(packed["image_cu_seqlens"], batch["image_cu_seqlens"], atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------------- M-RoPE positions
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mllama"])
 def test_mrope_positions_come_with_the_batch(arch, tiny_model_dir, monkeypatch):
     """M-RoPE models get their 3-D positions from the collator (computed on the CPU batch), so the forward does
     not compute them from GPU tensors value by value; the logits are the model's own, bit for bit. Models with

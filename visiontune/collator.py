@@ -182,7 +182,8 @@ class VisionDataCollator:
         self.padding_free = padding_free
         # M-RoPE models (the Qwen-VL family): the collator hands the model its 3-D positions, computed here on the
         # CPU batch. Left to the model, they are computed in every forward from the batch on the GPU, reading
-        # values to the host one by one: ~12 GPU->host syncs per sample, each draining the GPU's queue.
+        # values to the host one by one: ~12 GPU->host syncs per sample, each draining the GPU's queue. The
+        # vision tower's metadata comes with the batch for the same reason (_with_vision_metadata).
         self._model = model if (padding_free or _rope_index(model) is not None) else None
         if padding_free:
             _check_padding_free(model, base_cfg)
@@ -380,6 +381,15 @@ class VisionDataCollator:
         batch = dict(batch)
         if self._model is not None:
             batch["position_ids"] = _mrope_positions(self._model, batch, batch["attention_mask"])
+        return self._with_vision_metadata(batch)
+
+    def _with_vision_metadata(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The vision tower's per-batch metadata (``image_cu_seqlens``, ...), computed here on the CPU batch
+        where the architecture says how (:attr:`~visiontune.models.archspec.ArchSpec.vision_metadata`): the
+        tower then reads nothing back from the GPU to plan its attention."""
+        grid = batch.get("image_grid_thw")
+        if grid is not None and self._model is not None and self.spec is not None and self.spec.vision_metadata:
+            batch.update(self.spec.vision_metadata(self._model, grid))
         return batch
 
     def _prepare(self, examples: list[dict]) -> tuple[list[list[dict]], list[str], list[list[Image.Image]]]:
@@ -482,4 +492,4 @@ class VisionDataCollator:
         # A KV cache (use_cache on, e.g. in eval mode) sends the engine's attention back to transformers' code,
         # where the samples of the packed row would attend to each other.
         packed["use_cache"] = False
-        return packed
+        return self._with_vision_metadata(packed)

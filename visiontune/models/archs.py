@@ -105,6 +105,53 @@ def _qwen3_vl_config(tok: Any) -> Any:
     return _qwen_config("Qwen3VLConfig", tok, text, vision)
 
 
+def _qwen_vision_metadata(model: Any, grid: Any) -> dict[str, Any]:
+    """The Qwen-VL vision tower's metadata for ``grid`` (``image_grid_thw``, CPU), computed with transformers'
+    own ``vision_utils`` functions, as ``image_*`` kwargs the tower pops instead of computing them itself.
+
+    Computed in the tower's forward, they read the grid back from the GPU several times per step (``tolist``,
+    ``repeat_interleave``, ``unique_consecutive``, and the attention's longest sequence), and each read drains
+    the GPU's queue. ``{}`` when this transformers' tower does not take precomputed metadata (releases
+    before ``transformers.vision_utils``), or the model has no tower we know.
+    """
+    import sys
+
+    import torch
+
+    try:
+        from transformers import vision_utils as vu
+    except ImportError:
+        return {}
+    from visiontune.models.state import base_model
+
+    base = base_model(model)
+    visual = getattr(getattr(base, "model", base), "visual", None)
+    module = sys.modules.get(type(visual).__module__) if visual is not None else None
+    if module is None or getattr(module, "get_vision_position_ids", None) is not vu.get_vision_position_ids:
+        return {}
+
+    def longest(cu: torch.Tensor) -> int:
+        return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+
+    merge = visual.spatial_merge_size
+    cu = vu.get_vision_cu_seqlens(grid)
+    out = {"image_position_ids": vu.get_vision_position_ids(grid, merge), "image_cu_seqlens": cu,
+           "image_max_seqlen": longest(cu)}
+    if getattr(visual, "window_size", None) is not None and hasattr(module, "get_vision_window_index"):
+        index, cu_window = vu.get_vision_window_index(grid, spatial_merge_size=merge, window_size=visual.window_size,
+                                                      patch_size=visual.patch_size)
+        out.update(image_window_index=index, image_cu_window_seqlens=cu_window,
+                   image_max_window_seqlen=longest(cu_window))
+    side = getattr(visual, "num_grid_per_side", None)  # Qwen3-VL: learned position table resampled per image
+    mode = getattr(visual, "interpolation_mode", None)
+    if side is not None and mode is not None and hasattr(module, "get_vision_interpolation_indices_and_weights"):
+        indices, weights = vu.get_vision_interpolation_indices_and_weights(
+            grid, num_grid_per_side=side, mode=mode, align_corners=visual.interpolation_align_corners,
+            spatial_merge_size=visual.config.spatial_merge_size)
+        out.update(image_interp_indices=indices, image_interp_weights=weights)
+    return out
+
+
 def _qwen(model_type: str, display_name: str, *, vision_mlp: str, never: str, kernels: KernelMap,
           tiny_config: Callable[[Any], Any], processor: str, patch: int, video_processor: str,
           sizes: tuple[str, ...] = ("test", "demo")) -> ArchSpec:
@@ -116,7 +163,7 @@ def _qwen(model_type: str, display_name: str, *, vision_mlp: str, never: str, ke
     return ArchSpec(model_type, display_name, vision_attention=_QWEN_VISION_ATTN, vision_mlp=vision_mlp,
                     language_attention=_LANG_ATTN, language_mlp=_LANG_MLP, never=never, kernels=kernels,
                     image_tokens=_QWEN_IMAGE_TOKENS, padding_free=True, tiny=tiny,
-                    merge_size_attr="spatial_merge_size", size_in_pixels=True)
+                    merge_size_attr="spatial_merge_size", size_in_pixels=True, vision_metadata=_qwen_vision_metadata)
 
 
 QWEN2_VL = _qwen(

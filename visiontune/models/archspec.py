@@ -148,6 +148,10 @@ class ArchSpec:
     (Mllama) the collator encodes the image rows and the text rows apart, and this gives the whole batch's
     image inputs: (the image rows' batch, their indexes, batch size, sequence length) -> the image keys,
     with the text rows holding what the processor gives an absent image."""
+    vision_metadata: Optional[Callable[[Any, Any], dict[str, Any]]] = None
+    """(model, ``image_grid_thw`` on the CPU) -> the vision tower's per-batch metadata as ``image_*`` model
+    kwargs, or ``{}`` where this transformers cannot take them. The collator computes them on the CPU batch;
+    left to the model, each forward reads the grid back from the GPU (host syncs). None: nothing to give."""
     prepare_model: Optional[Callable[[Any], None]] = None
     """What ``FastVisionModel.from_pretrained`` does to a freshly loaded model of this architecture, if
     anything (Mllama: rows without an image skip cross-attention in a mixed batch, as they do alone)."""
