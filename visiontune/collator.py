@@ -158,6 +158,7 @@ class VisionDataCollator:
         pad_to_multiple_of: Optional[int] = None,
         resize_dimension: Union[int, str] = ImageRule.resize_dimension,
         snap_to_patch_size: bool = ImageRule.snap_to_patch_size,
+        trim: bool = ImageRule.trim,
         image_root: Optional[Union[str, Path]] = None,
         padding_free: bool = False,
     ):
@@ -171,7 +172,7 @@ class VisionDataCollator:
             self.spec = None
         self.max_seq_length = max_seq_length if max_seq_length is not None else getattr(model, "max_seq_length", None)
         self.formatting_func = formatting_func
-        self.rule = ImageRule(resize, resize_dimension, snap_to_patch_size)  # validated here, before any batch
+        self.rule = ImageRule(resize, resize_dimension, snap_to_patch_size, trim)  # validated here, before any batch
         self.ignore_index = ignore_index
         self.train_on_responses_only = train_on_responses_only or bool(instruction_part or response_part)
         self.force_match = force_match

@@ -55,10 +55,16 @@ class ImageRule:
         "Which side drives the aspect-preserving resize: 0 (width), 1 (height), 'max' or 'min'.")})
     snap_to_patch_size: bool = field(default=False, metadata={"help": (
         "Round image sides to the vision patch size (times merge size where the model merges).")})
+    trim: bool = field(default=False, metadata={"help": (
+        "Crop each image to its ink (whatever differs from the paper) plus a margin before resizing: text "
+        "written small on a large page then reaches the model as large as text that fills its page. For "
+        "single-line text images (the demo); leave off for photos and documents with layout.")})
 
     def __post_init__(self) -> None:
         if self.resize_dimension not in RESIZE_DIMENSIONS or isinstance(self.resize_dimension, bool):
             raise ValueError(f"resize_dimension={self.resize_dimension!r}: expected 0, 1, 'max' or 'min'")
+        if not isinstance(self.trim, bool):
+            raise ValueError(f"trim={self.trim!r}: expected true or false")
         target_size(64, 32, self.resize, self.resize_dimension, (64, 64), None)  # raises for a bad `resize`
 
     @classmethod
@@ -305,6 +311,46 @@ def _snap_within(v: int, multiple: int, min_px: int, max_px: int) -> int:
     return max(multiple, r)
 
 
+# ---------------------------------------------------------------------------------------------- trimming
+# An image is searched for its ink at no more than this height: the box needs no finer grain, and a median
+# filter over a 1,100 x 300 page costs ~10 ms at full size, ~1 ms at 96 rows (this machine).
+_TRIM_SEARCH_ROWS = 96
+
+
+def ink_box(img: Image.Image) -> Optional[tuple[int, int, int, int]]:
+    """The (left, top, right, bottom) box of ``img``'s ink, or None when nothing stands out from the paper.
+
+    The paper is the median grey level; ink is what differs from it by more than a third of the strongest
+    differences (and at least 24 of 255 levels), on a copy reduced to ~96 rows and median-filtered, so lone specks,
+    paper texture and noise are not ink. Dark ink on light paper and light on dark alike."""
+    import numpy as np
+    from PIL import ImageFilter
+
+    grey = img.convert("L")
+    k = max(1, math.ceil(grey.height / _TRIM_SEARCH_ROWS))
+    small = grey.reduce(k) if k > 1 else grey
+    g = np.asarray(small.filter(ImageFilter.MedianFilter(3)), dtype=np.float32)
+    d = np.abs(g - float(np.median(g)))
+    ink = d > max(24.0, 0.35 * float(np.percentile(d, 99.5)))
+    rows, cols = np.flatnonzero(ink.sum(1) >= 2), np.flatnonzero(ink.sum(0) >= 2)
+    if rows.size == 0 or cols.size == 0:
+        return None
+    return (int(cols[0]) * k, int(rows[0]) * k, min(img.width, (int(cols[-1]) + 1) * k),
+            min(img.height, (int(rows[-1]) + 1) * k))
+
+
+def trim_to_ink(img: Image.Image, margin: float = 0.12) -> Image.Image:
+    """``img`` cropped to its :func:`ink_box` plus ``margin`` x the ink's height (and 2 px) on every side; the
+    image itself when it has no ink."""
+    box = ink_box(img)
+    if box is None:
+        return img
+    x0, y0, x1, y1 = box
+    pad = int(round(margin * (y1 - y0))) + 2
+    box = (max(0, x0 - pad), max(0, y0 - pad), min(img.width, x1 + pad), min(img.height, y1 + pad))
+    return img if box == (0, 0, img.width, img.height) else img.crop(box)
+
+
 # ---------------------------------------------------------------------------------------------- resizing
 @dataclass(frozen=True)
 class Resizer:
@@ -324,5 +370,7 @@ class Resizer:
     def __call__(self, img: Image.Image) -> Image.Image:
         from PIL import Image
 
+        if self.rule.trim:
+            img = trim_to_ink(img)
         size = self.size(img.width, img.height)
         return img if size == img.size else img.resize(size, Image.Resampling.BICUBIC)

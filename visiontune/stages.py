@@ -88,7 +88,8 @@ _DATA_SOURCE = _keys("data", "raw_dir", "annotations", "image_column", "text_col
                      "extra_images_column", "work_dir")
 # Where validate and normalize map their per-image work (this machine, or Dask): read by both, whichever the kind.
 _DATA_EXECUTOR = _keys("data", "executor", "dask_address", "dask_workers", "dask_chunk")
-_IMAGES = _keys("images", "resize", "resize_dimension", "snap_to_patch_size")
+_IMAGE_SIZE = _keys("images", "resize", "resize_dimension", "snap_to_patch_size")
+_IMAGES = _IMAGE_SIZE + ("images.trim",)  # pretrain reads the size rule only (pipeline/pretrain.py says why)
 _LOAD_MODEL = _keys("model", "name_or_path", "max_seq_length", "dtype", "load_in_4bit", "use_fused_kernels")
 _TINY_MODEL = _keys("model", "name_or_path", "tiny_architecture", "tiny_size", "tiny_seed")
 _RECORDS = "${data.work_dir}/validated/records.jsonl"
@@ -109,7 +110,7 @@ STAGES: tuple[Stage, ...] = (
         _keys("pretrain", "output_dir", "architecture", "size", "seed", "steps", "batch_size", "learning_rate",
               "warmup_steps", "weight_decay", "eval_every", "eval_samples", "instruction", "num_workers", "device",
               "init_from", "start_step")
-        + _IMAGES + _keys("tracking", "uri", "experiment"),
+        + _IMAGE_SIZE + _keys("tracking", "uri", "experiment"),
         outs=(Out("${pretrain.output_dir}", cache=False),), in_pipeline=False, frozen=True),
     Stage(
         "validate", "validate raw data with Great Expectations; quarantine bad records",

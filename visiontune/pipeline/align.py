@@ -64,7 +64,7 @@ def _settings(cfg: Any) -> dict[str, Any]:
     s = {n: getattr(a, n) for n in names}
     s["model"] = {n: getattr(m, n) for n in ("name_or_path", "max_seq_length", "dtype", "load_in_4bit",
                                               "use_fused_kernels", "use_gradient_checkpointing")}
-    s["images"] = {n: getattr(im, n) for n in ("resize", "resize_dimension", "snap_to_patch_size")}
+    s["images"] = {n: getattr(im, n) for n in ("resize", "resize_dimension", "snap_to_patch_size", "trim")}
     s["work_dir"], s["train_dir"], s["tracking_uri"] = cfg.data.work_dir, cfg.train.output_dir, cfg.tracking.uri
     if s["method"] not in METHODS:
         raise ValueError(f"align.method={s['method']!r}: choose one of {', '.join(METHODS)}")

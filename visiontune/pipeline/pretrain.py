@@ -313,7 +313,10 @@ def pretrain_stage(cfg: Any) -> dict[str, Any]:
     the run is in MLflow. Changing a setting retrains it (minutes on a GPU, hours on 2 CPU cores)."""
     from visiontune.images import ImageRule
 
-    p, rule = cfg.pretrain, ImageRule.of(cfg.images)
+    p, im = cfg.pretrain, cfg.images
+    # The base reads whole printed pages: `images.trim` is the fine-tuning's choice, not the pretraining's
+    # (the shipped weights were made without it), so it is not read here.
+    rule = ImageRule(resize=im.resize, resize_dimension=im.resize_dimension, snap_to_patch_size=im.snap_to_patch_size)
     out = Path(p.output_dir)
     wanted = settings_of(p, rule)
     record = None

@@ -221,7 +221,7 @@ def build_collator(cfg: PipelineConfig, model: Any, processor: Any) -> Any:
     c, im = cfg.collator, cfg.images
     return VisionDataCollator(
         model, processor, max_seq_length=cfg.model.max_seq_length, resize=im.resize, resize_dimension=im.resize_dimension,
-        snap_to_patch_size=im.snap_to_patch_size, train_on_responses_only=c.train_on_responses_only,
+        snap_to_patch_size=im.snap_to_patch_size, trim=im.trim, train_on_responses_only=c.train_on_responses_only,
         completion_only_loss=c.completion_only_loss, pad_to_multiple_of=c.pad_to_multiple_of,
         padding_free=c.padding_free,
     )
