@@ -18,9 +18,11 @@ from visiontune.images import (
     Resizer,
     bounded_size,
     decode_image_value,
+    ink_box,
     load_image,
     target_size,
     to_rgb,
+    trim_to_ink,
 )
 from visiontune.inference import model_resizer
 
@@ -52,6 +54,9 @@ def test_image_rule_validates_and_reads_a_mapping():
     config = {"resize": 64, "resize_dimension": 1, "snap_to_patch_size": True, "dtype": "float32"}
     assert ImageRule.from_mapping(config) == ImageRule(64, 1, True)
     assert ImageRule.from_mapping({"resize": None}) == ImageRule(resize=None)  # missing keys: the defaults
+    assert ImageRule.from_mapping({**config, "trim": True}).trim is True
+    with pytest.raises(ValueError, match="trim='yes'"):
+        ImageRule(trim="yes")
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -150,3 +155,61 @@ def test_resizer_for_a_model_and_for_an_unknown_architecture(tiny_model_dir):
     img = Image.new("RGB", (2048, 1024))
     assert unknown(img).size == (1024, 512)
     assert Resizer(ImageRule(resize=None))(img) is img  # nothing to do: the same object
+
+
+# ----------------------------------------------------------------------------------------------- trimming
+def _page(w: int, h: int, box: tuple[int, int, int, int], paper: tuple, pen: tuple, seed: int = 0,
+          mode: str = "RGB") -> Image.Image:
+    """A noisy page (smooth paper texture, lone dark specks) with strokes of ink filling ``box``'s corners and
+    middle, blurred a little: what the demo's pages and scans look like."""
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(seed)
+    x0, y0, x1, y1 = box
+    ink = np.zeros((h, w), dtype=np.float32)
+    ink[y0:y0 + 6, x0:x0 + 20] = 1  # top-left stroke
+    ink[y1 - 6:y1, x1 - 20:x1] = 1  # bottom-right stroke
+    ink[(y0 + y1) // 2 - 3:(y0 + y1) // 2 + 3, x0:x1] = 1  # a line through the middle
+    page = np.array(paper, np.float32) * (1 - ink[..., None]) + np.array(pen, np.float32) * ink[..., None]
+    tex = rng.normal(0, 5, size=(max(2, h // 32), max(2, w // 32))).astype(np.float32)
+    page += np.asarray(Image.fromarray(tex, "F").resize((w, h), Image.BILINEAR))[..., None]
+    n = w * h // 4000
+    page[rng.integers(0, h, n), rng.integers(0, w, n)] -= 100  # specks
+    im = Image.fromarray(np.clip(page, 0, 255).astype(np.uint8), "RGB").filter(ImageFilter.GaussianBlur(0.8))
+    return im.convert(mode)
+
+
+@pytest.mark.parametrize("w,h,box,paper,pen,mode", [
+    (900, 240, (300, 90, 520, 150), (230, 220, 200), (20, 20, 60), "RGB"),  # dark ink, light paper
+    (1100, 300, (37, 41, 1001, 260), (40, 40, 40), (240, 240, 240), "RGB"),  # light ink on dark paper
+    (301, 97, (120, 30, 200, 70), (250, 250, 250), (90, 10, 10), "L"),  # grey, odd sides
+    (64, 48, (10, 8, 50, 40), (200, 200, 200), (0, 0, 0), "RGB"),  # smaller than the search height
+])
+def test_ink_box_finds_the_ink_and_not_the_specks(w, h, box, paper, pen, mode):
+    found = ink_box(_page(w, h, box, paper, pen, mode=mode))
+    assert found is not None
+    k = -(-h // 96)  # the search's reduction factor: the box is found to within it (and the blur's spread)
+    for got, want in zip(found, box):
+        assert abs(got - want) <= k + 2, (found, box)
+
+
+def test_trim_to_ink_crops_with_a_margin_and_keeps_inkless_images():
+    page = _page(900, 240, (300, 90, 520, 150), (230, 220, 200), (20, 20, 60))
+    x0, y0, x1, y1 = ink_box(page)
+    trimmed = trim_to_ink(page, margin=0.25)
+    pad = round(0.25 * (y1 - y0)) + 2
+    assert trimmed.size == (x1 - x0 + 2 * pad, y1 - y0 + 2 * pad)
+    assert np.array_equal(np.asarray(trimmed), np.asarray(page)[y0 - pad:y1 + pad, x0 - pad:x1 + pad])
+    edge = _page(200, 60, (0, 0, 200, 60), (230, 230, 230), (0, 0, 0))  # ink to every edge: nothing to cut
+    assert trim_to_ink(edge) is edge
+    blank = Image.new("RGB", (300, 100), (240, 240, 240))
+    assert ink_box(blank) is None and trim_to_ink(blank) is blank
+
+
+def test_resizer_trims_before_sizing_only_when_the_rule_says_so():
+    page = _page(900, 240, (300, 90, 520, 150), (230, 220, 200), (20, 20, 60))
+    trimmed = trim_to_ink(page)
+    on = Resizer(ImageRule(resize=64, resize_dimension=1, trim=True))(page)
+    assert on.height == 64 and on.width == round(64 * trimmed.width / trimmed.height)
+    off = Resizer(ImageRule(resize=64, resize_dimension=1))(page)
+    assert off.size == (240, 64)  # the whole page, its aspect kept
