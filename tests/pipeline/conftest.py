@@ -192,6 +192,7 @@ def pipeline_run(tmp_path_factory, demo_work_dir, tiny_model_dir) -> dict[str, A
                        "promotions_log": str(root / "promotions.jsonl")}
     raw["report"] = {"output_dir": str(out / "report")}
     raw["align"] = {"output_dir": str(out / "align")}  # method none: the SFT adapter handed on
+    raw["images"] = {**raw["images"], "trim": True}  # the demo's rule: the served model must trim as evaluation did
     cfg = from_dict(raw)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)

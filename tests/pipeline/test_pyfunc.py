@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from visiontune.images import ImageRule
 from visiontune.pipeline.pyfunc import _build_samples, encode_image
 
 FRESH_PROCESS = r"""
@@ -139,6 +140,7 @@ def test_the_champion_answers_as_the_evaluate_stage_on_the_same_images(pipeline_
     mlflow.set_tracking_uri(cfg.tracking.uri)
     mlflow.set_registry_uri(cfg.tracking.uri)
     served = mlflow.pyfunc.load_model(f"models:/{cfg.register.model_name}@champion")
+    assert served.unwrap_python_model().rule == ImageRule.of(cfg.images) and cfg.images.trim  # the training rule
     answers = served.predict(pd.DataFrame({"image": [encode_image(p) for p in images]}))
     assert list(answers) == [r["prediction"] for r in scored]
     assert len(set(answers)) > 1  # not one answer for every image
