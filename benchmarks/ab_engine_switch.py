@@ -29,7 +29,14 @@ import bench_engine as be  # noqa: E402
 
 from visiontune.kernels import attention as attn_mod  # noqa: E402
 
-SWITCHES = {"direct_flash": (attn_mod, "DIRECT_FLASH_OPS"), "vision_metadata": (be, "VISION_METADATA")}
+# A module flag the rounds set off and on, or None for a batch switch ("off": the packed batch without the
+# vision metadata that engine_batch computes on the CPU).
+SWITCHES = {"direct_flash": (attn_mod, "DIRECT_FLASH_OPS"), "vision_metadata": None}
+
+
+def _set(switch, on: bool) -> None:
+    if switch is not None:
+        setattr(*switch, on)
 
 
 def _count_syncs(model, opt, batch) -> int:
@@ -57,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sync-debug", action="store_true", help="count one step's GPU->host syncs per variant")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    mod, attr = SWITCHES[a.switch]
+    switch = SWITCHES[a.switch]
     be.RECOMPUTE_MLP = a.recompute_mlp
     dev = torch.device("cuda")
     model = be.add_lora(be.build_model(dev))
@@ -75,20 +82,19 @@ def main(argv: list[str] | None = None) -> int:
         with be._engine_step(model, opt, batch, nv, nl) as packed:
             # a batch switch: "off" is the same packed batch without the CPU-made metadata
             meta = {k for k in packed if k.startswith("image_") and k != "image_grid_thw"}
-            batches = {"on": packed, "off": {k: v for k, v in packed.items() if a.switch != "vision_metadata"
-                                             or k not in meta}}
+            batches = {"on": packed, "off": {k: v for k, v in packed.items() if switch is not None or k not in meta}}
             if r == 0 and a.sync_debug:
                 syncs = {}
                 for variant in ("off", "on"):
-                    setattr(mod, attr, variant == "on")
+                    _set(switch, variant == "on")
                     syncs[variant] = _count_syncs(model, opt, batches[variant])
                 print(f"syncs per step: {syncs}", flush=True)
             for variant in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                setattr(mod, attr, variant == "on")
+                _set(switch, variant == "on")
                 times[variant].append(be.train_steps(model, opt, batches[variant], a.steps, 1)["sec_per_step"])
         opt.zero_grad(set_to_none=True)
         print(f"round {r}: " + "  ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
-    setattr(mod, attr, True)
+    _set(switch, True)
     med = {k: statistics.median(v) for k, v in times.items()}
     res = {"switch": a.switch, "config": list(be.CONFIGS[a.config]), "device": torch.cuda.get_device_name(),
            "median_sec_per_step": med, "speedup_off": med["stock"] / med["off"], "speedup_on": med["stock"] / med["on"],

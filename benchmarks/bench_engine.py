@@ -228,14 +228,10 @@ def choose_checkpointing(model, batch, budget_gib: float, base_peak_gib: float) 
     return n_vis - vis_stored, n_lm - lm_stored
 
 
-#: engine_batch gives the vision tower its metadata (cu_seqlens, window index, ...) computed on the CPU, as
-#: VisionDataCollator does; ab_engine_switch.py --switch vision_metadata compares it with the tower's own
-VISION_METADATA = True
-
-
 def engine_batch(batch: dict[str, torch.Tensor], model: Any = None) -> dict[str, Any]:
     """The same batch, padding-free packed into one row (position ids restart per sample, cu_seqlens), with
-    the vision tower's metadata when ``model`` is given (and ``VISION_METADATA``), as the collator gives it.
+    the vision tower's metadata when ``model`` is given, as the collator gives it (``ab_engine_switch.py --switch
+    vision_metadata`` compares it with the tower computing its own).
 
     The benchmark's samples have no padding, so packing saves no FLOPs here; it routes the text
     attention through the varlen kernel with exact per-sample boundaries. The first label of every
@@ -246,7 +242,7 @@ def engine_batch(batch: dict[str, torch.Tensor], model: Any = None) -> dict[str,
     ids = batch["input_ids"]
     packed = pack_padded_batch(ids, torch.ones_like(ids), batch["labels"], batch["position_ids"])
     packed.update(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
-    if model is not None and VISION_METADATA:
+    if model is not None:
         from visiontune.models.archs import get_spec
         from visiontune.models.state import base_model
 

@@ -58,6 +58,7 @@ from visiontune.kernels.rope import (
 from visiontune.models.archs import REGISTRY
 from visiontune.models.archspec import KernelMap
 from visiontune.models.checkpointing import replaying
+from visiontune.models.packing import longest_sequence
 from visiontune.models.state import vision_state
 
 # --------------------------------------------------------------------------------------------------
@@ -441,11 +442,11 @@ def max_seqlen_of(cu: torch.Tensor) -> int:
     elementwise, so tensors cannot be dictionary keys compared by value).
     """
     if cu.is_inference():  # made under torch.inference_mode (generation): no version counter to key a cache on
-        return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+        return longest_sequence(cu)
     hit = _MAX_SEQLEN.get(id(cu))
     if hit is not None and hit[0]() is cu and hit[1] == cu._version:
         return hit[2]
-    value = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    value = longest_sequence(cu)
     if len(_MAX_SEQLEN) > 64:  # drop entries whose tensors are gone
         for key in [k for k, v in _MAX_SEQLEN.items() if v[0]() is None]:
             del _MAX_SEQLEN[key]

@@ -331,7 +331,7 @@ def test_padding_free_on_the_gpu_engine(arch, tiny_model_dir):
         assert (gk.float() - gp.float()).norm() <= 5e-2 * gp.float().norm() + 1e-6
 
 
-# ------------------------------------------------------------------------------------- M-RoPE positions
+# ------------------------------------------------------------------------------------- vision metadata
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mllama"])
 def test_vision_metadata_comes_with_the_batch(arch, tiny_model_dir, monkeypatch):

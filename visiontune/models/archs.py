@@ -116,12 +116,11 @@ def _qwen_vision_metadata(model: Any, grid: Any) -> dict[str, Any]:
     """
     import sys
 
-    import torch
-
     try:
         from transformers import vision_utils as vu
     except ImportError:
         return {}
+    from visiontune.models.packing import longest_sequence
     from visiontune.models.state import base_model
 
     base = base_model(model)
@@ -130,18 +129,15 @@ def _qwen_vision_metadata(model: Any, grid: Any) -> dict[str, Any]:
     if module is None or getattr(module, "get_vision_position_ids", None) is not vu.get_vision_position_ids:
         return {}
 
-    def longest(cu: torch.Tensor) -> int:
-        return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
-
     merge = visual.spatial_merge_size
     cu = vu.get_vision_cu_seqlens(grid)
     out = {"image_position_ids": vu.get_vision_position_ids(grid, merge), "image_cu_seqlens": cu,
-           "image_max_seqlen": longest(cu)}
+           "image_max_seqlen": longest_sequence(cu)}
     if getattr(visual, "window_size", None) is not None and hasattr(module, "get_vision_window_index"):
         index, cu_window = vu.get_vision_window_index(grid, spatial_merge_size=merge, window_size=visual.window_size,
                                                       patch_size=visual.patch_size)
         out.update(image_window_index=index, image_cu_window_seqlens=cu_window,
-                   image_max_window_seqlen=longest(cu_window))
+                   image_max_window_seqlen=longest_sequence(cu_window))
     side = getattr(visual, "num_grid_per_side", None)  # Qwen3-VL: learned position table resampled per image
     mode = getattr(visual, "interpolation_mode", None)
     if side is not None and mode is not None and hasattr(module, "get_vision_interpolation_indices_and_weights"):

@@ -41,6 +41,12 @@ def pack_padded_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
     return out
 
 
+def longest_sequence(cu_seqlens: torch.Tensor) -> int:
+    """The longest sequence that cumulative boundaries ``cu_seqlens`` (``[0, l0, l0 + l1, ...]``) describe (a host
+    read when they are on a GPU)."""
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+
+
 def unpack_to_padded(packed: torch.Tensor, attention_mask: torch.Tensor, pad_value: float = 0.0) -> torch.Tensor:
     """Inverse of the packing for per-token outputs: (1, T, ...) -> (B, S, ...), pads filled with pad_value."""
     mask = attention_mask.bool()
