@@ -52,11 +52,15 @@ if HAS_TRITON:
         tl.store(LOSS + row, loss)
 
 
-def _default_chunk(n_rows: int, vocab: int, elt: int) -> int:
-    # ~640 MB of logits per chunk: large enough that the (chunk x H) @ (H x V) GEMM runs at full rate,
-    # small enough to be a fraction of what full fp32 logits would cost.
-    target = 640 * 2**20
-    return max(1, min(n_rows, target // max(1, vocab * elt)))
+# ~640 MB of logits per chunk: large enough that the (chunk x H) @ (H x V) GEMM runs at full rate, small
+# enough to be a fraction of what full fp32 logits would cost. Callers may ask for less (``chunk_bytes``):
+# ``use_gradient_checkpointing="auto"`` does when every layer checkpointed with offloaded inputs is still over
+# its budget, where the chunk is the largest thing left on the device.
+DEFAULT_CHUNK_BYTES = 640 * 2**20
+
+
+def _default_chunk(n_rows: int, vocab: int, elt: int, chunk_bytes: int | None = None) -> int:
+    return max(1, min(n_rows, (chunk_bytes or DEFAULT_CHUNK_BYTES) // max(1, vocab * elt)))
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
@@ -120,13 +124,16 @@ def fused_linear_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, 
 
 def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                ignore_index: int = -100, normalizer: torch.Tensor | float | None = None,
-                               chunk_size: int | None = None) -> torch.Tensor:
+                               chunk_size: int | None = None, chunk_bytes: int | None = None) -> torch.Tensor:
     """Mean (or ``sum / normalizer``) cross-entropy of ``h @ weight.T`` against ``labels``.
 
     ``h``: (..., H); ``weight``: (V, H); ``labels``: same leading shape as h (already shifted for
     causal LM). Triton chunked path on CUDA (or forced under the interpreter), else the reference.
+    Chunks of ``chunk_size`` rows, else of about ``chunk_bytes`` of logits (default ~640 MB).
     """
     if use_fused(h):
+        if chunk_size is None and chunk_bytes is not None:
+            chunk_size = _default_chunk(h.numel() // max(1, h.shape[-1]), weight.shape[0], h.element_size(), chunk_bytes)
         if normalizer is not None and not torch.is_tensor(normalizer):
             normalizer = torch.tensor(float(normalizer))
         return FusedLinearCrossEntropyFunction.apply(h, weight, labels, int(ignore_index), normalizer, chunk_size)

@@ -99,16 +99,19 @@ def fused_linear_log_probs_reference(h: torch.Tensor, weight: torch.Tensor, labe
 
 
 def fused_linear_log_probs(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                           chunk_size: Optional[int] = None,
+                           chunk_size: Optional[int] = None, chunk_bytes: Optional[int] = None,
                            with_stats: bool = False) -> tuple[torch.Tensor, Optional[dict]]:
     """``(log_probs, stats)``: the fp32 log-probability of each label under ``softmax(h @ weight.T)``.
 
     ``h``: (N, H); ``weight``: (V, H); ``labels``: (N,) (already shifted for causal LM; -100 rows get 0).
     ``stats`` is None, or with ``with_stats`` a dict of fp32 (N,) tensors without gradient: ``entropy``,
     ``mean_logits`` and ``is_top1`` (1.0 where the label is the arg-max). Triton chunked path on CUDA (or
-    forced under the interpreter) when ``weight`` is frozen, else the reference.
+    forced under the interpreter) when ``weight`` is frozen, else the reference. Chunks of ``chunk_size`` rows,
+    else of about ``chunk_bytes`` of logits (default ~640 MB).
     """
     if use_fused(h) and not weight.requires_grad:
+        if chunk_size is None and chunk_bytes is not None:
+            chunk_size = _default_chunk(h.shape[0], weight.shape[0], h.element_size(), chunk_bytes)
         logp, stats = FusedLinearLogProbFunction.apply(h, weight, labels, chunk_size, with_stats)
         return logp, dict(zip(STATS, stats)) if with_stats else None
     return fused_linear_log_probs_reference(h, weight, labels, with_stats)

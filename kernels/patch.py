@@ -515,7 +515,8 @@ def _fused_ce_forward(model: nn.Module, orig: Callable) -> Callable:
         shift = F.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)
         if normalizer is not None and not torch.is_tensor(normalizer):
             normalizer = torch.tensor(float(normalizer), device=hidden.device)
-        out.loss = fused_linear_cross_entropy(hidden, lm_head.weight, shift, -100, normalizer)
+        out.loss = fused_linear_cross_entropy(hidden, lm_head.weight, shift, -100, normalizer,
+                                              chunk_bytes=vision_state(model).loss_chunk_bytes)
         out.logits = None
         return out
 

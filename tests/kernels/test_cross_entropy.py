@@ -2,7 +2,8 @@ import pytest
 import torch
 from conftest import record_gpu_error, rel_err
 
-from visiontune.kernels.cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+from visiontune.kernels.cross_entropy import (DEFAULT_CHUNK_BYTES, _default_chunk, fused_linear_cross_entropy,
+                                              fused_linear_cross_entropy_reference)
 
 
 def _run(fn, h, w, labels, **kw):
@@ -21,6 +22,18 @@ def test_fused_linear_ce_cpu(triton_cpu, n, hid, vocab, chunk):
     got = _run(fused_linear_cross_entropy, h, w, labels, chunk_size=chunk)
     want = _run(fused_linear_cross_entropy_reference, h, w, labels)
     for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_chunk_bytes_sets_the_chunk_and_keeps_the_loss(triton_cpu):
+    """What use_gradient_checkpointing="auto" lowers at its floor: chunks of about ``chunk_bytes`` of logits when
+    the caller gives no chunk_size; the loss and gradients stay the reference's (float32, 1e-5)."""
+    h, w = torch.randn(29, 16), torch.randn(300, 16) * 0.5
+    labels = torch.randint(0, 300, (29,))
+    assert _default_chunk(29, 300, 4) == 29 and _default_chunk(29, 300, 4, DEFAULT_CHUNK_BYTES) == 29
+    assert _default_chunk(29, 300, 4, 300 * 4 * 6) == 6  # six fp32 rows of logits per chunk: five chunks
+    got = _run(fused_linear_cross_entropy, h, w, labels, chunk_bytes=300 * 4 * 6)
+    for g, r in zip(got, _run(fused_linear_cross_entropy_reference, h, w, labels)):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
 
 

@@ -60,6 +60,15 @@ def test_patch_matches_stock_and_unpatches(triton_cpu, tiny_model_dir, arch):
     torch.testing.assert_close(loss1, loss0, atol=1e-5, rtol=1e-5)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # the model's loss chunk (what "auto" lowers at its floor): two rows of logits per chunk, same loss
+    from visiontune.models.state import vision_state
+
+    vision_state(model).loss_chunk_bytes = 2 * 4 * model.get_output_embeddings().weight.shape[0]
+    try:
+        loss_small, _, _ = _loss_and_grads(model, batch)
+    finally:
+        vision_state(model).loss_chunk_bytes = None
+    torch.testing.assert_close(loss_small, loss0, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # without labels the patched model still returns (the same) logits
         torch.testing.assert_close(model(**{k: v for k, v in batch.items() if k != "labels"},
                                          use_cache=False).logits, stock_logits, atol=1e-5, rtol=1e-4)

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from visiontune import FastVisionModel, VisionDataCollator
-from visiontune.models.auto_checkpoint import (choose_counts, install_choice, plan_checkpointing,
-                                               saved_activation_bytes)
+from visiontune.kernels.cross_entropy import DEFAULT_CHUNK_BYTES
+from visiontune.models.auto_checkpoint import (LOW_LOSS_CHUNK_BYTES, choose_counts, install_choice,
+                                               plan_checkpointing, saved_activation_bytes)
 from visiontune.models.checkpointing import layer_stacks
 from visiontune.models.state import vision_state
 
@@ -95,8 +96,43 @@ def test_auto_with_room_for_everything_checkpoints_nothing_and_below_the_floor_r
     assert not tight.fits and tight.mode == "recompute_offload"
     assert (tight.vision_checkpointed, tight.lm_checkpointed) == (len(vision), len(lm))
     assert "lower the batch size" in tight.summary()
+    # the loss chunk was the last thing tried, and planning leaves the process's setting as it was
+    assert tight.loss_chunk_bytes == LOW_LOSS_CHUNK_BYTES and vision_state(model).loss_chunk_bytes is None
+    assert not roomy.loss_chunk_bytes and roomy.as_params()["ckpt_auto_loss_chunk_mib"] == "default"
     # the optimizer's state the probes cannot see counts against the budget too
     assert plan_checkpointing(model, step, none * 1.01, extra_bytes=none).lm_checkpointed > 0
+
+
+def test_at_the_floor_auto_lowers_the_loss_chunk_and_installs_it_until_removed(tiny_model_dir):
+    """On a GPU the chunked loss's logits (~640 MB a chunk) are the largest transient at the floor. The CPU path
+    computes the loss unchunked, so the step is measured here as saved activations plus one chunk of the model's
+    setting: with a budget between the floor with the default chunk and the floor with the low one, the planner
+    lowers the chunk; the installed choice sets it on the model, and removing the handle restores it."""
+    model, step = _model_and_step(tiny_model_dir)
+    vision, lm = layer_stacks(model)
+    state = vision_state(model)
+
+    def measure(step_fn, device):
+        return saved_activation_bytes(step_fn, device) + (state.loss_chunk_bytes or DEFAULT_CHUNK_BYTES)
+
+    floor = _measured(model, step, len(vision), len(lm))  # offloading moves nothing off the CPU "device"
+    budget = floor + (LOW_LOSS_CHUNK_BYTES + DEFAULT_CHUNK_BYTES) / 2
+    choice = plan_checkpointing(model, step, budget, measure=measure)
+    assert choice.fits and choice.mode == "recompute_offload" and choice.loss_chunk_bytes == LOW_LOSS_CHUNK_BYTES
+    assert [p["loss_chunk_bytes"] for p in choice.probes[:3]] == [None, None, LOW_LOSS_CHUNK_BYTES]
+    # then the search goes on with the low chunk (here the room it freed stores every layer again)
+    assert choice.peak_bytes == _measured(model, step, choice.vision_checkpointed, choice.lm_checkpointed) + LOW_LOSS_CHUNK_BYTES
+    assert choice.peak_bytes <= budget
+    assert "loss chunks of 128 MiB" in choice.summary() and choice.as_params()["ckpt_auto_loss_chunk_mib"] == 128
+    assert state.loss_chunk_bytes is None
+    handle = install_choice(model, choice)
+    try:
+        assert state.loss_chunk_bytes == LOW_LOSS_CHUNK_BYTES
+    finally:
+        handle.remove()
+    assert state.loss_chunk_bytes is None
+    # with room for the default chunk at the floor the chunk is left alone
+    assert plan_checkpointing(model, step, floor + DEFAULT_CHUNK_BYTES * 1.01, measure=measure).loss_chunk_bytes is None
 
 
 def test_auto_off_a_gpu_plans_against_ram_and_trains_as_the_chosen_setting(tiny_model_dir, tmp_path):

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from visiontune.kernels.logprobs import fused_linear_log_probs
+from visiontune.models.state import vision_state
 
 # Config attributes under which architectures scale or cap their logits (what TRL's head reads too).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
@@ -62,7 +63,8 @@ def _engine_forward(model_class: type, trl_forward: Callable, temperature: float
         h = hidden.to(head.weight.device, head.weight.dtype)[mask]
         if temperature != 1.0:
             h = h / temperature
-        logp, stats = fused_linear_log_probs(h, head.weight, targets[mask], with_stats=True)
+        logp, stats = fused_linear_log_probs(h, head.weight, targets[mask], with_stats=True,
+                                             chunk_bytes=vision_state(self).loss_chunk_bytes)
         log_probs = _scatter(mask, logp)
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(

@@ -7,7 +7,10 @@ model and first batch: it measures a few training steps (forward + backward, no 
 dropped) under different checkpointing and keeps the cheapest that fits.
 
 1. Every layer checkpointed (``recompute``): the floor. Over the budget: the same with the layer inputs in
-   pinned CPU memory (``recompute_offload``), the lowest this module can go.
+   pinned CPU memory (``recompute_offload``); still over: the same with the engine's chunked loss computing
+   its logits in chunks of :data:`LOW_LOSS_CHUNK_BYTES` instead of ~640 MB (``VisionState.loss_chunk_bytes``;
+   at a batch of 4 on Qwen2.5-VL-7B that chunk is the largest tensor left on the device), the lowest this
+   module can go; the search goes on from there with the low chunk.
 2. Vision blocks checkpointed, LM layers storing their activations: the cost of an LM layer; then nothing
    checkpointed: the cost of a vision block (a probe that runs out of memory counts as over any budget, and
    half the stack is measured instead).
@@ -32,9 +35,15 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from visiontune.kernels.cross_entropy import DEFAULT_CHUNK_BYTES
 from visiontune.models.checkpointing import CheckpointHandle, checkpoint_modules, layer_stacks
+from visiontune.models.state import vision_state
 
 Measure = Callable[[Callable[[], None], torch.device], float]
+
+# The chunked loss's logits chunk at the floor: 1/5 of the default, still >= 400 rows of a 152k vocabulary,
+# a GEMM that runs near full rate.
+LOW_LOSS_CHUNK_BYTES = 128 * 2**20
 
 
 @dataclass
@@ -54,6 +63,8 @@ class CheckpointChoice:
     """The chosen setting's measured peak plus ``extra_bytes``."""
     fits: bool
     """False only when even every layer checkpointed with offloaded inputs is over the budget."""
+    loss_chunk_bytes: Optional[int] = None
+    """The chunked loss's logits chunk, when the floor had to lower it (None: the default)."""
     probes: list[dict[str, Any]] = field(default_factory=list)
 
     def as_params(self) -> dict[str, Any]:
@@ -62,12 +73,15 @@ class CheckpointChoice:
         return {"ckpt_auto_vision_checkpointed": self.vision_checkpointed, "ckpt_auto_vision_blocks": self.vision_blocks,
                 "ckpt_auto_lm_checkpointed": self.lm_checkpointed, "ckpt_auto_lm_layers": self.lm_layers,
                 "ckpt_auto_mode": self.mode, "ckpt_auto_budget_gib": round(self.budget_bytes / gib, 3),
-                "ckpt_auto_peak_gib": round(self.peak_bytes / gib, 3), "ckpt_auto_fits": self.fits}
+                "ckpt_auto_peak_gib": round(self.peak_bytes / gib, 3), "ckpt_auto_fits": self.fits,
+                "ckpt_auto_loss_chunk_mib": round(self.loss_chunk_bytes / 2**20) if self.loss_chunk_bytes else "default"}
 
     def summary(self) -> str:
         gib = 2**30
         return (f"use_gradient_checkpointing='auto': {self.vision_checkpointed}/{self.vision_blocks} vision blocks and "
-                f"{self.lm_checkpointed}/{self.lm_layers} LM layers checkpointed ({self.mode}); measured peak "
+                f"{self.lm_checkpointed}/{self.lm_layers} LM layers checkpointed ({self.mode}"
+                + (f", loss chunks of {self.loss_chunk_bytes / 2**20:.0f} MiB" if self.loss_chunk_bytes else "")
+                + "); measured peak "
                 f"{self.peak_bytes / gib:.2f} GiB against a budget of {self.budget_bytes / gib:.2f} GiB"
                 + ("" if self.fits else " (over: nothing lower is available; lower the batch size)"))
 
@@ -129,23 +143,29 @@ def plan_checkpointing(model: nn.Module, step: Callable[[], None], budget_bytes:
     if measure is None:
         measure = cuda_peak_bytes if device.type == "cuda" else saved_activation_bytes
     probes: list[dict[str, Any]] = []
+    state = vision_state(model)
+    chunk: list[Optional[int]] = [None]  # the loss chunk every probe runs with (lowered at the floor only)
 
     def probe(nv: int, nl: int, mode: str) -> float:
         handle = checkpoint_modules(vision[:nv] + lm[:nl], mode=mode)
+        previous, state.loss_chunk_bytes = state.loss_chunk_bytes, chunk[0] or state.loss_chunk_bytes
         try:
             peak = measure(step, device) + extra_bytes
         except torch.OutOfMemoryError:
             peak = math.inf
         finally:
+            state.loss_chunk_bytes = previous
             handle.remove()
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        probes.append({"vision_checkpointed": nv, "lm_checkpointed": nl, "mode": mode, "peak_bytes": peak})
+        probes.append({"vision_checkpointed": nv, "lm_checkpointed": nl, "mode": mode, "peak_bytes": peak,
+                       "loss_chunk_bytes": chunk[0]})
         return peak
 
     def choice(nv: int, nl: int, mode: str, peak: float) -> CheckpointChoice:
-        return CheckpointChoice(nv, nl, mode, len(vision), len(lm), budget_bytes, peak, peak <= budget_bytes, probes)
+        return CheckpointChoice(nv, nl, mode, len(vision), len(lm), budget_bytes, peak, peak <= budget_bytes,
+                                probes=probes, loss_chunk_bytes=chunk[0])
 
     n_vis, n_lm = len(vision), len(lm)
     mode = "recompute"
@@ -153,6 +173,9 @@ def plan_checkpointing(model: nn.Module, step: Callable[[], None], budget_bytes:
     if floor > budget_bytes:
         mode = "recompute_offload"
         floor = probe(n_vis, n_lm, mode)
+        if floor > budget_bytes and (state.loss_chunk_bytes or DEFAULT_CHUNK_BYTES) > LOW_LOSS_CHUNK_BYTES:
+            chunk[0] = LOW_LOSS_CHUNK_BYTES
+            floor = probe(n_vis, n_lm, mode)
         if floor > budget_bytes:
             return choice(n_vis, n_lm, mode, floor)
     lm_half = n_lm // 2
@@ -193,4 +216,13 @@ def plan_checkpointing(model: nn.Module, step: Callable[[], None], budget_bytes:
 def install_choice(model: nn.Module, choice: CheckpointChoice) -> CheckpointHandle:
     """Checkpoint the first ``choice.vision_checkpointed`` vision blocks and ``choice.lm_checkpointed`` LM layers."""
     vision, lm = layer_stacks(model)
-    return checkpoint_modules(vision[:choice.vision_checkpointed] + lm[:choice.lm_checkpointed], mode=choice.mode)
+    handle = checkpoint_modules(vision[:choice.vision_checkpointed] + lm[:choice.lm_checkpointed], mode=choice.mode)
+    if choice.loss_chunk_bytes:
+        state = vision_state(model)
+        previous, state.loss_chunk_bytes = state.loss_chunk_bytes, choice.loss_chunk_bytes
+
+        def restore() -> None:
+            state.loss_chunk_bytes = previous
+
+        handle.on_remove(restore)
+    return handle

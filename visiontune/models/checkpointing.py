@@ -21,7 +21,7 @@ Three modes per wrapped module:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -33,6 +33,11 @@ class CheckpointHandle:
 
     def __init__(self) -> None:
         self._saved: list[tuple[nn.Module, object, bool]] = []
+        self._undo: list[Callable[[], object]] = []
+
+    def on_remove(self, undo: Callable[[], object]) -> None:
+        """Also call ``undo`` on :meth:`remove` (a setting installed with the wrapped modules)."""
+        self._undo.append(undo)
 
     def _add(self, module: nn.Module, had_instance_forward: bool, old: object) -> None:
         self._saved.append((module, old, had_instance_forward))
@@ -46,6 +51,8 @@ class CheckpointHandle:
             else:
                 module.__dict__.pop("forward", None)
         self._saved.clear()
+        while self._undo:
+            self._undo.pop()()
 
     def __len__(self) -> int:
         return len(self._saved)

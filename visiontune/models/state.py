@@ -40,6 +40,9 @@ class VisionState:
     """``from_pretrained(load_in_fp8=True)``: ``get_peft_model`` puts the LoRA layers' frozen bases into FP8."""
     fp8_layers: int = 0
     """How many LoRA layers' bases are in FP8 (``visiontune.kernels.fp8.convert_fp8_base``)."""
+    loss_chunk_bytes: Optional[int] = None
+    """Bytes of logits per chunk of the engine's chunked losses (None: the kernels' default, ~640 MB); lowered by
+    ``use_gradient_checkpointing="auto"`` at its floor."""
     auto_choice: Any = None
     """``use_gradient_checkpointing="auto"``: the measured choice installed by the trainer
     (``visiontune.models.auto_checkpoint.CheckpointChoice``), or None before it is made."""
