@@ -7,6 +7,7 @@ fields swapped back to ``TRAIN_LAYOUT``'s, and scores the adapter on each, so th
 shows as the variant that recovers it. The last variant is the training layout itself on unseen writers.
 
     python benchmarks/probe_heldout.py outputs/train/adapter --n 100 --json probe.json
+    python benchmarks/probe_heldout.py outputs/train/adapter --n 200 --only "held-out layout" --confusions
 
 It reads ``params.yaml`` (model, image rule, eval settings) from the working directory, and the instruction
 from the converted dataset's test split (``data/dataset``), as the evaluate stage does.
@@ -15,6 +16,7 @@ from the converted dataset's test split (``data/dataset``), as the evaluate stag
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 from pathlib import Path
@@ -63,6 +65,25 @@ def render(layout, n: int, instruction: str, seed: int = 7) -> tuple[list[dict],
     return samples, refs
 
 
+def confusions(preds: list[str], refs: list[str]) -> dict:
+    """Per-digit accuracy over the answers of the right length, and the commonest (reference, prediction) digit
+    swaps: which shapes the model mixes up."""
+    swaps: collections.Counter = collections.Counter()
+    right = total = same_length = 0
+    for ref, pred in zip(refs, preds):
+        pred = pred.strip()
+        if len(pred) != len(ref):
+            continue
+        same_length += 1
+        for a, b in zip(ref, pred):
+            total += 1
+            right += a == b
+            if a != b:
+                swaps[f"{a}->{b}"] += 1
+    return {"length_right": same_length / max(1, len(refs)), "digit_accuracy": right / max(1, total),
+            "swaps": dict(swaps.most_common(12))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("adapter", type=Path, help="a trained adapter folder (e.g. outputs/train/adapter)")
@@ -70,6 +91,8 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--json", type=Path, help="write the metrics of every variant here")
+    ap.add_argument("--only", action="append", default=[], metavar="VARIANT", help="score only these variants")
+    ap.add_argument("--confusions", action="store_true", help="also per-digit accuracy and the commonest swaps")
     args = ap.parse_args()
 
     from visiontune.config import load_params
@@ -82,11 +105,17 @@ def main() -> None:
     user = split_conversation(like["messages"])[0]
     instruction = next(c["text"] for m in user for c in m["content"] if isinstance(c, dict) and c.get("type") == "text")
     results = {}
-    for name, layout in variants().items():
+    chosen = {k: v for k, v in variants().items() if not args.only or k in args.only}
+    if not chosen:
+        raise SystemExit(f"--only {args.only}: no such variant; the variants are {list(variants())}")
+    for name, layout in chosen.items():
         samples, refs = render(layout, args.n, instruction)
         preds, _, _ = _predict(cfg, args.adapter, samples)
         results[name] = compute_metrics(preds, refs)
-        print(f"{name:30s} exact match {results[name]['exact_match']:.2f}  CER {results[name]['cer']:.3f}", flush=True)
+        print(f"{name:30s} exact match {results[name]['exact_match']:.3f}  CER {results[name]['cer']:.3f}", flush=True)
+        if args.confusions:
+            results[name]["confusions"] = confusions(preds, refs)
+            print(f"{'':30s} {results[name]['confusions']}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"adapter": str(args.adapter), "n": args.n, "variants": results}, indent=1) + "\n")
 

@@ -7,8 +7,14 @@ one stage; a new stage gets its task from its registry entry.
 Caching is keyed on content, not on the flow run: the key is :func:`visiontune.stages.fingerprint`
 (the stage's code as computed from its imports, the values of exactly the settings it reads, the
 content of its inputs, where it writes). An unchanged dataset and config reuse the result; editing a
-caption, a setting or a module a stage imports re-runs exactly the stages DVC would re-run. (If you
-delete a stage's outputs by hand, run with ``refresh_cache=True``; the stages are idempotent.)
+caption, a setting or a module a stage imports re-runs exactly the stages DVC would re-run.
+
+A cached result stands for the files its run wrote, so it is reused only while they are still on disk as
+that run left them. Each run records (fingerprint, :func:`visiontune.stages.outputs_signature`, cache key)
+beside Prefect's results; the key function returns the recorded key only when both still match, and
+otherwise a key of the task run's own (a miss: the stage runs). Without this, going back to an earlier
+dataset or setting (A, then B, then A again) reused A's result over B's files, and every later stage
+trained on B; outputs deleted by hand were not noticed either.
 
 Retries: a stage with ``retry_any`` (train) retries any failure, since a crashed run resumes from its
 newest checkpoint; the others retry only transient I/O errors (an ``OSError`` such as EIO from a network
@@ -20,7 +26,11 @@ retries in real flows.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
+import os
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from prefect import Task, task
@@ -65,9 +75,59 @@ def stage_cache_key(stage: str, cfg: PipelineConfig) -> str:
     return f"visiontune-{stage}-{stages.fingerprint(stage, cfg)}"
 
 
+def _record_file(stage: str, cfg: PipelineConfig) -> Path:
+    """Where the last run of ``stage`` writing to these output paths is recorded: beside Prefect's results (one
+    file per stage and resolved output paths; nothing in the project's folders)."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    where = "\n".join(str(Path(stages.render(o.path, cfg)).resolve()) for o in stages.get(stage).outs)
+    name = f"{stage}-{hashlib.sha256(where.encode()).hexdigest()[:24]}.json"
+    return Path(PREFECT_LOCAL_STORAGE_PATH.value()).expanduser() / "visiontune-outputs" / name
+
+
+def _recorded(stage: str, cfg: PipelineConfig) -> dict[str, str]:
+    try:
+        return json.loads(_record_file(stage, cfg).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# task run id -> the key its key function returned (read back by the task body to record it)
+_KEYS: dict[Any, str] = {}
+
+
+def cache_key(stage: str, cfg: PipelineConfig, task_run_id: Any) -> str:
+    """The key under which ``stage`` looks up (and stores) its result: the recorded run's key while the
+    fingerprint and the outputs on disk are still that run's, else one of this task run's own."""
+    fp = stages.fingerprint(stage, cfg)
+    rec = _recorded(stage, cfg)
+    if rec.get("fingerprint") == fp and rec.get("outputs") == stages.outputs_signature(stage, cfg) and rec.get("key"):
+        key = rec["key"]
+    else:
+        key = f"{stage_cache_key(stage, cfg)}-{task_run_id}"
+    _KEYS[task_run_id] = key
+    return key
+
+
+def _record_run(stage: str, cfg: PipelineConfig) -> None:
+    """After the stage ran in a task run: record its fingerprint, its outputs and the key of its result."""
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    key = _KEYS.pop(ctx.task_run.id, None) if ctx is not None else None
+    if key is None:
+        return
+    path = _record_file(stage, cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"fingerprint": stages.fingerprint(stage, cfg),
+                               "outputs": stages.outputs_signature(stage, cfg), "key": key}))
+    os.replace(tmp, path)
+
+
 def _key_fn(name: str) -> Callable[[Any, dict[str, Any]], Optional[str]]:
     def key(context: Any, parameters: dict[str, Any]) -> Optional[str]:
-        return stage_cache_key(name, parameters["cfg"])
+        return cache_key(name, parameters["cfg"], context.task_run.id)
 
     key.__name__ = f"{name.replace('-', '_')}_cache_key"
     return key
@@ -97,6 +157,7 @@ def make_task(stage: stages.Stage) -> Task:
 
     def call(cfg: PipelineConfig) -> dict[str, Any]:
         result = run(cfg)
+        _record_run(stage.name, cfg)
         _report(stage, result, cfg)
         return result
 

@@ -350,6 +350,25 @@ def fingerprint(stage: Stage | str, cfg: Any, code_root: Path = REPO_ROOT) -> st
     return h.hexdigest()
 
 
+def outputs_signature(stage: Stage | str, cfg: Any) -> str:
+    """Hash of the stage's outputs as they are on disk now: every file's relative name, size and mtime (not its
+    content: cheap on large trees, and the stages rewrite a file only when its bytes change). Lock files, which
+    a stage holds in its output folder while it runs, do not count. Tells whether the outputs are still those a
+    cached run wrote (:mod:`visiontune.tasks.stages`)."""
+    stage = get(stage) if isinstance(stage, str) else stage
+    h = hashlib.sha256()
+    for out in stage.outs:
+        base = Path(render(out.path, cfg))
+        files = [base] if base.is_file() else sorted(q for q in base.rglob("*") if q.is_file()) if base.is_dir() else []
+        h.update(f"{out.path}:{'present' if base.exists() else 'missing'}\n".encode())
+        for f in files:
+            if f.name.endswith(".lock"):
+                continue
+            st = f.stat()
+            h.update(f"{f.relative_to(base) if f != base else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 # ------------------------------------------------------------------------------------ reads of settings
 class _SectionView:
     """Read-only view of one config section that records which keys are read."""

@@ -100,6 +100,47 @@ def test_a_lasting_error_is_not_retried(demo_cfg, monkeypatch, error):
     assert len(calls) == 1 and "convert" not in states
 
 
+def test_a_cached_result_is_reused_only_over_the_outputs_its_run_wrote(tmp_path, monkeypatch):
+    """Data A, then data B, then A again: the third run must not take A's cached results, whose files B's run
+    replaced (it did: validate, normalize and convert came back Cached with B's dataset on disk). A run with
+    nothing changed is still all Cached, and outputs deleted by hand make their stage run again."""
+    import shutil
+
+    from visiontune.data.demo import generate_demo
+
+    monkeypatch.setenv("VISIONTUNE_WORKERS", "1")
+    generate_demo(tmp_path / "raw_a", n=12, seed=1)
+    generate_demo(tmp_path / "raw_b", n=16, seed=2)
+    raw = tmp_path / "raw"
+    cfg = from_dict({"data": {"raw_dir": str(raw), "work_dir": str(tmp_path / "work")},
+                     "validate": {"max_failure_ratio": 0.5}})
+
+    def run(source: str) -> tuple[dict, dict]:
+        if raw.exists():
+            shutil.rmtree(raw)
+        shutil.copytree(tmp_path / source, raw)
+        state = data_flow(cfg, return_state=True)
+        assert state.is_completed(), state.message
+        states = _task_states(state.state_details.flow_run_id)
+        return {name: s[-1] for name, s in states.items()}, state.result()
+
+    first, result_a = run("raw_a")
+    assert set(first.values()) == {"Completed"}, first
+    again, _ = run("raw_a")
+    assert set(again.values()) == {"Cached"}, again  # nothing changed: nothing runs
+    changed, result_b = run("raw_b")
+    assert set(changed.values()) == {"Completed"}, changed
+    assert result_b["convert"]["rows"] != result_a["convert"]["rows"]
+    back, result_back = run("raw_a")
+    assert set(back.values()) == {"Completed"}, back  # B's files were on disk: A's results could not stand
+    assert result_back["convert"]["rows"] == result_a["convert"]["rows"]
+    assert len((tmp_path / "work" / "validated" / "records.jsonl").read_text().splitlines()) == result_a["validate"]["valid"]
+    shutil.rmtree(tmp_path / "work" / "normalized")
+    deleted, _ = run("raw_a")
+    assert deleted["validate"] == "Cached" and deleted["normalize"] == "Completed", deleted
+    assert (tmp_path / "work" / "normalized").is_dir()
+
+
 TINY_FLOW = {
     "demo": {"samples": 24},
     "validate": {"max_failure_ratio": 0.5},
