@@ -92,8 +92,9 @@ def _recorded(stage: str, cfg: PipelineConfig) -> dict[str, str]:
         return {}
 
 
-# task run id -> the key its key function returned (read back by the task body to record it)
-_KEYS: dict[Any, str] = {}
+# task run id -> (fingerprint, key) its key function computed (read back by the task body to record them, so the
+# inputs are not hashed a second time)
+_KEYS: dict[Any, tuple[str, str]] = {}
 
 
 def cache_key(stage: str, cfg: PipelineConfig, task_run_id: Any) -> str:
@@ -105,7 +106,7 @@ def cache_key(stage: str, cfg: PipelineConfig, task_run_id: Any) -> str:
         key = rec["key"]
     else:
         key = f"{stage_cache_key(stage, cfg)}-{task_run_id}"
-    _KEYS[task_run_id] = key
+    _KEYS[task_run_id] = (fp, key)
     return key
 
 
@@ -114,13 +115,14 @@ def _record_run(stage: str, cfg: PipelineConfig) -> None:
     from prefect.context import TaskRunContext
 
     ctx = TaskRunContext.get()
-    key = _KEYS.pop(ctx.task_run.id, None) if ctx is not None else None
-    if key is None:
+    computed = _KEYS.pop(ctx.task_run.id, None) if ctx is not None else None
+    if computed is None:
         return
+    fp, key = computed
     path = _record_file(stage, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"fingerprint": stages.fingerprint(stage, cfg),
+    tmp.write_text(json.dumps({"fingerprint": fp,
                                "outputs": stages.outputs_signature(stage, cfg), "key": key}))
     os.replace(tmp, path)
 
