@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms
 
 from datafixtures import gradient, make_cfg, png, snapshot
 from visiontune.data.normalize import normalize_image, normalize_stage, output_name
@@ -105,7 +105,14 @@ def _sources() -> dict[str, bytes]:
     Image.fromarray((np.arange(500 * 320).reshape(320, 500) % 65536).astype(np.uint16)).save(i16, format="PNG")
     with_key = io.BytesIO()
     noise.resize((640, 480)).save(with_key, format="PNG", transparency=(1, 2, 3))
+    grey_key, icc, rotated = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    noise.convert("L").save(grey_key, format="PNG", transparency=7)
+    noise.save(icc, format="PNG", icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    noise.convert("L").save(rotated, format="PNG", exif=exif)
     return {
+        "rgb-down-icc": icc.getvalue(), "grey-colour-key": grey_key.getvalue(), "grey-png-rotated": rotated.getvalue(),
         "rgb-down": png(noise), "rgb-in-range": png(noise.resize((640, 480))), "rgb-up": png(noise.resize((200, 90))),
         "rgb-colour-key": with_key.getvalue(), "grey-down": png(noise.convert("L")),
         "grey-up": png(noise.convert("L").resize((120, 250))), "grey-in-range": png(noise.convert("L").resize((500, 400))),
@@ -117,8 +124,8 @@ def _sources() -> dict[str, bytes]:
 
 @pytest.mark.parametrize("snap", [0, 28])
 def test_fast_paths_write_the_pixels_of_convert_resize_and_pillows_png_writer(tmp_path, snap):
-    """Grey images resized before the RGB conversion, the fast PNG writer, in-range RGB PNGs copied without
-    decoding: each output decodes to exactly the pixels of the straightforward path (to_rgb, resize, Pillow's
+    """Grey images resized before the RGB conversion, the fast PNG writer, plain PNGs decoded by libspng,
+    in-range RGB PNGs copied without decoding: each output decodes to exactly the pixels of the straightforward path (to_rgb, resize, Pillow's
     writer), with the same size facts in the manifest entry."""
     import hashlib
     import io
@@ -126,8 +133,10 @@ def test_fast_paths_write_the_pixels_of_convert_resize_and_pillows_png_writer(tm
     import numpy as np
 
     from visiontune.data.normalize import _work, settings_signature
-    from visiontune.data.pngwrite import rewrap_png
+    from visiontune.data.png import decode_plain_png, rewrap_png
     from visiontune.images import bounded_size, to_rgb
+
+    plain = {"rgb-down", "rgb-in-range", "rgb-up", "rgb-down-icc", "grey-down", "grey-up", "grey-in-range"}
 
     sig = settings_signature(300, 1000, snap, None, "png")
     for name, data in _sources().items():
@@ -135,6 +144,7 @@ def test_fast_paths_write_the_pixels_of_convert_resize_and_pillows_png_writer(tm
         src.write_bytes(data)
         entry = _work((str(src), str(tmp_path / f"{name}.png"), sig, hashlib.sha256(data).hexdigest(), (str(tmp_path),)))
         with Image.open(io.BytesIO(data)) as im:
+            assert (decode_plain_png(data, im.info) is not None) == (name in plain), name  # the libspng path's sources
             ref = to_rgb(im)
             size = bounded_size(ref.width, ref.height, 300, 1000, snap)
             if size != ref.size:
@@ -147,6 +157,7 @@ def test_fast_paths_write_the_pixels_of_convert_resize_and_pillows_png_writer(tm
             assert got.mode == want.mode == "RGB", name
             assert np.array_equal(np.asarray(got), np.asarray(want)), name
             assert got.info.get("transparency") == want.info.get("transparency"), name
+            assert got.info.get("icc_profile") == want.info.get("icc_profile"), name
         assert (entry["width"], entry["height"], entry["source_width"], entry["source_height"]) == (*size, *source_size)
         if name in ("rgb-in-range", "rgb-colour-key") and not snap:  # copied, not decoded: the rewrapped source
             with Image.open(io.BytesIO(data)) as im:

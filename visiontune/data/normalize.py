@@ -30,7 +30,7 @@ from PIL import Image, ImageOps
 from visiontune.config import PipelineConfig
 from visiontune.data.executor import DataExecutor
 from visiontune.data.io import atomic_write, dump_json, holds_work_dir, read_jsonl, sha256_bytes, write_if_changed
-from visiontune.data.pngwrite import png_bytes, rewrap_png
+from visiontune.data.png import decode_plain_png, png_bytes, rewrap_png
 from visiontune.images import bounded_size, snap_to_multiple, to_rgb
 
 FORMAT_VERSION = 2  # bump when the resizing code changes its output, so old files are not reused
@@ -95,7 +95,7 @@ def _encode(im: Image.Image, image_format: str) -> bytes:
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=95, subsampling=0)
         return buf.getvalue()
-    return png_bytes(im)  # the same pixels as Pillow's PNG writer, in about 1/7 of its time (see pngwrite)
+    return png_bytes(im)  # the same pixels as Pillow's PNG writer, in about 1/7 of its time (see visiontune.data.png)
 
 
 class SourceChangedError(ValueError):
@@ -134,15 +134,21 @@ def _work(job: tuple[str, str, dict, str, tuple[str, ...]]) -> dict[str, Any]:
             atomic_write(dst, same)
             return {"width": im.width, "height": im.height, "bytes": len(same), "source_width": im.width,
                     "source_height": im.height}
-        orientation = _orientation(im)
-        sw, sh = im.size[::-1] if orientation in _SWAPPING else im.size  # the source's upright size
-        if im.format == "JPEG" and not sig["uniform_size"] and orientation == 1:
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still leaves at least the target size:
-            # same result after the resize below, a fraction of the decoding work for large photos. (Not for
-            # a JPEG with an orientation tag: those were always decoded at full size, and drafting them now
-            # would change their pixels without a FORMAT_VERSION bump.)
-            im.draft(im.mode, bounded_size(im.width, im.height, sig["min_px"], sig["max_px"]))
-        out = normalize_image(im, sig["min_px"], sig["max_px"], sig["snap_to_patch"], sig["uniform_size"])
+        # A plain 8-bit grey or RGB PNG (no orientation possible) is decoded by libspng, to the same pixels.
+        src = decode_plain_png(source, im.info) if im.format == "PNG" else None
+        if src is None:
+            src = im
+            orientation = _orientation(im)  # (for a PNG, Pillow decodes it here)
+            sw, sh = im.size[::-1] if orientation in _SWAPPING else im.size  # the source's upright size
+            if im.format == "JPEG" and not sig["uniform_size"] and orientation == 1:
+                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still leaves at least the target size:
+                # same result after the resize below, a fraction of the decoding work for large photos. (Not
+                # for a JPEG with an orientation tag: those were always decoded at full size, and drafting
+                # them now would change their pixels without a FORMAT_VERSION bump.)
+                im.draft(im.mode, bounded_size(im.width, im.height, sig["min_px"], sig["max_px"]))
+        else:
+            sw, sh = src.size
+        out = normalize_image(src, sig["min_px"], sig["max_px"], sig["snap_to_patch"], sig["uniform_size"])
         out.load()  # may be ``im`` itself (nothing to change): decode it before the file closes
     data = _encode(out, sig["image_format"])
     atomic_write(dst, data)

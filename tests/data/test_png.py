@@ -1,4 +1,5 @@
-"""The normalize stage's PNG writer: the pixels and info of Pillow's own writer, and the no-decode shortcut."""
+"""The normalize stage's PNG fast paths: the writer (the pixels and info of Pillow's own writer), the libspng
+decoder (the pixels Pillow decodes), and the no-decode shortcut."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image, ImageCms, PngImagePlugin
 
 from datafixtures import gradient
-from visiontune.data.pngwrite import png_bytes, rewrap_png
+from visiontune.data.png import decode_plain_png, png_bytes, rewrap_png
 
 ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
@@ -91,3 +92,52 @@ def test_rewrap_refuses_what_needs_decoding(make):
     data = make()
     with Image.open(io.BytesIO(data)) as im:
         assert rewrap_png(data, im.info) is None
+
+
+def _with_chunks(data: bytes, *chunks: bytes) -> bytes:
+    """``data`` (a PNG file) with ``chunks`` inserted right after its IHDR."""
+    return data[:33] + b"".join(chunks) + data[33:]
+
+
+_GAMMA_CHRM = (_chunk(b"gAMA", struct.pack(">I", 30000)), _chunk(b"cHRM", bytes(32)))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+@pytest.mark.parametrize("im", [_noisy(97, 1), _noisy(1, 53), _noisy(301, 257)], ids=["one-row", "one-column", "noise"])
+@pytest.mark.parametrize("extra", ["none", "icc", "gamma-chrm-sbit"])
+def test_decode_plain_png_gives_pillows_pixels_and_info(mode, im, extra):
+    im = im.convert(mode)
+    data = _pillow(im, **({"icc_profile": ICC} if extra == "icc" else {}))
+    if extra == "gamma-chrm-sbit":  # chunks Pillow ignores when decoding; libspng must not apply them either
+        data = _with_chunks(data, *_GAMMA_CHRM, _chunk(b"sBIT", bytes([3] * len(mode))))
+    with Image.open(io.BytesIO(data)) as opened:
+        got = decode_plain_png(data, opened.info)
+        opened.load()
+        assert got is not None and got.mode == opened.mode == mode and got.size == opened.size
+        assert np.array_equal(np.asarray(got), np.asarray(opened))
+        assert got.info.get("icc_profile") == opened.info.get("icc_profile") == (ICC if extra == "icc" else None)
+
+
+def _interlaced() -> bytes:
+    data = _pillow(_noisy(40, 30))
+    ihdr = struct.pack(">IIBBBBB", 40, 30, 8, 2, 0, 0, 1)  # interlace method 1 (Adam7)
+    return data[:8] + _chunk(b"IHDR", ihdr) + data[33:]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _pillow(_noisy(40, 30), exif=_exif(6)),  # eXIf: an orientation to apply
+    _with_text,
+    _rgb16,
+    lambda: _pillow(_noisy(40, 30).convert("P")),
+    lambda: _pillow(_noisy(40, 30).convert("LA")),
+    lambda: _pillow(_noisy(40, 30).convert("RGBA")),
+    lambda: _pillow(_noisy(40, 30), transparency=(1, 2, 3)),
+    lambda: _pillow(_noisy(40, 30).convert("L"), transparency=7),
+    _interlaced,
+    lambda: _pillow(_noisy(40, 30))[:-30],  # cut off inside its IDAT
+], ids=["exif", "text", "16-bit", "palette", "grey-alpha", "rgba", "rgb-colour-key", "grey-colour-key", "interlaced",
+        "truncated"])
+def test_decode_plain_png_leaves_everything_else_to_pillow(make):
+    data = make()
+    with Image.open(io.BytesIO(data)) as im:
+        assert decode_plain_png(data, im.info) is None
