@@ -125,8 +125,8 @@ def _sources() -> dict[str, bytes]:
 @pytest.mark.parametrize("snap", [0, 28])
 def test_fast_paths_write_the_pixels_of_convert_resize_and_pillows_png_writer(tmp_path, snap):
     """Grey images resized before the RGB conversion, the fast PNG writer, plain PNGs decoded by libspng,
-    in-range RGB PNGs copied without decoding: each output decodes to exactly the pixels of the straightforward path (to_rgb, resize, Pillow's
-    writer), with the same size facts in the manifest entry."""
+    in-range RGB PNGs copied without decoding: each output decodes to exactly the pixels of the straightforward
+    path (to_rgb, resize, Pillow's writer), with the same size facts in the manifest entry."""
     import hashlib
     import io
 

@@ -119,10 +119,11 @@ def decode_plain_png(data: bytes, info: dict) -> Optional[Image.Image]:
     chunks (so no EXIF orientation either). None for any other file, or one libspng refuses: decode that
     one with Pillow. The image's ``info`` is ``info`` (the ICC profile travels on to :func:`png_bytes`)."""
     plain = _plain_chunks(data)
-    if plain is None or b"tRNS" in plain[2] or plain[0][12] != 0:  # byte 12: the interlace method
+    if plain is None:
         return None
-    mode = _PLAIN_MODES.get(plain[0][8:10])
-    if mode is None:
+    ihdr, _, kinds = plain
+    mode = _PLAIN_MODES.get(ihdr[8:10])
+    if mode is None or b"tRNS" in kinds or ihdr[12] != 0:  # IHDR byte 12: the interlace method
         return None
     try:
         pixels = pyspng.load(data)
