@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageCms, PngImagePlugin
 
 from datafixtures import gradient
-from visiontune.data.png import decode_plain_png, png_bytes, rewrap_png
+from visiontune.data.png import _stored_zlib, decode_plain_png, png_bytes, rewrap_png
 
 ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
@@ -118,6 +118,40 @@ def test_decode_plain_png_gives_pillows_pixels_and_info(mode, im, extra):
         assert got.info.get("icc_profile") == opened.info.get("icc_profile") == (ICC if extra == "icc" else None)
 
 
+@pytest.mark.parametrize("size", [(254, 257), (255, 256), (1, 1)], ids=["one-stored-block", "one-byte-more", "one-pixel"])
+def test_decode_plain_png_at_the_stored_block_boundary(size):
+    """Grey rows of 1 + 254 bytes x 257 rows fill exactly one stored deflate block (65,535 bytes), 1 + 255 x 256
+    one byte more: the stream libspng gets must hold every row either way."""
+    im = _noisy(*size).convert("L")
+    data = _pillow(im)
+    with Image.open(io.BytesIO(data)) as opened:
+        got = decode_plain_png(data, opened.info)
+    assert got is not None and np.array_equal(np.asarray(got), np.asarray(im))
+
+
+@pytest.mark.parametrize("n", [0, 1, 65534, 65535, 65536, 3 * 65535 + 7])
+def test_stored_zlib_inflates_to_its_bytes(n):
+    raw = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
+    assert zlib.decompress(_stored_zlib(raw)) == raw
+
+
+def _with_pixel_data(raw: bytes) -> bytes:
+    """A 40x30 8-bit RGB PNG file whose IDAT is ``raw`` deflated, whatever its length."""
+    return b"".join([b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", struct.pack(">IIBBBBB", 40, 30, 8, 2, 0, 0, 0)),
+                     _chunk(b"IDAT", zlib.compress(raw)), _chunk(b"IEND", b"")])
+
+
+_ROWS = bytes(30 * (1 + 40 * 3))  # 30 rows of filter byte 0 and 40 black pixels
+
+
+def test_decode_plain_png_reads_pixel_data_of_the_right_length():
+    """The control for the short/long/corrupt pixel data cases below: the same hand-made file, intact, decodes."""
+    data = _with_pixel_data(_ROWS)
+    with Image.open(io.BytesIO(data)) as opened:
+        got = decode_plain_png(data, opened.info)
+    assert got is not None and got.size == (40, 30) and not np.asarray(got).any()
+
+
 def _interlaced() -> bytes:
     data = _pillow(_noisy(40, 30))
     ihdr = struct.pack(">IIBBBBB", 40, 30, 8, 2, 0, 0, 1)  # interlace method 1 (Adam7)
@@ -135,8 +169,11 @@ def _interlaced() -> bytes:
     lambda: _pillow(_noisy(40, 30).convert("L"), transparency=7),
     _interlaced,
     lambda: _pillow(_noisy(40, 30))[:-30],  # cut off inside its IDAT
+    lambda: _with_pixel_data(_ROWS[:-7]),  # a whole zlib stream, too short for its rows
+    lambda: _with_pixel_data(_ROWS + bytes(5)),  # ... and too long
+    lambda: _with_pixel_data(_ROWS)[:41] + b"\xff" * 8 + _with_pixel_data(_ROWS)[49:],  # not a zlib stream
 ], ids=["exif", "text", "16-bit", "palette", "grey-alpha", "rgba", "rgb-colour-key", "grey-colour-key", "interlaced",
-        "truncated"])
+        "truncated", "short-pixel-data", "long-pixel-data", "corrupt-pixel-data"])
 def test_decode_plain_png_leaves_everything_else_to_pillow(make):
     data = make()
     with Image.open(io.BytesIO(data)) as im:

@@ -15,9 +15,9 @@ colour key (``tRNS``). No other chunk is written, so no metadata of a source (EX
 already the right size): its compressed pixel data is copied into a new file with the same chunks, never
 decoded nor compressed again.
 
-:func:`decode_plain_png` decodes a plain 8-bit grey or RGB source with libspng (``pyspng``) instead of
-Pillow: the same pixels (PNG is lossless; neither applies gamma or significant-bit chunks), in about 3/4 of
-Pillow's time on the benchmark's sources, whose decoding is mostly inflating Paeth-filtered rows.
+:func:`decode_plain_png` decodes a plain 8-bit grey or RGB source without Pillow: ISA-L inflates the pixel
+data, libspng (``pyspng``) undoes the row filters. The same pixels (PNG is lossless; neither applies gamma or
+significant-bit chunks), in less than 3/5 of Pillow's time on the benchmark's sources (benchmarks/RESULTS_data.md).
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ _UP = 2  # PNG filter type 2: each byte minus the byte above it (row 0: minus ze
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+    # ISA-L's CRC-32 gives zlib's values about 3x faster (0.15 ms per normalized image with zlib's).
+    crc = isal_zlib.crc32(data, isal_zlib.crc32(kind))
+    return b"".join([struct.pack(">I", len(data)), kind, data, struct.pack(">I", crc)])
 
 
 def _head(info: dict) -> list[bytes]:
@@ -110,24 +112,46 @@ def rewrap_png(data: bytes, info: dict) -> Optional[bytes]:
                      _chunk(b"IEND", b"")])
 
 
-_PLAIN_MODES = {b"\x08\x00": "L", b"\x08\x02": "RGB"}  # IHDR (bit depth, colour type) -> Pillow's mode
+_PLAIN_MODES = {b"\x08\x00": ("L", 1), b"\x08\x02": ("RGB", 3)}  # IHDR (bit depth, colour type) -> mode, bytes/pixel
+_STORED_BLOCK = 65535  # the most bytes one stored (uncompressed) deflate block holds
+
+
+def _stored_zlib(raw: bytes) -> bytes:
+    """``raw`` as a zlib stream of stored deflate blocks: a stream any inflater "decompresses" by copying."""
+    view, parts = memoryview(raw), [b"\x78\x01"]  # zlib header: deflate, 32 KiB window, no dictionary
+    for start in range(0, max(len(raw), 1), _STORED_BLOCK):  # (no bytes: one empty final block)
+        block = view[start:start + _STORED_BLOCK]
+        last = start + _STORED_BLOCK >= len(raw)
+        parts += [struct.pack("<BHH", last, len(block), len(block) ^ 0xFFFF), block]
+    parts.append(struct.pack(">I", isal_zlib.adler32(raw)))
+    return b"".join(parts)
 
 
 def decode_plain_png(data: bytes, info: dict) -> Optional[Image.Image]:
     """The image Pillow decodes from the PNG file ``data`` (whose header Pillow read as ``info``), decoded by
     libspng, for a plain file: 8-bit grey or RGB, not interlaced, no colour key, nothing but :data:`_INERT`
     chunks (so no EXIF orientation either). None for any other file, or one libspng refuses: decode that
-    one with Pillow. The image's ``info`` is ``info`` (the ICC profile travels on to :func:`png_bytes`)."""
+    one with Pillow. The image's ``info`` is ``info`` (the ICC profile travels on to :func:`png_bytes`).
+
+    The pixel data is inflated by ISA-L and handed to libspng as stored deflate blocks, leaving it only the
+    row filters to undo: libspng's own inflate (zlib) took half of its decoding time on the benchmark's
+    sources, ISA-L's takes about half of that (benchmarks/RESULTS_data.md)."""
     plain = _plain_chunks(data)
     if plain is None:
         return None
-    ihdr, _, kinds = plain
-    mode = _PLAIN_MODES.get(ihdr[8:10])
+    ihdr, idat, kinds = plain
+    mode, channels = _PLAIN_MODES.get(ihdr[8:10], (None, 0))
     if mode is None or b"tRNS" in kinds or ihdr[12] != 0:  # IHDR byte 12: the interlace method
         return None
+    width, height = struct.unpack(">II", ihdr[:8])
     try:
-        pixels = pyspng.load(data)
-    except Exception:  # (pyspng raises plain RuntimeError/ValueError with libspng's message)
+        raw = isal_zlib.decompress(b"".join(idat))
+        if len(raw) != height * (1 + width * channels):  # (a filter-type byte, then the pixels, per row)
+            return None  # short or overlong pixel data: Pillow's decoder decides what it makes of it
+        stream = _stored_zlib(raw)
+        png = b"".join([_SIGNATURE, _chunk(b"IHDR", ihdr), _chunk(b"IDAT", stream), _chunk(b"IEND", b"")])
+        pixels = pyspng.load(png)
+    except Exception:  # (isal raises isal_zlib.error, pyspng plain RuntimeError/ValueError with libspng's message)
         return None
     im = Image.fromarray(pixels, mode)
     im.info = dict(info)
