@@ -31,6 +31,8 @@ from isal import isal_zlib
 import pyspng
 from PIL import Image
 
+from visiontune.data.resample import raw_bytes
+
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _UP = 2  # PNG filter type 2: each byte minus the byte above it (row 0: minus zero)
 
@@ -59,27 +61,13 @@ def _head(info: dict) -> list[bytes]:
     return parts
 
 
-def _rgb_bytes(im: Image.Image) -> bytes:
-    """The RGB image's pixels as packed bytes, as ``im.tobytes()`` gives them, in one call of Pillow's raw
-    encoder: ``tobytes`` gathers 64 KiB pieces and joins them, about 10x the time on a 1000x667 image."""
-    encoder = Image._getencoder("RGB", "raw", "RGB")
-    try:
-        encoder.setimage(im.im, (0, 0, *im.size))
-        _, status, data = encoder.encode(im.width * im.height * 3)
-    finally:
-        encoder.cleanup()
-    if status != 1:  # (1: done; 0 would mean the buffer was too small, < 0 an encoder error)
-        raise RuntimeError(f"Pillow's raw encoder returned status {status} for a {im.size} RGB image")
-    return data
-
-
 def png_bytes(im: Image.Image, level: int = 1) -> bytes:
     """The PNG file of the RGB image ``im`` (8 bits per channel, not interlaced), compressed at ISA-L
     ``level`` (0-3; 1 is the speed/size sweet spot measured on the benchmark's images)."""
     if im.mode != "RGB":
         raise ValueError(f"png_bytes writes RGB images; got mode {im.mode!r} (convert it with visiontune.images.to_rgb)")
     w, h = im.size
-    rows = np.frombuffer(_rgb_bytes(im), dtype=np.uint8).reshape(h, w * 3)
+    rows = np.frombuffer(raw_bytes(im), dtype=np.uint8).reshape(h, w * 3)
     filtered = np.empty((h, w * 3 + 1), dtype=np.uint8)
     filtered[:, 0] = _UP
     filtered[0, 1:] = rows[0]
