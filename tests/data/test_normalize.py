@@ -124,7 +124,7 @@ def _sources() -> dict[str, bytes]:
 
 @pytest.mark.parametrize("snap", [0, 28])
 def test_fast_paths_write_the_pixels_of_convert_resize_and_pillows_png_writer(tmp_path, snap):
-    """Grey images resized before the RGB conversion, the fast PNG writer, plain PNGs decoded by libspng,
+    """Grey images resized before the RGB conversion, the fast PNG writer, plain PNGs decoded without Pillow,
     in-range RGB PNGs copied without decoding: each output decodes to exactly the pixels of the straightforward
     path (to_rgb, resize, Pillow's writer), with the same size facts in the manifest entry."""
     import hashlib
@@ -144,7 +144,7 @@ def test_fast_paths_write_the_pixels_of_convert_resize_and_pillows_png_writer(tm
         src.write_bytes(data)
         entry = _work((str(src), str(tmp_path / f"{name}.png"), sig, hashlib.sha256(data).hexdigest(), (str(tmp_path),)))
         with Image.open(io.BytesIO(data)) as im:
-            assert (decode_plain_png(data, im.info) is not None) == (name in plain), name  # the libspng path's sources
+            assert (decode_plain_png(data, im.info) is not None) == (name in plain), name  # the fast decoder's sources
             ref = to_rgb(im)
             size = bounded_size(ref.width, ref.height, 300, 1000, snap)
             if size != ref.size:

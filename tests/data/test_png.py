@@ -1,5 +1,5 @@
-"""The normalize stage's PNG fast paths: the writer (the pixels and info of Pillow's own writer), the libspng
-decoder (the pixels Pillow decodes), and the no-decode shortcut."""
+"""The normalize stage's PNG fast paths: the writer (the pixels and info of Pillow's own writer), the decoder
+(ISA-L + the C unfilter: the pixels Pillow decodes), and the no-decode shortcut."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 from PIL import Image, ImageCms, PngImagePlugin
 
 from datafixtures import gradient
-from visiontune.data.png import _stored_zlib, decode_plain_png, png_bytes, rewrap_png
+from visiontune.data._pixels import unfilter
+from visiontune.data.png import decode_plain_png, png_bytes, rewrap_png
 
 ICC = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
@@ -118,21 +119,41 @@ def test_decode_plain_png_gives_pillows_pixels_and_info(mode, im, extra):
         assert got.info.get("icc_profile") == opened.info.get("icc_profile") == (ICC if extra == "icc" else None)
 
 
-@pytest.mark.parametrize("size", [(254, 257), (255, 256), (1, 1)], ids=["one-stored-block", "one-byte-more", "one-pixel"])
-def test_decode_plain_png_at_the_stored_block_boundary(size):
-    """Grey rows of 1 + 254 bytes x 257 rows fill exactly one stored deflate block (65,535 bytes), 1 + 255 x 256
-    one byte more: the stream libspng gets must hold every row either way."""
-    im = _noisy(*size).convert("L")
-    data = _pillow(im)
-    with Image.open(io.BytesIO(data)) as opened:
-        got = decode_plain_png(data, opened.info)
-    assert got is not None and np.array_equal(np.asarray(got), np.asarray(im))
+def _filtered(rows: np.ndarray, bpp: int, kinds: list[int]) -> bytes:
+    """``rows`` (height x width*bpp bytes) with PNG filter ``kinds[y]`` applied to row y, as a writer does."""
+    out, above = [], np.zeros(rows.shape[1], dtype=np.int32)
+    for y, kind in enumerate(kinds):
+        x = rows[y].astype(np.int32)
+        left = np.concatenate([np.zeros(bpp, np.int32), x[:-bpp]])
+        upleft = np.concatenate([np.zeros(bpp, np.int32), above[:-bpp]])
+        if kind == 4:
+            p = left + above - upleft
+            pa, pb, pc = np.abs(p - left), np.abs(p - above), np.abs(p - upleft)
+            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, above, upleft))
+        else:
+            pred = [np.zeros_like(x), left, above, (left + above) // 2][kind]
+        out.append(bytes([kind]) + ((x - pred) % 256).astype(np.uint8).tobytes())
+        above = x
+    return b"".join(out)
 
 
-@pytest.mark.parametrize("n", [0, 1, 65534, 65535, 65536, 3 * 65535 + 7])
-def test_stored_zlib_inflates_to_its_bytes(n):
-    raw = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
-    assert zlib.decompress(b"".join(_stored_zlib(raw))) == raw
+@pytest.mark.parametrize("bpp", [1, 3])
+@pytest.mark.parametrize("width", [1, 2, 7, 64])
+def test_unfilter_undoes_every_filter_type(bpp, width):
+    """Each of the five filters on the first row (no row above) and on later rows, in every order."""
+    rng = np.random.default_rng(width * bpp)
+    kinds = [0, 1, 2, 3, 4, 4, 3, 2, 1, 0, 2, 4, 1, 3, 0] + [int(k) for k in rng.integers(0, 5, 20)]
+    rows = rng.integers(0, 256, (len(kinds), width * bpp), dtype=np.uint8)
+    for first in range(5):  # every filter type as row 0's, whose "above" is zeros
+        order = [first] + kinds[1:]
+        assert unfilter(_filtered(rows, bpp, order), width, len(order), bpp) == rows.tobytes(), order
+
+
+def test_unfilter_refuses_an_unknown_filter_type_and_the_wrong_length():
+    with pytest.raises(ValueError, match="filter type other than 0-4"):
+        unfilter(bytes([5]) + bytes(3), 1, 1, 3)
+    with pytest.raises(ValueError, match="expected height"):
+        unfilter(bytes(9), 3, 1, 3)  # one row of 3 RGB pixels needs 1 + 9 bytes
 
 
 def _with_pixel_data(raw: bytes) -> bytes:
@@ -172,8 +193,9 @@ def _interlaced() -> bytes:
     lambda: _with_pixel_data(_ROWS[:-7]),  # a whole zlib stream, too short for its rows
     lambda: _with_pixel_data(_ROWS + bytes(5)),  # ... and too long
     lambda: _with_pixel_data(_ROWS)[:41] + b"\xff" * 8 + _with_pixel_data(_ROWS)[49:],  # not a zlib stream
+    lambda: _with_pixel_data(bytes([7]) + _ROWS[1:]),  # a row filter type that does not exist
 ], ids=["exif", "text", "16-bit", "palette", "grey-alpha", "rgba", "rgb-colour-key", "grey-colour-key", "interlaced",
-        "truncated", "short-pixel-data", "long-pixel-data", "corrupt-pixel-data"])
+        "truncated", "short-pixel-data", "long-pixel-data", "corrupt-pixel-data", "filter-type-7"])
 def test_decode_plain_png_leaves_everything_else_to_pillow(make):
     data = make()
     with Image.open(io.BytesIO(data)) as im:

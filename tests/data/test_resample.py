@@ -21,7 +21,7 @@ def _image(mode: str, w: int, h: int, seed: int) -> Image.Image:
 
 def test_the_c_module_is_built_and_matches_the_installed_pillow():
     """CI installs with a compiler: the fast path must be on there, not silently replaced by Pillow."""
-    assert resample._resample is not None, "visiontune.data._resample was not compiled (pip install -e . with gcc)"
+    assert resample._pixels is not None, "visiontune.data._pixels was not compiled (pip install -e . with gcc)"
     assert resample._PILLOW_RULE in ("13", "horizontal")
 
 
@@ -81,7 +81,7 @@ def test_pillow_13_pass_order(size, out, expected):
 
 def test_the_c_module_refuses_a_buffer_of_the_wrong_size():
     with pytest.raises(ValueError, match="expected width\\*height\\*channels bytes"):
-        resample._resample.resize(bytes(10), 4, 4, 1, 2, 2, False, False)
+        resample._pixels.resize(bytes(10), 4, 4, 1, 2, 2, False, False)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB"])

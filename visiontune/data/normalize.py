@@ -134,7 +134,7 @@ def _work(job: tuple[str, str, dict, str, tuple[str, ...]]) -> dict[str, Any]:
             atomic_write(dst, same)
             return {"width": im.width, "height": im.height, "bytes": len(same), "source_width": im.width,
                     "source_height": im.height}
-        # A plain 8-bit grey or RGB PNG (no orientation possible) is decoded by libspng, to the same pixels.
+        # A plain 8-bit grey or RGB PNG (no orientation possible) is decoded by ISA-L + C, to the same pixels.
         src = decode_plain_png(source, im.info) if im.format == "PNG" else None
         if src is None:
             src = im

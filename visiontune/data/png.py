@@ -16,8 +16,8 @@ already the right size): its compressed pixel data is copied into a new file wit
 decoded nor compressed again.
 
 :func:`decode_plain_png` decodes a plain 8-bit grey or RGB source without Pillow: ISA-L inflates the pixel
-data, libspng (``pyspng``) undoes the row filters. The same pixels (PNG is lossless; neither applies gamma or
-significant-bit chunks), in less than 3/5 of Pillow's time on the benchmark's sources (benchmarks/RESULTS_data.md).
+data, :mod:`visiontune.data._pixels` undoes the row filters. The same pixels (PNG is lossless; Pillow applies
+no gamma or significant-bit chunks either), in less time (benchmarks/RESULTS_data.md).
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from typing import Optional
 
 import numpy as np
 from isal import isal_zlib
-import pyspng
 from PIL import Image
 
-from visiontune.data.resample import raw_bytes
+from visiontune.data.resample import _pixels, raw_bytes
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _UP = 2  # PNG filter type 2: each byte minus the byte above it (row 0: minus zero)
@@ -122,32 +121,17 @@ def rewrap_png(data: bytes, info: dict) -> Optional[bytes]:
 
 
 _PLAIN_MODES = {b"\x08\x00": ("L", 1), b"\x08\x02": ("RGB", 3)}  # IHDR (bit depth, colour type) -> mode, bytes/pixel
-_STORED_BLOCK = 65535  # the most bytes one stored (uncompressed) deflate block holds
-
-
-def _stored_zlib(raw: bytes) -> list[bytes | memoryview]:
-    """``raw`` as a zlib stream of stored deflate blocks (a stream any inflater "decompresses" by copying), in
-    parts to join: the blocks are views of ``raw``, not copies."""
-    view, parts = memoryview(raw), [b"\x78\x01"]  # zlib header: deflate, 32 KiB window, no dictionary
-    for start in range(0, max(len(raw), 1), _STORED_BLOCK):  # (no bytes: one empty final block)
-        block = view[start:start + _STORED_BLOCK]
-        last = start + _STORED_BLOCK >= len(raw)
-        parts += [struct.pack("<BHH", last, len(block), len(block) ^ 0xFFFF), block]
-    parts.append(struct.pack(">I", isal_zlib.adler32(raw)))
-    return parts
 
 
 def decode_plain_png(data: bytes, info: dict) -> Optional[Image.Image]:
-    """The image Pillow decodes from the PNG file ``data`` (whose header Pillow read as ``info``), decoded by
-    libspng, for a plain file: 8-bit grey or RGB, not interlaced, no colour key, nothing but :data:`_INERT`
-    chunks (so no EXIF orientation either). None for any other file, or one libspng refuses: decode that
-    one with Pillow. The image's ``info`` is ``info`` (the ICC profile travels on to :func:`png_bytes`).
-
-    The pixel data is inflated by ISA-L and handed to libspng as stored deflate blocks, leaving it only the
-    row filters to undo: libspng's own inflate (zlib) took half of its decoding time on the benchmark's
-    sources, ISA-L's takes about half of that (benchmarks/RESULTS_data.md)."""
+    """The image Pillow decodes from the PNG file ``data`` (whose header Pillow read as ``info``), decoded
+    here, for a plain file: 8-bit grey or RGB, not interlaced, no colour key, nothing but :data:`_INERT` chunks
+    (so no EXIF orientation either). ISA-L inflates the pixel data and :mod:`visiontune.data._pixels` undoes
+    the row filters. None for any other file, for pixel data that is not exactly the image's rows, or where
+    the C module was not built: decode that one with Pillow. The image's ``info`` is ``info`` (the ICC profile
+    travels on to :func:`png_bytes`)."""
     plain = _plain_chunks(data)
-    if plain is None:
+    if plain is None or _pixels is None:
         return None
     ihdr, idat, kinds = plain
     mode, channels = _PLAIN_MODES.get(ihdr[8:10], (None, 0))
@@ -158,11 +142,9 @@ def decode_plain_png(data: bytes, info: dict) -> Optional[Image.Image]:
         raw = isal_zlib.decompress(b"".join(idat))
         if len(raw) != height * (1 + width * channels):  # (a filter-type byte, then the pixels, per row)
             return None  # short or overlong pixel data: Pillow's decoder decides what it makes of it
-        png = b"".join([_SIGNATURE, _chunk(b"IHDR", ihdr), *_chunk_parts(b"IDAT", *_stored_zlib(raw)),
-                        _chunk(b"IEND", b"")])
-        pixels = pyspng.load(png)
-    except Exception:  # (isal raises isal_zlib.error, pyspng plain RuntimeError/ValueError with libspng's message)
+        pixels = _pixels.unfilter(raw, width, height, channels)
+    except (isal_zlib.error, ValueError):  # not a zlib stream; a row filter type other than 0-4
         return None
-    im = Image.fromarray(pixels, mode)
+    im = Image.frombytes(mode, (width, height), pixels)
     im.info = dict(info)
     return im

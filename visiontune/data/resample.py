@@ -3,7 +3,7 @@
 :func:`resize` gives exactly ``im.resize(size, LANCZOS, reducing_gap=3.0)`` when shrinking and
 ``im.resize(size, BICUBIC)`` when enlarging (the rule of :func:`visiontune.data.normalize.normalize_image`).
 For 8-bit grey and RGB images that Pillow would resize in one go (no ``reducing_gap`` pre-reduction, i.e.
-shrinking by less than 6x) it runs :mod:`visiontune.data._resample`, a C port of Pillow's fixed-point
+shrinking by less than 6x) it runs :mod:`visiontune.data._pixels`, a C port of Pillow's fixed-point
 resampler whose inner loops the compiler vectorises; its bytes equal Pillow's (tests/data/test_resample.py;
 time saved: benchmarks/RESULTS_data.md). Anything else, or an installation where the C module could not be
 compiled (it is an optional extension), goes to Pillow.
@@ -14,9 +14,9 @@ from __future__ import annotations
 from PIL import Image
 
 try:
-    from visiontune.data import _resample
+    from visiontune.data import _pixels
 except ImportError:  # built as an optional extension: no compiler at install time leaves Pillow doing it all
-    _resample = None
+    _pixels = None
 
 REDUCING_GAP = 3.0  # shrinking by more than 2 x this, Pillow first box-reduces the image (Image.resize)
 _BANDS = {"L": 1, "RGB": 3}
@@ -53,13 +53,13 @@ def _pillows_rule() -> str | None:
     """Which order the installed Pillow runs its passes in: "13" (:func:`vertical_pass_first`), "horizontal"
     (always horizontal first), or None when the C module matches neither (then Pillow does every resize).
     Found by resizing one small image whose two orders give different pixels, as Pillow and as the C module."""
-    if _resample is None:
+    if _pixels is None:
         return None
     grey = Image.frombytes("L", (40, 40), bytes((x * 37 + y * 91 + x * y) % 251 for y in range(40) for x in range(40)))
     size = (60, 15)  # wider, and much less high: the orders differ here
     want = pillow_resize(grey, size).tobytes()
     for rule, vertical_first in (("13", True), ("horizontal", False)):
-        if _resample.resize(grey.tobytes(), 40, 40, 1, *size, False, vertical_first) == want:  # (Lanczos)
+        if _pixels.resize(grey.tobytes(), 40, 40, 1, *size, False, vertical_first) == want:  # (Lanczos)
             return rule
     return None
 
@@ -74,7 +74,7 @@ def resize(im: Image.Image, size: tuple[int, int]) -> Image.Image:
     if _PILLOW_RULE is None or im.mode not in _BANDS or pre_reduce:
         return pillow_resize(im, size)
     vertical_first = _PILLOW_RULE == "13" and vertical_pass_first(im.size, size)
-    out = _resample.resize(raw_bytes(im), im.width, im.height, _BANDS[im.mode], size[0], size[1], not down,
+    out = _pixels.resize(raw_bytes(im), im.width, im.height, _BANDS[im.mode], size[0], size[1], not down,
                            vertical_first)
     resized = Image.frombytes(im.mode, size, out)
     resized.info = dict(im.info)
