@@ -246,7 +246,9 @@ def _is_package(name: str) -> bool:
 
 
 def _module_file(name: str) -> Optional[Path]:
-    """The source file of module ``name`` if it is part of this repository, else None.
+    """The source file of module ``name`` if it is part of this repository, else None. For a C extension
+    (``visiontune/data/_pixels.c``) that is its C source, whether or not this installation compiled it, so
+    that the deps do not depend on the machine.
 
     Parents are checked to be packages first: ``find_spec("pkg.mod.Attr")`` would import ``pkg.mod``
     (and whatever it imports) just to find out that ``Attr`` is not a module.
@@ -256,6 +258,11 @@ def _module_file(name: str) -> Optional[Path]:
     parts = name.split(".")
     if not all(_is_package(".".join(parts[:i])) for i in range(1, len(parts))):
         return None
+    if len(parts) > 1:
+        parent = importlib.util.find_spec(".".join(parts[:-1]))
+        for folder in (parent.submodule_search_locations or []) if parent else []:
+            if (c_source := Path(folder, f"{parts[-1]}.c")).is_file():
+                return c_source.resolve()
     try:
         spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):
@@ -309,7 +316,8 @@ def _module_closure(module: str) -> tuple[Path, ...]:
             continue
         seen[name] = path
         rel = path.relative_to(REPO_ROOT).as_posix()
-        if rel not in _NOT_CODE_DEPS or (rel == "visiontune/__init__.py" and name == "visiontune"):
+        follow = rel not in _NOT_CODE_DEPS or (rel == "visiontune/__init__.py" and name == "visiontune")
+        if follow and path.suffix == ".py":  # (a C source imports nothing of ours)
             todo.extend(_imports(path, name))
     return tuple(sorted(set(seen.values())))
 

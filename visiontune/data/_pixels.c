@@ -125,7 +125,7 @@ static inline __attribute__((always_inline)) void horizontal_rows(
     const uint8_t *src, int width, const int channels, int first_row, int rows, uint8_t *dst, int out_width,
     int ksize, const int *bounds, const int32_t *kk, uint8_t *block, int32_t *acc, int block_rows) {
     size_t in_stride = (size_t)width * channels, out_stride = (size_t)out_width * channels;
-    uint8_t column[64 * 3]; /* one output column of the block, clipped */
+    uint8_t column[64 * 3 + 1]; /* one output column of the block, clipped (+1: read as 4-byte pixels) */
     const uint8_t *row[64];
     for (int y0 = 0; y0 < rows; y0 += block_rows) {
         int n = rows - y0 < block_rows ? rows - y0 : block_rows;
@@ -135,8 +135,19 @@ static inline __attribute__((always_inline)) void horizontal_rows(
         }
         for (int x = 0; x < width; x++) { /* transpose: block[x][r] = pixel x of row r */
             uint8_t *to = block + (size_t)x * lanes;
-            for (int r = 0; r < n; r++) {
-                memcpy(to + (size_t)r * channels, row[r] + (size_t)x * channels, channels);
+            if (channels == 3 && x + 1 < width) {
+                /* 4-byte moves for 3-byte pixels (one load and one store instead of two each): the extra byte
+                 * read is the next pixel's, and the one written is overwritten by the next row's pixel or,
+                 * after the last row, by the next column (`block` has 4 bytes to spare at its end). */
+                for (int r = 0; r < n; r++) {
+                    uint32_t pixel;
+                    memcpy(&pixel, row[r] + (size_t)x * 3, 4);
+                    memcpy(to + (size_t)r * 3, &pixel, 4);
+                }
+            } else {
+                for (int r = 0; r < n; r++) {
+                    memcpy(to + (size_t)r * channels, row[r] + (size_t)x * channels, channels);
+                }
             }
         }
         for (int xx = 0; xx < out_width; xx++) {
@@ -152,8 +163,16 @@ static inline __attribute__((always_inline)) void horizontal_rows(
                 column[i] = clip8(acc[i]);
             }
             uint8_t *to = dst + (size_t)y0 * out_stride + (size_t)xx * channels;
-            for (int r = 0; r < n; r++) {
-                memcpy(to + (size_t)r * out_stride, column + (size_t)r * channels, channels);
+            if (channels == 3 && xx + 1 < out_width) { /* 4-byte stores: the extra byte is the next column's */
+                for (int r = 0; r < n; r++) {
+                    uint32_t pixel;
+                    memcpy(&pixel, column + (size_t)r * 3, 4);
+                    memcpy(to + (size_t)r * out_stride, &pixel, 4);
+                }
+            } else {
+                for (int r = 0; r < n; r++) {
+                    memcpy(to + (size_t)r * out_stride, column + (size_t)r * channels, channels);
+                }
             }
         }
     }
@@ -209,7 +228,7 @@ static int resize(const uint8_t *src, int width, int height, int channels, uint8
     acc_pixels = width > acc_pixels ? width : acc_pixels;
     acc_pixels = out_width > acc_pixels ? out_width : acc_pixels;
     acc = malloc((size_t)acc_pixels * channels * sizeof(int32_t));
-    block = need_h ? malloc((size_t)width * block_rows * channels) : NULL;
+    block = need_h ? malloc((size_t)width * block_rows * channels + 4) : NULL;
     if (!ksize_v || !ksize_h || !acc || (need_h && !block)) {
         goto done;
     }
@@ -283,68 +302,74 @@ static PyObject *py_resize(PyObject *self, PyObject *args) {
     return out;
 }
 
-/* PNG row filters undone (PNG spec, section 9): `raw` is the inflated pixel data of a non-interlaced 8-bit
- * image with `bpp` bytes per pixel, one filter-type byte before each row. 0 on success, -1 for an unknown
- * filter type. */
+/* Paeth's predictor without branches (a branch per byte on noisy pixels mispredicts half the time): the
+ * byte above-left `c` and above `b` are known before the left one `a`, so only |a - c| and |a + b - 2c| wait
+ * for the previous byte. */
 static inline uint8_t paeth(int a, int b, int c) {
-    int p = a + b - c, pa = abs(p - a), pb = abs(p - b), pc = abs(p - c);
-    return (uint8_t)((pa <= pb && pa <= pc) ? a : (pb <= pc ? b : c));
+    int pa = abs(b - c), pb = abs(a - c), pc = abs(a + b - 2 * c);
+    int not_a = (pb < pa) | (pc < pa);   /* a wins when pa <= pb and pa <= pc */
+    int bc = pc < pb ? c : b;            /* else b when pb <= pc, else c */
+    return (uint8_t)(not_a ? bc : a);
 }
 
+/* One row with `bpp` bytes per pixel known at compile time: the left pixel is carried in registers, not read
+ * back from the row just written (a store-to-load round trip per byte doubled Paeth's time). */
+static inline __attribute__((always_inline)) int unfilter_row(int kind, const uint8_t *in, const uint8_t *up,
+                                                              uint8_t *row, size_t stride, const int bpp) {
+    int left[3] = {0, 0, 0}, upleft[3] = {0, 0, 0};
+    size_t i;
+    switch (kind) {
+    case 0:
+        memcpy(row, in, stride);
+        return 0;
+    case 1:
+        for (i = 0; i < stride; i += bpp) {
+            for (int c = 0; c < bpp; c++) {
+                row[i + c] = (uint8_t)(left[c] = (in[i + c] + left[c]) & 255);
+            }
+        }
+        return 0;
+    case 2:
+        for (i = 0; i < stride; i++) {
+            row[i] = (uint8_t)(in[i] + up[i]);
+        }
+        return 0;
+    case 3:
+        for (i = 0; i < stride; i += bpp) {
+            for (int c = 0; c < bpp; c++) {
+                row[i + c] = (uint8_t)(left[c] = (in[i + c] + ((left[c] + up[i + c]) >> 1)) & 255);
+            }
+        }
+        return 0;
+    case 4:
+        for (i = 0; i < stride; i += bpp) {
+            for (int c = 0; c < bpp; c++) {
+                int above = up[i + c];
+                row[i + c] = (uint8_t)(left[c] = (in[i + c] + paeth(left[c], above, upleft[c])) & 255);
+                upleft[c] = above;
+            }
+        }
+        return 0;
+    }
+    return -1;
+}
+
+/* PNG row filters undone (PNG spec, section 9): `raw` is the inflated pixel data of a non-interlaced 8-bit
+ * image with `bpp` (1 or 3) bytes per pixel, one filter-type byte before each row; the row above the first
+ * is zeros. 0 on success, -1 for an unknown filter type. */
 static int unfilter(const uint8_t *raw, int width, int height, int bpp, uint8_t *out) {
     size_t stride = (size_t)width * bpp;
-    for (int y = 0; y < height; y++) {
-        const uint8_t *in = raw + (size_t)y * (stride + 1) + 1;
+    uint8_t *zeros = calloc(stride, 1);
+    int status = zeros ? 0 : -2;
+    for (int y = 0; y < height && !status; y++) {
+        const uint8_t *in = raw + (size_t)y * (stride + 1);
         uint8_t *row = out + (size_t)y * stride;
-        const uint8_t *up = y ? row - stride : NULL; /* row 0: the row above is all zeros */
-        size_t i;
-        switch (raw[(size_t)y * (stride + 1)]) {
-        case 0:
-            memcpy(row, in, stride);
-            break;
-        case 1:
-            memcpy(row, in, bpp);
-            for (i = bpp; i < stride; i++) {
-                row[i] = (uint8_t)(in[i] + row[i - bpp]);
-            }
-            break;
-        case 2:
-            if (up) {
-                for (i = 0; i < stride; i++) {
-                    row[i] = (uint8_t)(in[i] + up[i]);
-                }
-            } else {
-                memcpy(row, in, stride);
-            }
-            break;
-        case 3:
-            for (i = 0; i < (size_t)bpp; i++) {
-                row[i] = (uint8_t)(in[i] + ((up ? up[i] : 0) >> 1));
-            }
-            for (; i < stride; i++) {
-                row[i] = (uint8_t)(in[i] + ((row[i - bpp] + (up ? up[i] : 0)) >> 1));
-            }
-            break;
-        case 4:
-            if (!up) { /* with a zero row above, Paeth picks the left byte: the Sub filter */
-                memcpy(row, in, bpp);
-                for (i = bpp; i < stride; i++) {
-                    row[i] = (uint8_t)(in[i] + row[i - bpp]);
-                }
-                break;
-            }
-            for (i = 0; i < (size_t)bpp; i++) {
-                row[i] = (uint8_t)(in[i] + up[i]); /* left and upper-left are zero: Paeth picks the byte above */
-            }
-            for (; i < stride; i++) {
-                row[i] = (uint8_t)(in[i] + paeth(row[i - bpp], up[i], up[i - bpp]));
-            }
-            break;
-        default:
-            return -1;
-        }
+        const uint8_t *up = y ? row - stride : zeros;
+        status = bpp == 3 ? unfilter_row(in[0], in + 1, up, row, stride, 3)
+                          : unfilter_row(in[0], in + 1, up, row, stride, 1);
     }
-    return 0;
+    free(zeros);
+    return status;
 }
 
 static PyObject *py_unfilter(PyObject *self, PyObject *args) {
@@ -353,10 +378,11 @@ static PyObject *py_unfilter(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*iii", &raw, &width, &height, &bpp)) {
         return NULL;
     }
-    if (width < 1 || height < 1 || bpp < 1 || bpp > 8 || raw.len != (Py_ssize_t)height * (1 + (Py_ssize_t)width * bpp)) {
+    if (width < 1 || height < 1 || (bpp != 1 && bpp != 3) || raw.len != (Py_ssize_t)height * (1 + (Py_ssize_t)width * bpp)) {
         PyBuffer_Release(&raw);
         PyErr_Format(PyExc_ValueError,
-                     "unfilter: %zd bytes of pixel data for %dx%d pixels of %d byte(s): expected height*(1+width*bpp)",
+                     "unfilter: %zd bytes of pixel data for %dx%d pixels of %d byte(s): expected height*(1+width*bpp), "
+                     "bpp 1 or 3",
                      raw.len, width, height, bpp);
         return NULL;
     }
@@ -372,6 +398,9 @@ static PyObject *py_unfilter(PyObject *self, PyObject *args) {
     PyBuffer_Release(&raw);
     if (status) {
         Py_DECREF(out);
+        if (status == -2) {
+            return PyErr_NoMemory();
+        }
         PyErr_SetString(PyExc_ValueError, "unfilter: a row has a filter type other than 0-4 (not a valid PNG)");
         return NULL;
     }
