@@ -109,7 +109,7 @@ _GAMMA_CHRM = (_chunk(b"gAMA", struct.pack(">I", 30000)), _chunk(b"cHRM", bytes(
 def test_decode_plain_png_gives_pillows_pixels_and_info(mode, im, extra):
     im = im.convert(mode)
     data = _pillow(im, **({"icc_profile": ICC} if extra == "icc" else {}))
-    if extra == "gamma-chrm-sbit":  # chunks Pillow ignores when decoding; libspng must not apply them either
+    if extra == "gamma-chrm-sbit":  # chunks Pillow ignores when decoding; the fast decoder must not apply them either
         data = _with_chunks(data, *_GAMMA_CHRM, _chunk(b"sBIT", bytes([3] * len(mode))))
     with Image.open(io.BytesIO(data)) as opened:
         got = decode_plain_png(data, opened.info)
