@@ -30,7 +30,8 @@ def pillow_resize(im: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 def raw_bytes(im: Image.Image) -> bytes:
     """The grey or RGB image's pixels as packed bytes, as ``im.tobytes()`` gives them, in one call of Pillow's
-    raw encoder: ``tobytes`` gathers 64 KiB pieces and joins them, about 10x the time on a 1000x667 image."""
+    raw encoder."""
+    # tobytes gathers 64 KiB pieces and joins them: 2.96 against 0.21 ms for a 1000x667 RGB image, measured.
     im.load()  # (a file opened lazily has no pixels yet)
     encoder = Image._getencoder(im.mode, "raw", im.mode)
     try:
@@ -75,7 +76,7 @@ def resize(im: Image.Image, size: tuple[int, int]) -> Image.Image:
         return pillow_resize(im, size)
     vertical_first = _PILLOW_RULE == "13" and vertical_pass_first(im.size, size)
     out = _pixels.resize(raw_bytes(im), im.width, im.height, _BANDS[im.mode], size[0], size[1], not down,
-                           vertical_first)
+                         vertical_first)
     resized = Image.frombytes(im.mode, size, out)
     resized.info = dict(im.info)
     return resized
