@@ -258,18 +258,18 @@ def _module_file(name: str) -> Optional[Path]:
     parts = name.split(".")
     if not all(_is_package(".".join(parts[:i])) for i in range(1, len(parts))):
         return None
-    if len(parts) > 1:
-        parent = importlib.util.find_spec(".".join(parts[:-1]))
-        for folder in (parent.submodule_search_locations or []) if parent else []:
-            if (c_source := Path(folder, f"{parts[-1]}.c")).is_file():
-                return c_source.resolve()
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-        return None
-    path = Path(spec.origin).resolve()
+    parent = importlib.util.find_spec(".".join(parts[:-1])) if len(parts) > 1 else None
+    c_sources = [Path(folder, f"{parts[-1]}.c") for folder in (parent and parent.submodule_search_locations) or []]
+    if c_source := next((c for c in c_sources if c.is_file()), None):
+        path = c_source.resolve()
+    else:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            return None
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            return None
+        path = Path(spec.origin).resolve()
     try:
         path.relative_to(REPO_ROOT)
     except ValueError:

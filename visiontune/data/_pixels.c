@@ -13,9 +13,9 @@
  *
  * Like Pillow: each pass's result clipped to 8 bits; a pass whose size does not change is skipped; horizontal
  * pass first, only over the rows the vertical pass reads, unless the caller asks for the vertical pass first
- * (Pillow 13 does that when the height shrinks by more than twice as many pixels as the width). Input and output are packed rows of `channels` (1 or
- * 3) bytes per pixel. visiontune.data.resample checks the result against Pillow (tests/data/test_resample.py)
- * and falls back to Pillow where this module could not be built.
+ * (Pillow 13 does that when the height shrinks by more than twice as many pixels as the width). Input and
+ * output are packed rows of `channels` (1 or 3) bytes per pixel. visiontune.data.resample checks the result
+ * against Pillow (tests/data/test_resample.py) and falls back to Pillow where this module could not be built.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -222,7 +222,7 @@ static int resize(const uint8_t *src, int width, int height, int channels, uint8
     int status = -1;
     int need_h = out_width != width, need_v = out_height != height;
     int block_rows = channels == 1 ? 64 : 16; /* 64 or 48 lanes per column in the horizontal pass */
-    int ksize_v = weights(height, out_height, bicubic_filter, &bounds_v, &kk_v);
+    int ksize_v = need_v ? weights(height, out_height, bicubic_filter, &bounds_v, &kk_v) : 1; /* (1: no pass) */
     int ksize_h = need_h ? weights(width, out_width, bicubic_filter, &bounds_h, &kk_h) : 1;
     int acc_pixels = block_rows; /* sums in flight: a block's column, or a whole row in the vertical pass */
     acc_pixels = width > acc_pixels ? width : acc_pixels;
@@ -378,7 +378,8 @@ static PyObject *py_unfilter(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*iii", &raw, &width, &height, &bpp)) {
         return NULL;
     }
-    if (width < 1 || height < 1 || (bpp != 1 && bpp != 3) || raw.len != (Py_ssize_t)height * (1 + (Py_ssize_t)width * bpp)) {
+    if (width < 1 || height < 1 || (bpp != 1 && bpp != 3) ||
+        raw.len != (Py_ssize_t)height * (1 + (Py_ssize_t)width * bpp)) {
         PyBuffer_Release(&raw);
         PyErr_Format(PyExc_ValueError,
                      "unfilter: %zd bytes of pixel data for %dx%d pixels of %d byte(s): expected height*(1+width*bpp), "
